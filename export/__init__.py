@@ -1,0 +1,1 @@
+"""Offline side of littlebig: train, export to ONNX (and TensorRT), MACs, calibration, report."""
