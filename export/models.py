@@ -40,8 +40,14 @@ class Recipe:
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
         mean, std = FASHION_MNIST_MEAN_STD
-        return {"input_size": self.input_size, "interpolation": "bicubic", "mean": mean, "std": std,
-                "crop_pct": 1.0, "crop_mode": "center"}
+        return {
+            "input_size": self.input_size,
+            "interpolation": "bicubic",
+            "mean": mean,
+            "std": std,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
 
 
 #: The default pair (registry, not if-chains): little and big at their own resolutions, as in the
@@ -51,6 +57,10 @@ RECIPES: dict[str, Recipe] = {
     "little": Recipe("mobilenetv3_small_100", (1, 48, 48), epochs=10),
     "big": Recipe("resnet18", (1, 64, 64), epochs=6),
 }
+
+
+#: The default pair's service resolution: Fashion-MNIST's own 28x28 grey images, as a decoder gives them.
+DEFAULT_SERVICE_SIZE = (28, 28, 1)
 
 
 def default_checkpoint(role: str) -> Path:
@@ -79,8 +89,9 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in DATA_CFG_KEYS}
 
 
-def save_checkpoint(model: nn.Module, path: Path, *, name: str, class_names: list[str],
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    model: nn.Module, path: Path, *, name: str, class_names: list[str], extra: dict[str, Any] | None = None
+) -> None:
     """safetensors, fp16 floats (small enough to commit), with what is needed to rebuild the model."""
     from safetensors.torch import save_file
 
@@ -129,8 +140,9 @@ def load_classifier(weights: str, name: str | None = None, num_classes: int = 10
     meta = checkpoint_metadata(path)
     if name and name != meta["model"]:
         raise ValueError(f"{path} holds a {meta['model']}, not a {name}")
-    model = create_classifier(meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"],
-                              pretrained_cfg=meta["pretrained_cfg"])
+    model = create_classifier(
+        meta["model"], num_classes=meta["num_classes"], in_chans=meta["in_chans"], pretrained_cfg=meta["pretrained_cfg"]
+    )
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     model.load_state_dict(state)
     return model.eval(), meta["class_names"]
@@ -153,6 +165,7 @@ class Preprocessed(nn.Module):
         scale = math.floor(max(height, width) / cfg["crop_pct"])
         ratio = scale / min(src_h, src_w)
         self.resize_to = (max(height, round(src_h * ratio)), max(width, round(src_w * ratio)))
+        self.needs_resize = (src_h, src_w) != self.resize_to
         self.crop = ((self.resize_to[0] - height) // 2, (self.resize_to[1] - width) // 2, height, width)
         mean = torch.tensor(cfg["mean"], dtype=torch.float32)
         std = torch.tensor(cfg["std"], dtype=torch.float32)
@@ -169,9 +182,10 @@ class Preprocessed(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         elif self.src_c == 3 and self.chans == 1:
             x = (x * self.luma).sum(dim=1, keepdim=True)
-        if tuple(x.shape[-2:]) != self.resize_to:
-            x = F.interpolate(x, size=self.resize_to, mode=self.mode,
-                              align_corners=False if self.mode != "nearest" else None)
+        if self.needs_resize:
+            x = F.interpolate(
+                x, size=self.resize_to, mode=self.mode, align_corners=False if self.mode != "nearest" else None
+            )
         top, left, height, width = self.crop
-        x = x[:, :, top:top + height, left:left + width]
+        x = x[:, :, top : top + height, left : left + width]
         return self.model((x - self.mean) * self.inv_std)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from littlebig.export.models import RECIPES, Preprocessed, Recipe, create_classifier, save_checkpoint
 from tqdm import tqdm
 
 from littlebig.data import Dataset, load_fashion_mnist
-from littlebig.export.models import RECIPES, Preprocessed, Recipe, create_classifier, save_checkpoint
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:
@@ -26,7 +26,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.nd
     dy, dx = rng.integers(0, 2 * pad + 1, size=(2, n))
     out = np.empty_like(images)
     for i in range(n):
-        out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
     flip = rng.random(n) < 0.5
     out[flip] = out[flip, :, ::-1]
     return out
@@ -37,15 +37,22 @@ def accuracy(net: torch.nn.Module, data: Dataset, batch_size: int = 500) -> floa
     net.eval()
     correct = 0
     for start in range(0, len(data), batch_size):
-        x = torch.from_numpy(data.images[start:start + batch_size])
+        x = torch.from_numpy(data.images[start : start + batch_size])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = net(x).argmax(-1).numpy()
-        correct += int((pred == data.labels[start:start + batch_size]).sum())
+        correct += int((pred == data.labels[start : start + batch_size]).sum())
     return correct / len(data)
 
 
-def train(recipe: Recipe, out: Path, *, epochs: int | None = None, seed: int = 0,
-          data_dir: str | None = None, threads: int | None = None) -> dict[str, float]:
+def train(
+    recipe: Recipe,
+    out: Path,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    data_dir: str | None = None,
+    threads: int | None = None,
+) -> dict[str, float]:
     """Train ``recipe`` and write its checkpoint to ``out``; returns accuracies and wall time."""
     if threads:
         torch.set_num_threads(threads)
@@ -53,9 +60,13 @@ def train(recipe: Recipe, out: Path, *, epochs: int | None = None, seed: int = 0
     rng = np.random.default_rng(seed)
     epochs = epochs or recipe.epochs
     train_set, val_set = load_fashion_mnist("train", data_dir), load_fashion_mnist("val", data_dir)
-    model = create_classifier(recipe.model, num_classes=len(train_set.class_names),
-                              in_chans=recipe.input_size[0], pretrained_cfg=recipe.pretrained_cfg,
-                              model_kwargs=recipe.model_kwargs)
+    model = create_classifier(
+        recipe.model,
+        num_classes=len(train_set.class_names),
+        in_chans=recipe.input_size[0],
+        pretrained_cfg=recipe.pretrained_cfg,
+        model_kwargs=recipe.model_kwargs,
+    )
     net = Preprocessed(model, train_set.images.shape[1:]).to(memory_format=torch.channels_last)
     steps_per_epoch = len(train_set) // recipe.batch_size
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -67,7 +78,7 @@ def train(recipe: Recipe, out: Path, *, epochs: int | None = None, seed: int = 0
         order = rng.permutation(len(train_set))
         bar = tqdm(range(steps_per_epoch), desc=f"{recipe.model} epoch {epoch + 1}/{epochs}", unit="batch")
         for step in bar:
-            idx = order[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             x = torch.from_numpy(augment(train_set.images[idx], rng))
             y = torch.from_numpy(train_set.labels[idx])
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -82,8 +93,14 @@ def train(recipe: Recipe, out: Path, *, epochs: int | None = None, seed: int = 0
         tqdm.write(f"{recipe.model} epoch {epoch + 1}: val accuracy {val_acc:.4f}")
     seconds = time.time() - start
     test_acc = accuracy(net, load_fashion_mnist("test", data_dir))
-    summary = {"epochs": epochs, "seed": seed, "train_seconds": round(seconds, 1),
-               "val_acc": val_acc, "test_acc": test_acc, "threads": torch.get_num_threads()}
+    summary = {
+        "epochs": epochs,
+        "seed": seed,
+        "train_seconds": round(seconds, 1),
+        "val_acc": val_acc,
+        "test_acc": test_acc,
+        "threads": torch.get_num_threads(),
+    }
     save_checkpoint(model, out, name=recipe.model, class_names=list(train_set.class_names), extra=summary)
     return summary
 

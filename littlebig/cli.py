@@ -18,16 +18,20 @@ BUILD = Path("build")
 def _cmd_train(args: argparse.Namespace) -> int:
     from littlebig.export.train import train_role
 
-    summary = train_role(args.role, args.out, epochs=args.epochs, seed=args.seed,
-                         data_dir=args.data_dir, threads=args.threads)
+    summary = train_role(
+        args.role, args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, threads=args.threads
+    )
     print(summary)
     return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the little or big model on Fashion-MNIST",
-                       epilog="example: littlebig train big --epochs 6 --out checkpoints/big.safetensors",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train the little or big model on Fashion-MNIST",
+        epilog="example: littlebig train big --epochs 6 --out checkpoints/big.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("role", choices=["little", "big"], help="which recipe of the registry to train")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default checkpoints/ROLE.safetensors)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
@@ -37,12 +41,122 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train]
+def _weights(role: str, name: str | None, weights: str | None) -> tuple[str | None, str]:
+    """Default weights: the committed checkpoint for the registry's model, timm's pretrained otherwise."""
+    from littlebig.export.models import RECIPES, default_checkpoint
+
+    if weights:
+        return name, weights
+    if name is None or name == RECIPES[role].model:
+        return name, str(default_checkpoint(role))
+    return name, "pretrained"
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from littlebig.export.models import DEFAULT_SERVICE_SIZE
+    from littlebig.export.onnx_export import ParityError
+    from littlebig.export.pipeline import export_pair, parse_size
+
+    little = _weights("little", args.little, args.little_weights)
+    big = _weights("big", args.big, args.big_weights)
+    size = parse_size(args.service_size) if args.service_size else None
+    if size is None and args.little is None and args.big is None:
+        size = DEFAULT_SERVICE_SIZE
+    try:
+        record = export_pair(
+            args.build, {"little": little[1], "big": big[1]}, {"little": little[0], "big": big[0]}, size, args.data_dir
+        )
+    except ParityError as exc:
+        print(f"littlebig export: {exc}", file=sys.stderr)
+        return 1
+    for role in ("little", "big"):
+        r = record[role]
+        print(
+            f"{role:6s} {r['name']:24s} params {r['params'] / 1e6:6.2f}M  MACs {r['macs'] / 1e6:8.2f}M  "
+            f"parity max abs {r['parity']['max_abs']:.1e}, argmax agreement {r['parity']['argmax_agreement']:.0%}"
+        )
+    print(f"wrote {args.build / 'export'} (service size {record['service_size']})")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the little/big pair to ONNX with preprocessing inside",
+        epilog="examples:\n  littlebig export\n"
+        "  littlebig export --little deit_tiny_patch16_224 --big deit_base_patch16_384 "
+        "--little-weights pretrained --big-weights pretrained --data-dir my_images/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for role in ("little", "big"):
+        p.add_argument(f"--{role}", default=None, help=f"timm model name of {role} (default: the registry's)")
+        p.add_argument(
+            f"--{role}-weights",
+            default=None,
+            help="a littlebig safetensors checkpoint, or 'pretrained' for timm's hub weights",
+        )
+    p.add_argument(
+        "--service-size",
+        default=None,
+        help="served image size HxWxC (default: 28x28x1 for the default pair, else big's size)",
+    )
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an image folder with val/ test/")
+    p.add_argument("--build", type=Path, default=BUILD)
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from littlebig.export.pipeline import calibrate_step
+
+    record = calibrate_step(args.build, tuple(args.rules), args.serve_rule)
+    print(f"val: little {record['little_acc']:.4f}, big {record['big_acc']:.4f} ({record['rows']} images)")
+    for rule, r in record["rules"].items():
+        print(f"{rule:10s} T={r['threshold']:.6f}  val acc {r['accuracy']:.4f}  escalated {r['escalation_rate']:.1%}")
+    return 0
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="choose the threshold T on the val split",
+        epilog="example: littlebig calibrate --rules paper guaranteed --serve-rule paper",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--rules", nargs="+", default=["paper", "guaranteed"], choices=["paper", "guaranteed"])
+    p.add_argument("--serve-rule", default="paper", help="the rule whose T the server uses by default")
+    p.add_argument("--build", type=Path, default=BUILD)
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from littlebig.export.report import build_report, format_table, summary_rows
+
+    report = build_report(args.build)
+    print(format_table(summary_rows(report)))
+    for name, ok in report["targets"].items():
+        print(f"target {name}: {'met' if ok else 'MISSED'}")
+    print(f"wrote {args.build / 'report.json'}, report.md, tradeoff.png")
+    return 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="the offline cascade result on the test split (json, md, png)",
+        epilog="example: littlebig report --build build",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--build", type=Path, default=BUILD)
+    p.set_defaults(func=_cmd_report)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_export, _add_calibrate, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="littlebig", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="littlebig", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)

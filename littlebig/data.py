@@ -15,8 +15,16 @@ import numpy as np
 
 FASHION_MNIST_DIR = Path(os.environ.get("LITTLEBIG_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 VAL_SIZE = 5000
 SPLIT_SEED = 20240625  # fixed: the val split never changes between train and calibrate
@@ -110,3 +118,39 @@ def load_image_folder(root: str | Path, size: tuple[int, int, int]) -> Dataset:
     files, labels, classes = list_image_folder(root)
     images = np.stack([read_image(f, size) for f in files])
     return Dataset(images, np.asarray(labels, dtype=np.int64), classes)
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Bring uint8 NHWC images to the service size with Pillow, exactly as the client does for files."""
+    if images.shape[1:] == tuple(size):
+        return images
+    from PIL import Image
+
+    height, width, channels = size
+    mode = {1: "L", 3: "RGB"}[channels]
+    out = np.empty((len(images), height, width, channels), dtype=np.uint8)
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert(mode)
+        out[i] = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR)).reshape(height, width, channels)
+    return out
+
+
+def is_fashion_mnist_dir(path: str | Path | None) -> bool:
+    return path is None or (Path(path) / "train-images-idx3-ubyte.gz").exists()
+
+
+def load_split(split: str, data_dir: str | Path | None, size: tuple[int, int, int] | None = None) -> Dataset:
+    """One split of the data littlebig is run on, at the service size.
+
+    ``data_dir`` is Fashion-MNIST's IDX folder (None: Debian's), or a user's image folder holding
+    ``val/<class>/*`` and ``test/<class>/*`` (train is only needed by ``littlebig train``).
+    """
+    if is_fashion_mnist_dir(data_dir):
+        data = load_fashion_mnist(split, data_dir)
+        return data if size is None else Dataset(resize_images(data.images, size), data.labels, data.class_names)
+    if size is None:
+        raise ValueError("an image folder needs the service size to decode into")
+    root = Path(data_dir) / split
+    if not root.is_dir():
+        raise ValueError(f"{data_dir}: expected a '{split}' sub-folder with one folder per class")
+    return load_image_folder(root, size)

@@ -1,0 +1,69 @@
+# littlebig: `make demo` runs the main job end to end, `make test` the test suite. Both set up first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+BUILD ?= build
+STAMP := $(VENV)/.littlebig-setup
+APT_PACKAGES := $(shell grep -v '^\#' apt-packages.txt)
+EXTRAS ?= export,serve,client,dev
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+export HTTP_PORT GRPC_PORT METRICS_PORT
+
+.PHONY: setup system-packages demo test lint export calibrate report clean
+
+setup: system-packages $(STAMP)
+
+# Idempotent: dpkg is asked first, so a second run installs nothing and takes a second.
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "littlebig needs these Debian packages; run as root:"; \
+	    echo "  apt-get update && apt-get install -y $$missing"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 or pass PYTHON=..."; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	$(BIN)/pip check
+	touch $@
+
+# Train only when a checkpoint is missing: the committed ones are used otherwise.
+checkpoints/%.safetensors: | $(STAMP)
+	$(BIN)/littlebig train $*
+
+$(BUILD)/export/export.json: checkpoints/little.safetensors checkpoints/big.safetensors | $(STAMP)
+	$(BIN)/littlebig export --build $(BUILD)
+
+$(BUILD)/calibration.json: $(BUILD)/export/export.json
+	$(BIN)/littlebig calibrate --build $(BUILD)
+
+$(BUILD)/report.json: $(BUILD)/calibration.json
+	$(BIN)/littlebig report --build $(BUILD)
+
+export: setup $(BUILD)/export/export.json
+calibrate: setup $(BUILD)/calibration.json
+report: setup $(BUILD)/report.json
+
+demo: setup
+	$(MAKE) --no-print-directory $(BUILD)/report.json
+	@cat $(BUILD)/report.md | sed -n '/^|/p'
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(BUILD)

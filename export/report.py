@@ -1,0 +1,152 @@
+"""The offline Little-Big result on the untouched test split: report.json, report.md, tradeoff.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from littlebig.export.calibrate import DELTA, EPS, Outputs, candidate_thresholds, evaluate, sweep
+from littlebig.export.macs import cascade_macs, macs_saved
+from littlebig.export.pipeline import ROLES, outputs, read_calibration, read_export
+
+MACS_SAVED_TARGET = 0.75
+
+
+def build_report(build: Path) -> dict[str, Any]:
+    """Apply each calibrated T to the test split and account accuracy, escalation and MACs."""
+    exported, calibration = read_export(build), read_calibration(build)
+    test = outputs(build, "test")
+    macs = {r: exported[r]["macs"] for r in ROLES}
+    report: dict[str, Any] = {
+        "service_size": exported["service_size"],
+        "rows": {"val": calibration["rows"], "test": int(len(test.labels))},
+        "serve_rule": calibration["serve_rule"],
+        "parity": {f"{r}_{k}": exported[r]["parity"][k] for r in ROLES for k in ("max_abs", "argmax_agreement")},
+        "rules": {},
+    }
+    accs = {"little": float(test.little_correct.mean()), "big": float(test.big_correct.mean())}
+    for role in ROLES:
+        report[role] = {
+            "name": exported[role]["name"],
+            "params": exported[role]["params"],
+            "macs": macs[role],
+            "input_size": exported[role]["data_config"]["input_size"],
+            "test_acc": accs[role],
+            "val_acc": calibration[f"{role}_acc"],
+        }
+    for rule, val in calibration["rules"].items():
+        fig = evaluate(test, val["threshold"])
+        report["rules"][rule] = {
+            "threshold": val["threshold"],
+            "test_acc": fig["accuracy"],
+            "escalation_rate": fig["escalation_rate"],
+            "expected_macs": cascade_macs(macs["little"], macs["big"], fig["escalation_rate"]),
+            "macs_saved": macs_saved(macs["little"], macs["big"], fig["escalation_rate"]),
+            "acc_drop_vs_big": accs["big"] - fig["accuracy"],
+            "val_acc": val["accuracy"],
+            "val_escalation_rate": val["escalation_rate"],
+        }
+    report["rules"].get("guaranteed", {}).update({"eps": EPS, "delta": DELTA})
+    report["targets"] = _targets(report)
+    (build / "report.json").write_text(json.dumps(report, indent=2))
+    (build / "report.md").write_text(render_markdown(report))
+    plot_tradeoff(test, report, build / "tradeoff.png")
+    return report
+
+
+def _targets(report: dict[str, Any]) -> dict[str, bool]:
+    rules, targets = report["rules"], {}
+    if "paper" in rules:
+        targets["paper_test_acc_ge_big"] = rules["paper"]["test_acc"] >= report["big"]["test_acc"]
+        targets["paper_macs_saved_ge_75pct"] = rules["paper"]["macs_saved"] >= MACS_SAVED_TARGET
+    if "guaranteed" in rules:
+        targets["guaranteed_drop_le_eps"] = rules["guaranteed"]["acc_drop_vs_big"] <= EPS
+    return targets
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Rows of the summary table (also printed by `make demo`)."""
+    big_macs = report["big"]["macs"]
+    rows = [("model / rule", "T", "test acc", "escalated", "MACs (M)", "MACs saved")]
+    for role in ROLES:
+        m = report[role]
+        rows.append(
+            (
+                f"{role}: {m['name']} @{m['input_size'][1]}",
+                "-",
+                f"{m['test_acc']:.4f}",
+                "-",
+                f"{m['macs'] / 1e6:.2f}",
+                f"{1 - m['macs'] / big_macs:.1%}" if role == "little" else "0.0%",
+            )
+        )
+    for rule, r in report["rules"].items():
+        rows.append(
+            (
+                f"littlebig ({rule})",
+                f"{r['threshold']:.4f}",
+                f"{r['test_acc']:.4f}",
+                f"{r['escalation_rate']:.1%}",
+                f"{r['expected_macs'] / 1e6:.2f}",
+                f"{r['macs_saved']:.1%}",
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """A GitHub-markdown table that also reads well in a terminal."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:])])
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    t = report["targets"]
+    checks = "\n".join(f"- {name}: {'met' if ok else 'MISSED'}" for name, ok in t.items())
+    p = report["parity"]
+    return (
+        "# Little-Big offline report\n\n"
+        f"Test split: {report['rows']['test']} images (never used for training or calibration); thresholds "
+        f"calibrated on {report['rows']['val']} val images. Service size {report['service_size']} (H, W, C).\n\n"
+        f"{format_table(summary_rows(report))}\n\n"
+        f"ONNX vs torch parity: little max abs {p['little_max_abs']:.1e}, big {p['big_max_abs']:.1e}; "
+        f"argmax agreement {p['little_argmax_agreement']:.0%} / {p['big_argmax_agreement']:.0%}.\n\n"
+        f"## Targets\n{checks}\n\n![tradeoff](tradeoff.png)\n"
+    )
+
+
+def plot_tradeoff(test: Outputs, report: dict[str, Any], path: Path) -> None:
+    """Test accuracy against MACs relative to big, over every threshold, with the chosen Ts marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ml, mb = report["little"]["macs"], report["big"]["macs"]
+    curve = sweep(test, candidate_thresholds(test.conf)[:: max(1, len(test.labels) // 2000)])
+    rel = (ml + curve["escalation_rate"] * mb) / mb
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(rel, curve["accuracy"] * 100, color="tab:blue", lw=1.5, label="littlebig over T")
+    ax.scatter([ml / mb], [report["little"]["test_acc"] * 100], color="tab:green", zorder=3, label="little alone")
+    ax.scatter([1.0], [report["big"]["test_acc"] * 100], color="tab:red", zorder=3, label="big alone")
+    for (rule, r), marker in zip(report["rules"].items(), ("*", "D", "P"), strict=False):
+        ax.scatter(
+            [r["expected_macs"] / mb],
+            [r["test_acc"] * 100],
+            marker=marker,
+            s=120,
+            zorder=4,
+            color="black",
+            label=f"{rule}: T={r['threshold']:.3f}, saves {r['macs_saved']:.0%}",
+        )
+    ax.axhline(report["big"]["test_acc"] * 100, color="tab:red", ls=":", lw=0.8)
+    ax.set_xlabel("MACs per image relative to big alone")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Little-Big on the test split: {report['little']['name']} -> {report['big']['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
