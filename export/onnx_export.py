@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from littlebig.export.models import Preprocessed
 
 INPUT_NAME, OUTPUT_NAME = "IMAGE", "LOGITS"

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from littlebig.export.models import RECIPES, Preprocessed, Recipe, create_classifier, save_checkpoint
 from tqdm import tqdm
 
 from littlebig.data import Dataset, load_fashion_mnist
+from littlebig.export.models import RECIPES, Preprocessed, Recipe, create_classifier, save_checkpoint
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 2) -> np.ndarray:

@@ -150,7 +150,115 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_export, _add_calibrate, _add_report]
+def _serve_options(args: argparse.Namespace):
+    from littlebig.model_repository.generate import ServeOptions
+
+    fields = ServeOptions.__dataclass_fields__
+    return ServeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def _cmd_repo(args: argparse.Namespace) -> int:
+    from littlebig.model_repository.generate import generate
+
+    summary = generate(args.build, args.out, args.profile, _serve_options(args))
+    print(
+        f"wrote {args.profile} repository {args.out}: models {', '.join(summary['models'])}; "
+        f"T={summary['threshold']:.6f} ({summary['rule']})"
+    )
+    return 0
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    from littlebig.model_repository.generate import ON_BIG_FAILURE
+
+    g = p.add_argument_group("deployment options (default: the measured CPU settings)")
+    g.add_argument("--max-batch-size", type=int, help="littlebig's and little's max_batch_size")
+    g.add_argument("--big-max-batch-size", type=int, help="big's max_batch_size (the BLS model chunks to it)")
+    g.add_argument("--queue-delay-us", type=int, help="dynamic batching max queue delay")
+    g.add_argument("--little-instances", type=int)
+    g.add_argument("--big-instances", type=int)
+    g.add_argument("--bls-instances", type=int)
+    g.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per cpu-profile instance")
+    g.add_argument("--inter-op-threads", type=int)
+    g.add_argument("--bls-timeout-ms", type=int, help="timeout of each BLS call to little/big")
+    g.add_argument("--on-big-failure", choices=ON_BIG_FAILURE, help="error (default) or answer with little")
+    g.add_argument("--rule", help="calibrated rule whose T is served (default: calibration's serve_rule)")
+    g.add_argument("--threshold", type=float, help="serve this T instead of a calibrated one")
+    g.add_argument("--build", type=Path, default=BUILD)
+
+
+def _add_repo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "repo",
+        help="generate the Triton model repository (cpu or gpu profile)",
+        epilog="examples:\n  littlebig repo --profile cpu --out build/model_repository\n"
+        "  littlebig repo --profile gpu --out build/model_repository_gpu",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--out", type=Path, default=BUILD / "model_repository")
+    _add_serve_options(p)
+    p.set_defaults(func=_cmd_repo)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from littlebig.model_repository.generate import generate
+    from littlebig.model_repository.server import Ports, TritonServer
+
+    repo = args.repository
+    if not (repo / "littlebig" / "config.pbtxt").exists():
+        print(f"{repo} is missing: generating the cpu repository first")
+        generate(args.build, repo, "cpu", _serve_options(args))
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = TritonServer(repo, ports, address=args.address, log_file=args.log_file)
+    with server.start(timeout=args.ready_timeout):
+        print(
+            f"littlebig is ready: gRPC {args.address}:{ports.grpc}, HTTP {server.url}, "
+            f"metrics http://{args.address}:{ports.metrics}/metrics (Ctrl-C stops)",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if server.process.poll() is not None:
+                print(f"tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+                return 1
+        print("stopping tritonserver", flush=True)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    import os
+
+    p = sub.add_parser(
+        "serve",
+        help="run the embedded tritonserver on the cpu repository",
+        epilog="example: HTTP_PORT=9000 littlebig serve   (or: make serve)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--repository", type=Path, default=BUILD / "model_repository")
+    p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
+    p.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
+    p.add_argument("--log-file", type=Path, default=BUILD / "tritonserver.log")
+    p.add_argument("--ready-timeout", type=float, default=120.0)
+    _add_serve_options(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_export,
+    _add_calibrate,
+    _add_report,
+    _add_repo,
+    _add_serve,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

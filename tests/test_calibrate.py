@@ -70,13 +70,14 @@ def test_guaranteed_rule_holds_its_promise_over_many_draws():
     """Over many val draws, the fraction where the true loss exceeds eps stays under delta."""
     eps, delta, failures = 0.02, 0.1, 0
     rng = np.random.default_rng(1)
-    for trial in range(60):
+    for _trial in range(60):
         n = 600
         labels = rng.integers(0, 2, n)
         conf = rng.uniform(0.5, 1.0, n)
         wrong = rng.random(n) < (1 - conf) * 0.6  # little disagrees more when unsure
-        out = Outputs(logits_for(conf, np.where(wrong, 1 - labels, labels)), logits_for(np.full(n, 0.9), labels),
-                      labels)
+        out = Outputs(
+            logits_for(conf, np.where(wrong, 1 - labels, labels)), logits_for(np.full(n, 0.9), labels), labels
+        )
         t = rule_guaranteed(out, eps=eps, delta=delta)
         # true risk of keeping rows >= t: integral of (1-c)*0.6 over [t, 1] / 0.5
         true_risk = 0.6 * ((1 - t) ** 2 / 2) / 0.5

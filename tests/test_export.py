@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -28,8 +27,18 @@ def real_images():
 # Two architectures other than the default pair's, at other resolutions; one is a ViT.
 ARCHS = [
     ("deit_tiny_patch16_224", None, (28, 28, 1)),  # timm's own cfg: 224, bicubic, crop 0.875, 3 channels
-    ("efficientnet_b0", {"input_size": (3, 96, 96), "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
-                         "std": (0.25, 0.25, 0.25), "crop_pct": 0.875, "crop_mode": "center"}, (40, 32, 3)),
+    (
+        "efficientnet_b0",
+        {
+            "input_size": (3, 96, 96),
+            "interpolation": "bilinear",
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.25, 0.25, 0.25),
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+        },
+        (40, 32, 3),
+    ),
 ]
 
 
@@ -58,10 +67,19 @@ def test_preprocessing_follows_the_data_config():
 
 
 def test_parity_failure_is_loud(tmp_path, real_images):
-    model = create_classifier("resnet10t", num_classes=10, in_chans=1,
-                              pretrained_cfg={"input_size": (1, 32, 32), "interpolation": "bilinear",
-                                              "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0,
-                                              "crop_mode": "center"}).eval()
+    model = create_classifier(
+        "resnet10t",
+        num_classes=10,
+        in_chans=1,
+        pretrained_cfg={
+            "input_size": (1, 32, 32),
+            "interpolation": "bilinear",
+            "mean": (0.5,),
+            "std": (0.5,),
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        },
+    ).eval()
     net = Preprocessed(model, (28, 28, 1))
     path = export_onnx(net, tmp_path / "m.onnx")
     with torch.no_grad():
@@ -78,8 +96,14 @@ def test_macs_of_a_hand_computable_net():
 
 
 def test_checkpoint_roundtrip_keeps_cfg_and_weights(tmp_path):
-    cfg = {"input_size": (1, 32, 32), "interpolation": "bicubic", "mean": (0.3,), "std": (0.4,),
-           "crop_pct": 1.0, "crop_mode": "center"}
+    cfg = {
+        "input_size": (1, 32, 32),
+        "interpolation": "bicubic",
+        "mean": (0.3,),
+        "std": (0.4,),
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+    }
     model = create_classifier("mobilenetv3_small_050", num_classes=3, in_chans=1, pretrained_cfg=cfg).eval()
     path = tmp_path / "m.safetensors"
     save_checkpoint(model, path, name="mobilenetv3_small_050", class_names=["a", "b", "c"], extra={"epochs": 1})
