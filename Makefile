@@ -12,7 +12,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: setup system-packages demo test lint export calibrate report clean
+.PHONY: setup system-packages demo test lint export calibrate report repo serve clean
 
 setup: system-packages $(STAMP)
 
@@ -54,6 +54,16 @@ export: setup $(BUILD)/export/export.json
 calibrate: setup $(BUILD)/calibration.json
 report: setup $(BUILD)/report.json
 
+$(BUILD)/model_repository/littlebig/config.pbtxt: $(BUILD)/calibration.json
+	$(BIN)/littlebig repo --profile cpu --build $(BUILD) --out $(BUILD)/model_repository
+
+repo: setup $(BUILD)/model_repository/littlebig/config.pbtxt
+
+# The embedded tritonserver on 127.0.0.1:$(HTTP_PORT)/$(GRPC_PORT)/$(METRICS_PORT); Ctrl-C stops it.
+serve: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
+	$(BIN)/littlebig serve --build $(BUILD) --repository $(BUILD)/model_repository
+
 demo: setup
 	$(MAKE) --no-print-directory $(BUILD)/report.json
 	@cat $(BUILD)/report.md | sed -n '/^|/p'
@@ -62,8 +72,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 clean:
 	rm -rf $(BUILD)
+
+# Role-specific targets (bench, deploy checks, soak) live beside this file.
+include $(wildcard mk/*.mk)

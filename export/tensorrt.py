@@ -1,0 +1,484 @@
+"""TensorRT plans for little and big, checked against onnxruntime and calibrated on their own outputs.
+
+Why each step exists:
+
+* **uint8 input.** TensorRT 10 accepts a UINT8 network input but only a Cast/Identity layer may consume
+  it (uint8 -> float32/float16). Our exported graphs start ``IMAGE -> Transpose -> Cast``, so the
+  parser would hand a uint8 tensor to a Shuffle layer. :func:`cast_input_first` rewrites the ONNX so the
+  Cast comes first (``IMAGE -> Cast -> Transpose``); uint8 -> float is exact and a transpose does not
+  care about dtype, so the rewritten graph gives bit-identical logits (checked in onnxruntime before
+  any plan is built). The plan's input stays ``IMAGE`` UINT8 [N, H, W, C] and its output ``LOGITS``
+  FP32 [N, classes]: the gpu profile's config.pbtxt (which declares those) serves it unchanged.
+* **One profile, batch 1..max.** Triton's dynamic batcher sends any batch from 1 to the config's
+  max_batch_size; a plan whose profile does not cover that range fails to load or to execute.
+* **Parity and calibration on plan outputs.** FP16 changes logits (and can flip argmaxes), so T must be
+  chosen on the logits of the precision that is served: :func:`plan_logits` runs a plan on any images
+  and :func:`calibrate_on_plans` chooses T on the val split's plan logits with the same rules.
+* **Version.** A plan only loads in the TensorRT it was built with, on the GPU architecture it was
+  built on: Triton 24.10 (2.51) ships TensorRT 10.5, so build with ``tensorrt-cu12==10.5.*`` (or inside
+  ``nvcr.io/nvidia/tensorrt:24.10-py3``) on the GPU model that serves.
+
+``tensorrt`` and CUDA (through torch's CUDA build) are imported inside functions only: without a GPU
+every entry point says so clearly and :func:`run_tensorrt_cli` exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from littlebig.export.pipeline import ROLES, export_dir, read_export
+
+INPUT_NAME, OUTPUT_NAME = "IMAGE", "LOGITS"
+PRECISIONS = ("fp16", "fp32")
+#: The TensorRT inside nvcr.io/nvidia/tritonserver:24.10-py3 (Triton 2.51): plans must be built with it.
+SERVING_TENSORRT = "10.5"
+DEFAULT_MAX_BATCH = 64  # generate.ServeOptions: littlebig/little 64, big 32; one profile covers both
+WORKSPACE_BYTES = 1 << 30
+#: (max abs logit difference, min argmax agreement) a plan must meet against onnxruntime on val.
+PARITY_LIMITS = {"fp32": (1e-3, 0.999), "fp16": (0.25, 0.99)}
+#: Ops that only move or reshape data: a uint8 input may pass through them before its first Cast.
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
+NEEDS_GPU = "littlebig export --tensorrt needs a GPU"
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No CUDA device, or no TensorRT Python package: plans cannot be built or run here."""
+
+
+class PlanParityError(RuntimeError):
+    """A plan disagrees with onnxruntime beyond the precision's limits: never serve it."""
+
+
+@dataclass(frozen=True)
+class PlanParity:
+    max_abs: float
+    argmax_agreement: float
+    rows: int
+    batch_invariance_max_abs: float  # same rows at batch 1 vs at max batch
+
+
+def check_args(precision: str, max_batch_size: int) -> None:
+    """Reject bad usage before anything touches a GPU (the CLI turns ValueError into exit 2)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max batch size must be an integer >= 1, got {max_batch_size!r}")
+
+
+def profile_shapes(
+    service_size: Sequence[int], max_batch_size: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, opt, max) IMAGE shapes: batch 1..max_batch_size, tuned for the full batches seen under load."""
+    check_args("fp32", max_batch_size)
+    h, w, c = (int(v) for v in service_size)
+    if min(h, w, c) < 1:
+        raise ValueError(f"service size must be positive, got {list(service_size)}")
+    return (1, h, w, c), (max_batch_size, h, w, c), (max_batch_size, h, w, c)
+
+
+def cast_input_first(model: Any, input_name: str = INPUT_NAME) -> tuple[Any, bool]:
+    """Move the uint8 input's first Cast ahead of the layout ops before it; (model, changed).
+
+    Only ``input -> layout ops (single consumer each) -> Cast(to=float)`` chains are rewritten;
+    anything else is left as it is (and TensorRT's parser will say if it cannot take it).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    inputs = {i.name: i for i in graph.input}
+    if input_name not in inputs or inputs[input_name].type.tensor_type.elem_type != TensorProto.UINT8:
+        return model, False
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    chain, tensor = [], input_name
+    while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in LAYOUT_OPS:
+        node = consumers[tensor][0]
+        if node.input[0] != tensor:  # e.g. Reshape's shape operand: not a data path
+            return model, False
+        chain.append(node)
+        tensor = node.output[0]
+    nxt = consumers.get(tensor, [])
+    if not chain or len(nxt) != 1 or nxt[0].op_type != "Cast":
+        return model, False
+    cast = nxt[0]
+    to = next(helper.get_attribute_value(a) for a in cast.attribute if a.name == "to")
+    if to not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        return model, False
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    g = rewritten.graph
+    first_cast_out = f"{input_name}__as_float"
+    for node in g.node:  # the chain now reads the float tensor
+        for i, name in enumerate(node.input):
+            if name == input_name:
+                node.input[i] = first_cast_out
+    # the old Cast becomes an Identity on the (already float) tensor, keeping every name downstream
+    old = next(n for n in g.node if list(n.output) == list(cast.output))
+    identity = helper.make_node("Identity", [old.input[0]], list(old.output), name=(old.name or "cast") + "__identity")
+    index = list(g.node).index(old)
+    g.node.remove(old)
+    g.node.insert(index, identity)
+    g.node.insert(0, helper.make_node("Cast", [input_name], [first_cast_out], to=to, name=f"{input_name}__cast"))
+    # intermediate value_info entries still say uint8 for the chain's outputs: drop them
+    stale = {o for n in chain for o in n.output}
+    kept = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    onnx.checker.check_model(rewritten, full_check=True)
+    return rewritten, True
+
+
+def prepare_onnx(build: Path, role: str) -> Path:
+    """Write ``ROLE.trt.onnx`` (the Cast-first graph) beside the export and prove it matches the original."""
+    import onnx
+
+    exported = read_export(build)
+    src = export_dir(build) / exported[role]["onnx"]
+    model, changed = cast_input_first(onnx.load(str(src)))
+    dst = export_dir(build) / f"{role}.trt.onnx"
+    onnx.save(model, str(dst))
+    if changed:
+        _check_same_as_onnx(src, dst, tuple(exported["service_size"]))
+    return dst
+
+
+def _check_same_as_onnx(original: Path, rewritten: Path, service_size: tuple[int, ...]) -> None:
+    """The rewrite must not change a single logit (uint8 -> float is exact, transposes move values)."""
+    from littlebig.export.onnx_export import onnx_session
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, *service_size), dtype=np.uint8)
+    a = onnx_session(original).run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    b = onnx_session(rewritten).run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    if not np.array_equal(a, b):
+        raise RuntimeError(f"{rewritten} differs from {original} (max abs {np.abs(a - b).max():.2e})")
+
+
+def unavailable_reason() -> str | None:
+    """Why plans cannot be built or run here (None: a CUDA device and TensorRT >= 10 are present)."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed (pip install 'littlebig[export]'); it provides the CUDA buffers"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return f"the tensorrt Python package is not installed (pip install 'tensorrt-cu12=={SERVING_TENSORRT}.*')"
+    if int(trt.__version__.split(".")[0]) < 10:
+        return f"TensorRT {trt.__version__} is too old: need 10.x (the serving image has {SERVING_TENSORRT})"
+    return None
+
+
+def require_tensorrt() -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise TensorRTUnavailable(f"{NEEDS_GPU}: {reason}")
+
+
+def _logger():
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def build_plan(onnx_path: Path, plan_path: Path, service_size: Sequence[int], precision: str, max_batch: int) -> Path:
+    """Parse the ONNX, build one engine (FP16 or FP32) with a batch 1..max_batch profile, serialise it."""
+    check_args(precision, max_batch)
+    require_tensorrt()
+    import tensorrt as trt
+
+    logger = _logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch always
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if precision == "fp16":
+        if not builder.platform_has_fast_fp16:
+            raise RuntimeError("this GPU has no fast FP16: build with --precision fp32")
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = profile_shapes(service_size, max_batch)
+    profile.set_shape(INPUT_NAME, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build {plan_path} (see its log above)")
+    plan_path.write_bytes(bytes(serialized))
+    _check_io(_engine(plan_path))
+    return plan_path
+
+
+def _engine(plan: Path):
+    import tensorrt as trt
+
+    engine = trt.Runtime(_logger()).deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise RuntimeError(f"{plan} does not deserialise: built with another TensorRT or GPU?")
+    return engine
+
+
+def _check_io(engine) -> None:
+    """The plan must match the gpu profile's config.pbtxt: IMAGE uint8 in, LOGITS float32 out."""
+    import tensorrt as trt
+
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    if names != {INPUT_NAME, OUTPUT_NAME}:
+        raise RuntimeError(f"plan I/O tensors are {sorted(names)}, expected {INPUT_NAME} and {OUTPUT_NAME}")
+    dtypes = (engine.get_tensor_dtype(INPUT_NAME), engine.get_tensor_dtype(OUTPUT_NAME))
+    if dtypes != (trt.uint8, trt.float32):
+        raise RuntimeError(f"plan I/O dtypes are {dtypes}, expected (uint8, float32) as config.pbtxt declares")
+
+
+def plan_path(build: Path, role: str) -> Path:
+    """Where the gpu profile of the repository generator looks for a role's plan."""
+    return export_dir(build) / f"{role}.plan"
+
+
+def _run_engine(engine, images: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
+    context = engine.create_execution_context()
+    stream = torch.cuda.Stream()
+    chunks = []
+    with torch.cuda.stream(stream):
+        for i in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to("cuda", non_blocking=False)
+            context.set_input_shape(INPUT_NAME, tuple(batch.shape))
+            out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device="cuda")
+            context.set_tensor_address(INPUT_NAME, batch.data_ptr())
+            context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+            stream.synchronize()
+            chunks.append(out.cpu().numpy())
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
+
+
+def plan_max_batch(engine) -> int:
+    """The largest batch the plan's (single) profile accepts."""
+    return int(engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
+
+
+def plan_logits(build: Path, role: str, images: np.ndarray) -> np.ndarray:
+    """``role``'s plan on ``images`` (uint8 [N, H, W, C]) in batches of its profile's max: float32 logits."""
+    require_tensorrt()
+    plan = plan_path(build, role)
+    if not plan.exists():
+        raise FileNotFoundError(f"{plan} not found: run `littlebig export --tensorrt` first")
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    engine = _engine(plan)
+    return _run_engine(engine, images, plan_max_batch(engine))
+
+
+def plan_split_logits(build: Path, split: str) -> dict[str, np.ndarray]:
+    """Both plans' logits on a split (cached beside the plans, like the ONNX reference logits)."""
+    from littlebig.data import load_split
+
+    exported = read_export(build)
+    cache = export_dir(build) / f"logits-plan-{split}.npz"
+    plans = [plan_path(build, r) for r in ROLES]
+    if cache.exists() and all(p.exists() and cache.stat().st_mtime >= p.stat().st_mtime for p in plans):
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    data = load_split(split, exported["data_dir"], tuple(exported["service_size"]))
+    result = {"labels": data.labels, **{role: plan_logits(build, role, data.images) for role in ROLES}}
+    np.savez(cache, **result)
+    return result
+
+
+def compare(reference: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    """(max abs logit difference, argmax agreement) of two logit arrays of the same rows."""
+    if reference.shape != got.shape:
+        raise ValueError(f"logit shapes differ: {reference.shape} vs {got.shape}")
+    if len(reference) == 0:
+        raise ValueError("no rows to compare")
+    return float(np.abs(reference - got).max()), float((reference.argmax(-1) == got.argmax(-1)).mean())
+
+
+def check_plan_parity(
+    reference: np.ndarray, plan: np.ndarray, precision: str, batch1: np.ndarray, batched: np.ndarray
+) -> PlanParity:
+    """Plan vs onnxruntime on the same rows; raise PlanParityError past the precision's limits."""
+    max_abs, agreement = compare(reference, plan)
+    invariance, _ = compare(batched, batch1)
+    parity = PlanParity(max_abs, agreement, len(reference), invariance)
+    limit_abs, limit_agree = PARITY_LIMITS[precision]
+    if max_abs > limit_abs or agreement < limit_agree or invariance > limit_abs:
+        raise PlanParityError(
+            f"{precision} plan differs from onnxruntime: max abs {max_abs:.2e} (limit {limit_abs:.0e}), "
+            f"argmax agreement {agreement:.4f} (limit {limit_agree}), batch-1 vs batched {invariance:.2e}"
+        )
+    return parity
+
+
+def calibrate_on_plans(build: Path, rules: tuple[str, ...] = ("paper", "guaranteed")) -> dict[str, Any]:
+    """T per rule chosen on the plans' val logits; both Ts (ONNX-calibrated and plan-calibrated) on plan outputs.
+
+    Shows whether the ONNX threshold keeps its accuracy on the served precision, and gives the T to
+    serve when it does not.
+    """
+    from littlebig.export.calibrate import Outputs, calibrate, evaluate
+    from littlebig.export.pipeline import read_calibration
+
+    splits = {s: plan_split_logits(build, s) for s in ("val", "test")}
+    outs = {s: Outputs(z["little"], z["big"], z["labels"]) for s, z in splits.items()}
+    onnx_rules = read_calibration(build)["rules"] if (build / "calibration.json").exists() else {}
+    record: dict[str, Any] = {
+        "split": "val",
+        "rows": int(len(outs["val"].labels)),
+        "little_acc": float(outs["val"].little_correct.mean()),
+        "big_acc": float(outs["val"].big_correct.mean()),
+        "rules": calibrate(outs["val"], rules),
+        "test": {},
+    }
+    for rule, r in record["rules"].items():
+        row = {"plan_threshold": evaluate(outs["test"], r["threshold"])}
+        if rule in onnx_rules:
+            t = onnx_rules[rule]["threshold"]
+            row["onnx_threshold"] = {s: evaluate(o, t) for s, o in outs.items()}
+        record["test"][rule] = row
+    return record
+
+
+def build_plans(build: Path, precision: str, max_batch_size: int) -> dict[str, Any]:
+    """Both plans, their parity against onnxruntime on the whole val split, and calibration on them."""
+    import tensorrt as trt
+
+    from littlebig.data import load_split
+    from littlebig.export.pipeline import reference_logits
+
+    exported = read_export(build)
+    size = tuple(exported["service_size"])
+    record: dict[str, Any] = {
+        "precision": precision,
+        "max_batch_size": max_batch_size,
+        "profile": [list(s) for s in profile_shapes(size, max_batch_size)],
+        "tensorrt": trt.__version__,
+        "serving_tensorrt": SERVING_TENSORRT,
+    }
+    for role in ROLES:
+        build_plan(prepare_onnx(build, role), plan_path(build, role), size, precision, max_batch_size)
+    reference, plans = reference_logits(build, "val"), plan_split_logits(build, "val")
+    few = load_split("val", exported["data_dir"], size).images[:8]
+    for role in ROLES:
+        engine = _engine(plan_path(build, role))
+        parity = check_plan_parity(
+            reference[role],
+            plans[role],
+            precision,
+            _run_engine(engine, few, 1),
+            _run_engine(engine, few, max_batch_size),
+        )
+        size_bytes = plan_path(build, role).stat().st_size
+        record[role] = {"plan": plan_path(build, role).name, "bytes": size_bytes, "parity": asdict(parity)}
+    record["calibration"] = calibrate_on_plans(build)
+    (export_dir(build) / "tensorrt.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def plan_threshold(build: Path, rule: str | None = None) -> float:
+    """The T calibrated on plan outputs for ``rule`` (default: calibration.json's serve_rule)."""
+    from littlebig.export.pipeline import read_calibration
+
+    path = export_dir(build) / "tensorrt.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `littlebig export --tensorrt` first")
+    rules = json.loads(path.read_text())["calibration"]["rules"]
+    rule = rule or read_calibration(build)["serve_rule"]
+    if rule not in rules:
+        raise ValueError(f"rule {rule!r} was not calibrated on the plans; calibrated: {sorted(rules)}")
+    return float(rules[rule]["threshold"])
+
+
+def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int = DEFAULT_MAX_BATCH) -> int:
+    """``littlebig export --tensorrt``: 0 built and checked, 1 no GPU / build or parity failed, 2 bad usage."""
+    try:
+        check_args(precision, max_batch_size)
+        exported = read_export(build)
+        for role in ROLES:
+            onnx_file = export_dir(build) / exported[role]["onnx"]
+            if not onnx_file.exists():
+                raise FileNotFoundError(f"{onnx_file} not found: run `littlebig export` first")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"littlebig export --tensorrt: error: {exc}", file=sys.stderr)
+        return 2
+    reason = unavailable_reason()
+    if reason:
+        print(
+            f"{NEEDS_GPU}: {reason}. Build the plans on the GPU model that will serve them, with TensorRT "
+            f"{SERVING_TENSORRT} (the one in nvcr.io/nvidia/tritonserver:24.10-py3); the gpu profile serves the "
+            "ONNX files with onnxruntime where no plan exists.",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        record = build_plans(build, precision, max_batch_size)
+    except (PlanParityError, RuntimeError) as exc:
+        print(f"littlebig export --tensorrt: {exc}", file=sys.stderr)
+        return 1
+    if not record["tensorrt"].startswith(SERVING_TENSORRT + "."):
+        print(
+            f"warning: built with TensorRT {record['tensorrt']}; Triton 24.10 loads only {SERVING_TENSORRT}.x plans",
+            file=sys.stderr,
+        )
+    for role in ROLES:
+        p = record[role]["parity"]
+        print(
+            f"{role:6s} {precision} plan {record[role]['bytes'] / 1e6:7.2f} MB, batch 1..{max_batch_size}: "
+            f"vs onnxruntime on {p['rows']} val rows max abs {p['max_abs']:.1e}, "
+            f"argmax agreement {p['argmax_agreement']:.2%}"
+        )
+    for rule, r in record["calibration"]["rules"].items():
+        line = f"{rule:10s} T on plan val logits {r['threshold']:.6f}: val acc {r['accuracy']:.4f}"
+        onnx_t = record["calibration"]["test"][rule].get("onnx_threshold")
+        if onnx_t:
+            val, test = onnx_t["val"]["accuracy"], onnx_t["test"]["accuracy"]
+            line += f"; the ONNX-calibrated T on plan logits: val acc {val:.4f}, test {test:.4f}"
+        print(line)
+    print(f"wrote {plan_path(build, 'little')}, {plan_path(build, 'big')} and {export_dir(build) / 'tensorrt.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m littlebig.export.tensorrt build|threshold`` until ``littlebig export --tensorrt`` is wired."""
+    parser = argparse.ArgumentParser(prog="python -m littlebig.export.tensorrt", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build, check and calibrate the plans")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    b.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH)
+    t = sub.add_parser("threshold", help="print the T calibrated on plan outputs")
+    t.add_argument("--rule", default=None)
+    for p in (b, t):
+        p.add_argument("--build", type=Path, default=Path("build"))
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        return run_tensorrt_cli(args.build, args.precision, args.max_batch_size)
+    try:
+        print(repr(plan_threshold(args.build, args.rule)))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

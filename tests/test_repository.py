@@ -1,0 +1,116 @@
+"""The repository generator: every config is Triton's ModelConfig, for both profiles."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from littlebig.model_repository.generate import ServeOptions, generate
+
+
+def read_config(path) -> mc.ModelConfig:
+    return text_format.Parse((path / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def check_cascade_contract(repo, service_size, classes):
+    cfg = read_config(repo / "littlebig")
+    assert cfg.backend == "python" and cfg.max_batch_size == 64
+    (inp,) = cfg.input
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("IMAGE", mc.TYPE_UINT8, list(service_size))
+    outs = {o.name: o for o in cfg.output}
+    assert outs["LABEL"].data_type == mc.TYPE_INT64 and outs["ESCALATED"].data_type == mc.TYPE_BOOL
+    assert outs["PROBS"].data_type == mc.TYPE_FP32 and list(outs["PROBS"].dims) == [classes]
+    assert (repo / "littlebig" / outs["PROBS"].label_filename).read_text().splitlines().__len__() == classes
+    assert 0.0 <= float(cfg.parameters["threshold"].string_value) <= 1.0
+    assert {"little_model", "big_model", "big_max_batch_size"} <= set(cfg.parameters)
+    for f in ("model.py", "decision.py"):  # the BLS model and the one shared decision rule beside it
+        assert (repo / "littlebig" / "1" / f).exists()
+    # Runs on a stock NGC image: numpy, the backend utils and the decision rule only.
+    tree = ast.parse((repo / "littlebig" / "1" / "model.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"asyncio", "json", "numpy", "triton_python_backend_utils", "decision"}, imported
+
+
+@pytest.fixture(scope="module")
+def exported(build_dir):
+    import json
+
+    return json.loads((build_dir / "export" / "export.json").read_text())
+
+
+def test_cpu_profile(build_dir, exported, tmp_path):
+    repo = tmp_path / "cpu"
+    generate(build_dir, repo, "cpu", ServeOptions(little_instances=2, intra_op_threads=2))
+    check_cascade_contract(repo, exported["service_size"], len(exported["class_names"]))
+    for role in ("little", "big"):
+        cfg = read_config(repo / role)
+        assert cfg.backend == "python" and cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+        assert list(cfg.dynamic_batching.preferred_batch_size) and cfg.output[0].name == "LOGITS"
+        assert cfg.parameters["intra_op_threads"].string_value == "2"
+        assert (repo / role / "1" / "model.onnx").exists() and (repo / role / "1" / "model.py").exists()
+    assert read_config(repo / "little").instance_group[0].count == 2
+    assert read_config(repo / "big").max_batch_size == 32
+
+
+def test_gpu_profile_uses_onnxruntime_then_tensorrt_plans(build_dir, exported, tmp_path):
+    repo = tmp_path / "gpu"
+    generate(build_dir, repo, "gpu", ServeOptions(trt_accelerator=True))
+    check_cascade_contract(repo, exported["service_size"], len(exported["class_names"]))
+    for role in ("little", "big"):
+        cfg = read_config(repo / role)
+        assert (cfg.platform, cfg.backend, cfg.default_model_filename) == (
+            "onnxruntime_onnx",
+            "onnxruntime",
+            "model.onnx",
+        )
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+        assert cfg.dynamic_batching.preferred_batch_size and cfg.max_batch_size >= 1
+        assert [i.name for i in cfg.input] == ["IMAGE"] and [o.name for o in cfg.output] == ["LOGITS"]
+        assert list(cfg.input[0].dims) == exported["service_size"]
+        accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+        assert (repo / role / "1" / "model.onnx").exists()
+    # Where a plan was built, the gpu profile serves it with the TensorRT backend. The generator only
+    # copies the plan file, so a placeholder stands in for a real plan (building one needs a GPU).
+    build = tmp_path / "build"
+    shutil.copytree(build_dir / "export", build / "export")
+    shutil.copy2(build_dir / "calibration.json", build / "calibration.json")
+    (build / "export" / "big.plan").write_bytes(b"plan placeholder")
+    generate(build, tmp_path / "gpu-plan", "gpu")
+    big = read_config(tmp_path / "gpu-plan" / "big")
+    assert (big.platform, big.default_model_filename) == ("tensorrt_plan", "model.plan")
+    assert (tmp_path / "gpu-plan" / "big" / "1" / "model.plan").read_bytes() == b"plan placeholder"
+    assert read_config(tmp_path / "gpu-plan" / "little").platform == "onnxruntime_onnx"
+
+
+def test_threshold_comes_from_calibration_unless_overridden(build_dir, tmp_path):
+    import json
+
+    calibration = json.loads((build_dir / "calibration.json").read_text())
+    for rule, r in calibration["rules"].items():
+        summary = generate(build_dir, tmp_path / rule, "cpu", ServeOptions(rule=rule))
+        assert summary["threshold"] == r["threshold"]
+        cfg = read_config(tmp_path / rule / "littlebig")
+        assert float(cfg.parameters["threshold"].string_value) == r["threshold"]
+    assert generate(build_dir, tmp_path / "o", "cpu", ServeOptions(threshold=0.25))["threshold"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "profile,opts,message",
+    [
+        ("tpu", ServeOptions(), "unknown profile"),
+        ("cpu", ServeOptions(on_big_failure="retry"), "on_big_failure"),
+        ("cpu", ServeOptions(threshold=1.5), "threshold"),
+        ("cpu", ServeOptions(rule="magic"), "not calibrated"),
+        ("cpu", ServeOptions(big_max_batch_size=0), "max batch"),
+    ],
+)
+def test_bad_options_are_rejected(build_dir, tmp_path, profile, opts, message):
+    with pytest.raises(ValueError, match=message):
+        generate(build_dir, tmp_path / "r", profile, opts)

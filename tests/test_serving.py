@@ -1,0 +1,214 @@
+"""The cascade on the real tritonserver: every served answer equals the offline reference."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from littlebig.decision import softmax
+from tests.conftest import offline_reference
+
+BATCH_SIZES = (1, 7, 64, 3, 32, 16, 50, 2, 8, 64, 5, 24)
+
+
+def infer(client, images, threshold=None, model="littlebig", outputs=None):
+    inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    params = None if threshold is None else {"threshold": threshold}
+    return client.infer(model, [inp], parameters=params, outputs=outputs)
+
+
+def rows_of(client, model: str) -> int:
+    """Rows this model has inferred so far (Triton counts rows in inference_count)."""
+    return client.get_inference_statistics(model).model_stats[0].inference_count
+
+
+def batches(n: int) -> list[np.ndarray]:
+    out, start, i = [], 0, 0
+    while start < n:
+        size = BATCH_SIZES[i % len(BATCH_SIZES)]
+        out.append(np.arange(start, min(start + size, n)))
+        start, i = start + size, i + 1
+    return out
+
+
+def assert_matches_reference(result, expected, rows):
+    label, esc = result.as_numpy("LABEL").reshape(-1), result.as_numpy("ESCALATED").reshape(-1)
+    assert np.array_equal(label, expected["label"]), f"LABEL differs on rows {rows[label != expected['label']]}"
+    assert np.array_equal(esc, expected["escalated"]), f"ESCALATED differs on rows {rows[esc != expected['escalated']]}"
+    np.testing.assert_allclose(result.as_numpy("PROBS"), expected["probs"], atol=1e-5, rtol=0)
+    assert not result.as_numpy("DEGRADED").any()
+
+
+def test_whole_test_split_from_16_concurrent_clients(server, grpc_client, test_split, served_threshold):
+    data, logits = test_split
+    work = batches(len(data))
+    big_before = rows_of(grpc_client, "big")
+
+    def run(rows):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
+        try:
+            return rows, infer(client, data.images[rows])
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, work))
+    escalated = 0
+    for rows, result in results:
+        expected = offline_reference(logits, rows, served_threshold)
+        assert_matches_reference(result, expected, rows)
+        escalated += int(expected["escalated"].sum())
+    assert sum(len(r) for r, _ in results) == len(data)  # no row lost
+    # big saw exactly the escalated rows: none twice, none missed
+    assert rows_of(grpc_client, "big") - big_before == escalated
+    assert 0 < escalated < len(data)
+
+
+@pytest.mark.parametrize("threshold,all_big", [(0, False), ("0", False), (1, True), ("1.0", True), (1.0, True)])
+def test_threshold_zero_sends_nothing_and_one_sends_everything(grpc_client, test_split, threshold, all_big):
+    data, logits = test_split
+    rows = np.arange(200, 264)
+    before = rows_of(grpc_client, "big")
+    result = infer(grpc_client, data.images[rows], threshold)
+    assert rows_of(grpc_client, "big") - before == (len(rows) if all_big else 0)
+    assert result.as_numpy("ESCALATED").all() == all_big and result.as_numpy("ESCALATED").any() == all_big
+    assert_matches_reference(result, offline_reference(logits, rows, float(threshold)), rows)
+
+
+def test_escalations_beyond_big_max_batch_are_chunked(grpc_client, repository, test_split):
+    data, logits = test_split
+    big_max = json.loads((repository / "littlebig-repository.json").read_text())["options"]["big_max_batch_size"]
+    rows = np.arange(1000, 1064)
+    assert len(rows) > big_max
+    stats = grpc_client.get_inference_statistics("big").model_stats[0]
+    result = infer(grpc_client, data.images[rows], threshold=1)
+    after = grpc_client.get_inference_statistics("big").model_stats[0]
+    assert after.inference_count - stats.inference_count == len(rows)
+    assert after.inference_stats.success.count - stats.inference_stats.success.count >= -(-len(rows) // big_max)
+    np.testing.assert_allclose(result.as_numpy("PROBS"), softmax(logits["big"][rows]), atol=1e-5, rtol=0)
+
+
+def test_little_and_big_are_callable_directly(grpc_client, test_split):
+    data, logits = test_split
+    rows = np.arange(5000, 5010)
+    for model in ("little", "big"):
+        out = infer(grpc_client, data.images[rows], model=model).as_numpy("LOGITS")
+        np.testing.assert_allclose(out, logits[model][rows], atol=1e-4, rtol=0)
+
+
+def test_classification_extension_gives_top_k_with_names(grpc_client, test_split, build_dir):
+    data, _ = test_split
+    names = json.loads((build_dir / "export" / "export.json").read_text())["class_names"]
+    out = infer(grpc_client, data.images[:4], outputs=[grpcclient.InferRequestedOutput("PROBS", class_count=3)])
+    top = out.as_numpy("PROBS")
+    assert top.shape == (4, 3)
+    score, index, name = top[0, 0].decode().split(":", 2)
+    assert names[int(index)] == name and 0 < float(score) <= 1
+
+
+BAD_INPUTS = [
+    ("wrong dtype", lambda imgs: imgs.astype(np.float32), "FP32", "data-type"),
+    ("wrong shape", lambda imgs: imgs[:, :, :27], "UINT8", "shape"),
+    ("wrong channels", lambda imgs: np.repeat(imgs, 3, axis=-1), "UINT8", "shape"),
+    ("batch over max", lambda imgs: np.concatenate([imgs] * 17)[:65], "UINT8", "batch"),
+    ("empty batch", lambda imgs: imgs[:0], "UINT8", ""),
+]
+
+
+@pytest.mark.parametrize("case,transform,dtype,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(
+    grpc_client, test_split, served_threshold, case, transform, dtype, words
+):
+    data, logits = test_split
+    bad = np.ascontiguousarray(transform(data.images[:4]))
+    inp = grpcclient.InferInput("IMAGE", list(bad.shape), dtype)
+    inp.set_data_from_numpy(bad)
+    with pytest.raises(InferenceServerException) as err:
+        grpc_client.infer("littlebig", [inp])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    assert words.lower() in err.value.message().lower()
+    rows = np.arange(8)
+    assert_matches_reference(
+        infer(grpc_client, data.images[rows]), offline_reference(logits, rows, served_threshold), rows
+    )
+
+
+def test_missing_input_is_a_clear_error(grpc_client):
+    inp = grpcclient.InferInput("PIXELS", [1, 28, 28, 1], "UINT8")
+    inp.set_data_from_numpy(np.zeros((1, 28, 28, 1), np.uint8))
+    with pytest.raises(InferenceServerException, match="IMAGE|PIXELS") as err:
+        grpc_client.infer("littlebig", [inp])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("threshold", ["abc", -1, 2, "nan", ""])
+def test_bad_threshold_fails_that_request_only(server, test_split, threshold):
+    data, _ = test_split
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
+    images = data.images[:3]
+    good_in = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    good_in.set_data_from_numpy(images)
+    errors, answers = [], []
+
+    def done(result, error):
+        (errors if error else answers).append(error or result)
+
+    # Sent together, so the dynamic batcher may put both in one execute: only the bad one fails.
+    client.async_infer("littlebig", [good_in], done, parameters={"threshold": threshold})
+    client.async_infer("littlebig", [good_in], done)
+    deadline = time.monotonic() + 30
+    while len(errors) + len(answers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close()
+    assert len(errors) == 1 and len(answers) == 1
+    assert errors[0].status() == "StatusCode.INVALID_ARGUMENT"
+    assert "threshold" in errors[0].message() and "[0, 1]" in errors[0].message()
+
+
+def test_kserve_v2_rest_and_metrics(server, test_split, served_threshold):
+    data, logits = test_split
+    body = {
+        "inputs": [
+            {
+                "name": "IMAGE",
+                "shape": [2, 28, 28, 1],
+                "datatype": "UINT8",
+                "data": data.images[:2].reshape(-1).tolist(),
+            }
+        ],
+        "parameters": {"threshold": 0.0},
+    }
+    req = urllib.request.Request(
+        f"{server.url}/v2/models/littlebig/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        out = {o["name"]: o for o in json.loads(r.read())["outputs"]}
+    assert out["LABEL"]["data"] == logits["little"][:2].argmax(-1).tolist()
+    assert out["ESCALATED"]["data"] == [False, False]
+    body["parameters"] = {"threshold": "abc"}
+    req = urllib.request.Request(req.full_url, data=json.dumps(body).encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400 and b"threshold" in err.value.read()
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    for name in (
+        "littlebig_rows_total",
+        "littlebig_escalated_rows_total",
+        "littlebig_failed_requests_total",
+        "littlebig_little_confidence_bucket",
+    ):
+        assert name in metrics, name
+    failed = [line for line in metrics.splitlines() if line.startswith("littlebig_failed_requests_total")]
+    assert float(failed[0].rsplit(" ", 1)[1]) >= 1
