@@ -83,7 +83,7 @@ class PerfAnalyzer:
         done = self.run(["--version"], timeout=30)
         if done.returncode != 0:
             raise PerfAnalyzerError(f"perf_analyzer --version exited {done.returncode}: {done.stderr.strip()}")
-        return done.stdout.strip()
+        return (done.stdout + done.stderr).strip()  # 2.51 prints its version on stderr
 
 
 @dataclass(frozen=True)

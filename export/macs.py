@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where MACs are counted, so the accounting helpers stay light
+    from torch import nn
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
     """Multiply-accumulates of one forward pass of ``model`` on a [1, C, H, W] input."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -251,6 +251,138 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def _client_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Client failures as one line on stderr: exit 2 for the caller's input, 1 for the service."""
+
+    def run(args: argparse.Namespace) -> int:
+        from littlebig.client import ClientError, InputError
+
+        try:
+            return fn(args)
+        except ClientError as exc:
+            print(f"littlebig {args.command}: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, InputError) else 1
+
+    return run
+
+
+def _add_client_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    import os
+
+    p.add_argument(
+        "--url",
+        default=os.environ.get("LITTLEBIG_URL", "localhost:8001"),
+        help="the server's gRPC address (default localhost:8001, or $LITTLEBIG_URL)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    if model:
+        p.add_argument("--model", default="littlebig", help="littlebig (the cascade), or little / big directly")
+        p.add_argument("--threshold", default=None, help="override the served threshold T for these requests")
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import json
+
+    from littlebig.client import LittleBigClient
+
+    with LittleBigClient(args.url, args.model, timeout_s=args.timeout) as client:
+        result = client.classify(args.paths, threshold=args.threshold)
+    records = result.records(top_k=args.top_k)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    width = max([len(r["file"]) for r in records] + [4])
+    print(f"{'file':{width}s}  {'label':14s}  confidence  escalated")
+    for r in records:
+        top = "" if args.top_k <= 1 else "  " + ", ".join(f"{t['name']} {t['prob']:.3f}" for t in r["top_k"])
+        print(
+            f"{r['file']:{width}s}  {r['name']:14s}  {r['confidence']:10.4f}  {'yes' if r['escalated'] else 'no':9s}"
+            + top
+        )
+    return 0
+
+
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="classify image files or folders through the server",
+        epilog="examples:\n  littlebig classify shirt.png boots.jpg\n"
+        "  littlebig classify photos/ --top-k 3 --json --threshold 0.9\n"
+        "exit codes: 0 answered, 1 server unreachable or failed, 2 bad input (file, threshold)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", help="PNG/JPEG files or folders (walked recursively)")
+    p.add_argument("--json", action="store_true", help="one JSON record per image")
+    p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
+    _add_client_options(p)
+    p.set_defaults(func=_client_errors(_cmd_classify))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from littlebig.client.evaluate import evaluate, format_summary
+
+    summary = evaluate(
+        args.url,
+        args.model,
+        args.data_dir,
+        args.split,
+        args.threshold,
+        args.batch_size,
+        args.concurrency,
+        args.timeout,
+        args.build,
+        progress=not args.json,
+        limit=args.limit,
+    )
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0 if summary.get("matches_offline", True) else 1
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="a labelled split through the server: accuracy, escalation, MACs, speed",
+        epilog="examples:\n  littlebig eval\n  littlebig eval --model big --json\n"
+        "  littlebig eval --data-dir my_images/ --split test\n"
+        "exit codes: 0 done (and equal to the offline report where comparable), "
+        "1 server failed or served accuracy differs from the offline report, 2 bad input",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an image folder with SPLIT/")
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--build", type=Path, default=BUILD, help="where export.json / report.json are")
+    _add_client_options(p)
+    p.set_defaults(func=_client_errors(_cmd_eval))
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    from littlebig.client import LittleBigClient
+
+    with LittleBigClient(args.url, timeout_s=args.timeout, retries=0) as client:
+        report = client.health()
+    for model, error in report.items():
+        print(f"{model:10s} {'ok' if error is None else 'FAILED: ' + error}")
+    return 0 if all(e is None for e in report.values()) else 1
+
+
+def _add_health(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "health",
+        help="a real inference through littlebig, little and big",
+        epilog="example: littlebig health --url localhost:8001\n"
+        "exit codes: 0 all three answered, 1 any failed (readiness alone misses a dead stub)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_client_options(p, model=False)
+    p.set_defaults(func=_client_errors(_cmd_health))
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_export,
@@ -258,6 +390,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_repo,
     _add_serve,
+    _add_classify,
+    _add_eval,
+    _add_health,
 ]
 
 

@@ -106,6 +106,7 @@ def bls_config(exported: dict[str, Any], threshold: float, rule: str, opts: Serv
                 "big_max_batch_size": opts.big_max_batch_size,
                 "bls_timeout_ms": opts.bls_timeout_ms,
                 "on_big_failure": opts.on_big_failure,
+            "class_names": json.dumps(exported["class_names"]),
                 **opts.extra,
             }
         ),

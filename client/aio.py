@@ -1,0 +1,110 @@
+"""asyncio client (tritonclient.grpc.aio): many requests in flight from one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from littlebig.client.client import (
+    DEFAULT_URL,
+    RETRYABLE,
+    Classification,
+    Service,
+    chunks,
+    describe_error,
+    expand_paths,
+    load_files,
+    parse_response,
+)
+
+
+class AsyncLittleBigClient:
+    """The async twin of LittleBigClient; ``max_in_flight`` bounds concurrent requests.
+
+    >>> async with AsyncLittleBigClient("localhost:8001") as client:
+    ...     result = await client.classify(images)
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        model: str = "littlebig",
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        max_in_flight: int = 64,
+    ) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aioclient
+
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
+        self._grpc = grpcclient
+        self._client = aioclient.InferenceServerClient(url)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._service: Service | None = None
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> AsyncLittleBigClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, fn, *args, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await fn(*args, **kwargs)
+            except InferenceServerException as exc:
+                if exc.status() not in RETRYABLE or attempt == self.retries:
+                    raise describe_error(exc, self.url, self.timeout_s) from None
+                await asyncio.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def service(self) -> Service:
+        if self._service is None:
+            meta = await self._call(
+                self._client.get_model_metadata, self.model, as_json=True, client_timeout=self.timeout_s
+            )
+            config = await self._call(
+                self._client.get_model_config, self.model, as_json=True, client_timeout=self.timeout_s
+            )
+            self._service = Service.from_server(meta, config["config"])
+        return self._service
+
+    async def infer_batch(self, images: np.ndarray, threshold: float | str | None = None) -> Classification:
+        service = await self.service()
+        inp = self._grpc.InferInput(service.input_name, list(images.shape), service.dtype)
+        inp.set_data_from_numpy(images)
+        params = None if threshold is None else {"threshold": threshold}
+        async with self._slots:
+            result = await self._call(
+                self._client.infer, service.model, [inp], parameters=params, client_timeout=self.timeout_s
+            )
+        return parse_response(service, result)
+
+    async def classify(
+        self, images: np.ndarray | str | Path | Iterable[str | Path], threshold: float | str | None = None
+    ) -> Classification:
+        """Like LittleBigClient.classify, with every max_batch_size chunk in flight at once."""
+        service = await self.service()
+        files: list[str] = []
+        if not isinstance(images, np.ndarray):
+            paths = expand_paths([images] if isinstance(images, (str, Path)) else images)
+            files = [str(p) for p in paths]
+            images = load_files(paths, service.size)
+        batch = service.check_batch(images)
+        parts = await asyncio.gather(
+            *(self.infer_batch(batch[s], threshold) for s in chunks(len(batch), service.max_batch_size))
+        )
+        result = Classification.concat(list(parts), service.class_names)
+        result.files = files
+        return result

@@ -1,0 +1,230 @@
+"""TensorRT plans: what needs no GPU runs here for real (usage errors, the clear 'needs a GPU' exit, the
+profile shapes, the Cast-first ONNX rewrite checked in onnxruntime, the parity rule); building and
+running plans is skipped without CUDA and TensorRT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from littlebig.export import tensorrt as lbtrt
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_TRT = lbtrt.unavailable_reason()
+needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=f"needs CUDA and TensorRT ({NO_TRT})")
+
+
+def _find_build() -> Path | None:
+    """build/ (or $LITTLEBIG_BUILD) when exported and calibrated, else the random-weight dev build."""
+    default = Path(os.environ.get("LITTLEBIG_BUILD", ROOT / "build"))
+    for candidate in (default, Path("/tmp/lb/build")):
+        if (candidate / "export" / "export.json").exists() and (candidate / "calibration.json").exists():
+            return candidate
+    return None
+
+
+@pytest.fixture()
+def build(tmp_path) -> Path:
+    """A private copy of the export + calibration (plans and rewritten ONNX files are written into it)."""
+    source = _find_build()
+    if source is None:
+        pytest.skip("no build with export.json and calibration.json: run `make calibrate`")
+    dst = tmp_path / "build"
+    (dst / "export").mkdir(parents=True)
+    shutil.copy2(source / "calibration.json", dst / "calibration.json")
+    for f in (source / "export").iterdir():
+        if f.suffix in (".json", ".onnx", ".data") or f.name.startswith("logits-"):
+            shutil.copy2(f, dst / "export" / f.name)
+    return dst
+
+
+@pytest.mark.skipif(NO_TRT is None, reason="CUDA and TensorRT are present: the plans are built instead")
+def test_cli_without_a_gpu_says_so_and_fails(build, capsys):
+    assert lbtrt.run_tensorrt_cli(build, "fp16", 64) == 1
+    err = capsys.readouterr().err
+    assert "needs a GPU" in err and NO_TRT in err and lbtrt.SERVING_TENSORRT in err
+    assert not lbtrt.plan_path(build, "little").exists()
+    with pytest.raises(lbtrt.TensorRTUnavailable, match="needs a GPU"):
+        lbtrt.plan_logits(build, "little", np.zeros((1, 28, 28, 1), np.uint8))
+
+
+@pytest.mark.parametrize(("precision", "max_batch"), [("int8", 64), ("FP16", 64), ("fp16", 0), ("fp32", -3)])
+def test_cli_rejects_bad_usage_before_touching_a_gpu(build, capsys, precision, max_batch):
+    assert lbtrt.run_tensorrt_cli(build, precision, max_batch) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_needs_an_export(tmp_path, capsys):
+    assert lbtrt.run_tensorrt_cli(tmp_path / "nothing", "fp16", 64) == 2
+    assert "littlebig export" in capsys.readouterr().err
+
+
+def test_cli_needs_the_onnx_files(build, capsys):
+    (build / "export" / "big.onnx").unlink()
+    assert lbtrt.run_tensorrt_cli(build, "fp32", 8) == 2
+    assert "big.onnx not found" in capsys.readouterr().err
+
+
+def test_profile_covers_batch_one_to_max():
+    lo, opt, hi = lbtrt.profile_shapes([28, 28, 1], 64)
+    assert lo == (1, 28, 28, 1) and hi == (64, 28, 28, 1) and lo[0] <= opt[0] <= hi[0]
+    assert lbtrt.profile_shapes((224, 160, 3), 1) == ((1, 224, 160, 3),) * 3
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max batch size"):
+            lbtrt.profile_shapes((28, 28, 1), bad)
+    with pytest.raises(ValueError, match="service size"):
+        lbtrt.profile_shapes((28, 0, 1), 8)
+
+
+def test_the_default_profile_covers_the_generated_max_batch_sizes():
+    from littlebig.model_repository.generate import ServeOptions
+
+    opts = ServeOptions()
+    assert lbtrt.DEFAULT_MAX_BATCH >= max(opts.max_batch_size, opts.big_max_batch_size)
+
+
+def test_cast_first_rewrite_gives_identical_logits(build):
+    from littlebig.data import load_split
+    from littlebig.export.onnx_export import onnx_session
+    from littlebig.export.pipeline import read_export
+
+    exported = read_export(build)
+    images = load_split("val", exported["data_dir"], tuple(exported["service_size"])).images[:64]
+    for role in ("little", "big"):
+        path = lbtrt.prepare_onnx(build, role)
+        graph = onnx.load(str(path)).graph
+        (consumer,) = [n for n in graph.node if lbtrt.INPUT_NAME in n.input]
+        assert consumer.op_type == "Cast"  # TensorRT: only a Cast may consume a uint8 network input
+        assert graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+        original = onnx_session(build / "export" / f"{role}.onnx").run(None, {"IMAGE": images})[0]
+        rewritten = onnx_session(path).run(None, {"IMAGE": images})[0]
+        assert np.array_equal(original, rewritten)
+
+
+def _tiny(first_op: str, dtype: int = TensorProto.UINT8) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("IMAGE", dtype, ["n", 2, 2, 1])
+    y = helper.make_tensor_value_info("LOGITS", TensorProto.FLOAT, ["n", 1, 2, 2])
+    if first_op == "Cast":
+        nodes = [
+            helper.make_node("Cast", ["IMAGE"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Transpose", ["f"], ["LOGITS"], perm=[0, 3, 1, 2]),
+        ]
+    else:
+        nodes = [
+            helper.make_node("Transpose", ["IMAGE"], ["t"], perm=[0, 3, 1, 2]),
+            helper.make_node("Cast", ["t"], ["LOGITS"], to=TensorProto.FLOAT),
+        ]
+    graph = helper.make_graph(nodes, "tiny", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_cast_first_rewrite_leaves_other_graphs_alone():
+    model, changed = lbtrt.cast_input_first(_tiny("Cast"))
+    assert not changed
+    model, changed = lbtrt.cast_input_first(_tiny("Transpose", TensorProto.FLOAT))
+    assert not changed
+    model, changed = lbtrt.cast_input_first(_tiny("Transpose"))
+    assert changed and model.graph.node[0].op_type == "Cast"
+    import onnxruntime as ort
+
+    images = np.arange(8, dtype=np.uint8).reshape(2, 2, 2, 1)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"IMAGE": images})[0]
+    assert np.array_equal(got, images.transpose(0, 3, 1, 2).astype(np.float32))
+
+
+def test_parity_rule_fails_a_plan_that_disagrees():
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(200, 10)).astype(np.float32)
+    few = reference[:8]
+    parity = lbtrt.check_plan_parity(reference, reference + 1e-4, "fp16", few, few)
+    assert parity.argmax_agreement == 1.0 and parity.max_abs == pytest.approx(1e-4, rel=1e-2)
+    with pytest.raises(lbtrt.PlanParityError, match="max abs"):
+        lbtrt.check_plan_parity(reference, reference + 1e-2, "fp32", few, few)
+    flipped = reference.copy()
+    flipped[:10] = -flipped[:10]  # argmax changes on 5% of rows: past fp16's 99%
+    with pytest.raises(lbtrt.PlanParityError, match="argmax agreement"):
+        lbtrt.check_plan_parity(reference, flipped, "fp16", few, few)
+    with pytest.raises(lbtrt.PlanParityError, match="batch-1"):
+        lbtrt.check_plan_parity(reference, reference, "fp32", few, few + 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        lbtrt.compare(reference, reference[:5])
+
+
+def test_plan_threshold_is_read_for_the_serve_rule(build):
+    with pytest.raises(FileNotFoundError, match="--tensorrt"):
+        lbtrt.plan_threshold(build)
+    rules = {"paper": {"threshold": 0.75}, "guaranteed": {"threshold": 0.97}}
+    (build / "export" / "tensorrt.json").write_text(json.dumps({"calibration": {"rules": rules}}))
+    serve_rule = json.loads((build / "calibration.json").read_text())["serve_rule"]
+    assert lbtrt.plan_threshold(build) == rules[serve_rule]["threshold"]
+    assert lbtrt.plan_threshold(build, "guaranteed") == 0.97
+    with pytest.raises(ValueError, match="not calibrated"):
+        lbtrt.plan_threshold(build, "nope")
+    done = subprocess.run(
+        [sys.executable, "-m", "littlebig.export.tensorrt", "threshold", "--build", str(build), "--rule", "paper"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0 and float(done.stdout) == 0.75
+
+
+def test_calibration_on_plan_logits_uses_the_shared_rules(build, monkeypatch):
+    """With onnxruntime's logits standing in for a plan's, the plan calibration reproduces calibration.json."""
+    from littlebig.export.pipeline import read_calibration, reference_logits
+
+    monkeypatch.setattr(lbtrt, "plan_split_logits", reference_logits)
+    record = lbtrt.calibrate_on_plans(build)
+    calibration = read_calibration(build)
+    assert set(record["rules"]) == set(calibration["rules"])
+    for rule, r in calibration["rules"].items():
+        assert record["rules"][rule]["threshold"] == r["threshold"]
+        figures = record["on_plan_logits"][rule]
+        assert figures["onnx_threshold"]["val"] == figures["plan_threshold"]["val"]
+        assert figures["onnx_threshold"]["val"]["accuracy"] == pytest.approx(r["accuracy"])
+        assert set(figures["plan_threshold"]) == {"val", "test"}
+    assert record["big_acc"] == pytest.approx(calibration["big_acc"])
+
+
+@needs_trt
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_plans_build_match_onnxruntime_and_are_served_by_the_gpu_profile(build, tmp_path, precision):
+    from littlebig.export.pipeline import reference_logits
+    from littlebig.model_repository.generate import generate
+
+    assert lbtrt.run_tensorrt_cli(build, precision, 64) == 0
+    record = json.loads((build / "export" / "tensorrt.json").read_text())
+    limit_abs, limit_agree = lbtrt.PARITY_LIMITS[precision]
+    for role in ("little", "big"):
+        parity = record[role]["parity"]
+        assert parity["max_abs"] <= limit_abs and parity["argmax_agreement"] >= limit_agree
+    assert record["profile"][0][0] == 1 and record["profile"][2][0] == 64
+    # plan_logits on arbitrary rows agrees with onnxruntime on the same rows
+    reference = reference_logits(build, "val")
+    from littlebig.data import load_split
+    from littlebig.export.pipeline import read_export
+
+    exported = read_export(build)
+    images = load_split("val", exported["data_dir"], tuple(exported["service_size"])).images[:100]
+    got = lbtrt.plan_logits(build, "big", images)
+    assert got.shape == reference["big"][:100].shape
+    assert (got.argmax(-1) == reference["big"][:100].argmax(-1)).mean() >= limit_agree
+    # calibration on plan outputs: a T per rule, and the ONNX T evaluated on plan logits
+    calibration = record["calibration"]
+    assert set(calibration["rules"]) == {"paper", "guaranteed"}
+    assert "onnx_threshold" in calibration["on_plan_logits"]["paper"]
+    summary = generate(build, tmp_path / "repo", "gpu")
+    config = (tmp_path / "repo" / "big" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and (tmp_path / "repo" / "big" / "1" / "model.plan").exists()
+    assert summary["profile"] == "gpu"
