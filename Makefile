@@ -65,8 +65,8 @@ serve: setup
 	$(BIN)/littlebig serve --build $(BUILD) --repository $(BUILD)/model_repository
 
 demo: setup
-	$(MAKE) --no-print-directory $(BUILD)/report.json
-	@cat $(BUILD)/report.md | sed -n '/^|/p'
+	$(MAKE) --no-print-directory $(BUILD)/report.json $(BUILD)/model_repository/littlebig/config.pbtxt
+	$(BIN)/littlebig demo --build $(BUILD)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -153,6 +154,9 @@ def measure(
     if done.returncode != 0 or not csv_path.exists():
         raise PerfAnalyzerError(f"perf_analyzer on {model} b{batch} c{concurrency} failed:\n{done.stdout[-2000:]}")
     values = parse_csv(csv_path.read_text())
+    avg = re.search(r"Avg latency: (\d+) usec", done.stdout)  # the CSV of 2.51 has no average column
+    if avg and "avg_us" not in values:
+        values["avg_us"] = float(avg.group(1))
     return Point(
         model=model,
         batch=batch,

@@ -169,8 +169,6 @@ def _cmd_repo(args: argparse.Namespace) -> int:
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    from littlebig.model_repository.generate import ON_BIG_FAILURE
-
     g = p.add_argument_group("deployment options (default: the measured CPU settings)")
     g.add_argument("--max-batch-size", type=int, help="littlebig's and little's max_batch_size")
     g.add_argument("--big-max-batch-size", type=int, help="big's max_batch_size (the BLS model chunks to it)")
@@ -181,7 +179,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per cpu-profile instance")
     g.add_argument("--inter-op-threads", type=int)
     g.add_argument("--bls-timeout-ms", type=int, help="timeout of each BLS call to little/big")
-    g.add_argument("--on-big-failure", choices=ON_BIG_FAILURE, help="error (default) or answer with little")
+    g.add_argument("--on-big-failure", help="error (default): fail the affected requests; little: answer with little")
     g.add_argument("--rule", help="calibrated rule whose T is served (default: calibration's serve_rule)")
     g.add_argument("--threshold", type=float, help="serve this T instead of a calibrated one")
     g.add_argument("--build", type=Path, default=BUILD)
@@ -202,12 +200,23 @@ def _add_repo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C/SIGTERM; the supervisor restarts tritonserver when a real inference fails."""
+    import logging
+    import os
     import signal
     import threading
 
     from littlebig.model_repository.generate import generate
-    from littlebig.model_repository.server import Ports, TritonServer
+    from littlebig.model_repository.server import (
+        ADMIN_HEADER,
+        ADMIN_KEY_ENV,
+        Ports,
+        Supervisor,
+        SupervisorGaveUp,
+        TritonServer,
+    )
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     repo = args.repository
     if not (repo / "littlebig" / "config.pbtxt").exists():
         print(f"{repo} is missing: generating the cpu repository first")
@@ -220,13 +229,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     with server.start(timeout=args.ready_timeout):
         print(
             f"littlebig is ready: gRPC {args.address}:{ports.grpc}, HTTP {server.url}, "
-            f"metrics http://{args.address}:{ports.metrics}/metrics (Ctrl-C stops)",
+            f"metrics http://{args.address}:{ports.metrics}/metrics (Ctrl-C stops)\n"
+            f"admin APIs need the header {ADMIN_HEADER!r} (HTTP) / 'triton-grpc-protocol-{ADMIN_HEADER}' (gRPC) "
+            f"with the key in ${ADMIN_KEY_ENV}" + ("" if os.environ.get(ADMIN_KEY_ENV) else " (unset: a random key)"),
             flush=True,
         )
-        while not stop.wait(1.0):
-            if server.process.poll() is not None:
-                print(f"tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        if args.health_interval > 0:
+            supervisor = Supervisor(
+                server,
+                interval=args.health_interval,
+                probe_timeout=args.health_timeout,
+                failures=args.health_failures,
+                max_restarts=args.max_restarts,
+                ready_timeout=args.ready_timeout,
+            )
+            try:
+                supervisor.run(stop)
+            except SupervisorGaveUp as exc:
+                print(f"littlebig serve: {exc}", file=sys.stderr)
                 return 1
+        else:
+            while not stop.wait(1.0):
+                if server.process.poll() is not None:
+                    print(f"tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+                    return 1
         print("stopping tritonserver", flush=True)
     return 0
 
@@ -247,6 +273,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
     p.add_argument("--log-file", type=Path, default=BUILD / "tritonserver.log")
     p.add_argument("--ready-timeout", type=float, default=120.0)
+    h = p.add_argument_group("supervision (a real inference through little, big and littlebig)")
+    h.add_argument(
+        "--health-interval", type=float, default=10.0, help="seconds between health checks; 0 turns supervision off"
+    )
+    h.add_argument("--health-timeout", type=float, default=10.0, help="seconds one probe inference may take")
+    h.add_argument("--health-failures", type=int, default=2, help="failed checks in a row that trigger a restart")
+    h.add_argument("--max-restarts", type=int, default=10, help="give up (exit 1) after this many restarts")
     _add_serve_options(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -383,6 +416,26 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_client_errors(_cmd_health))
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from littlebig.demo import run_demo
+
+    return 0 if run_demo(args.build, args.batch_size, args.concurrency)["ok"] else 1
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="serve the exported pair and run the test split through it (make demo)",
+        epilog="example: littlebig demo   (after export, calibrate, report; make demo does all)\n"
+        "exit codes: 0 every served accuracy equals the offline report, 1 otherwise",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--build", type=Path, default=BUILD)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.set_defaults(func=_client_errors(_cmd_demo))
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_export,
@@ -393,6 +446,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_classify,
     _add_eval,
     _add_health,
+    _add_demo,
 ]
 
 

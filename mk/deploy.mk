@@ -6,15 +6,19 @@ TRT_MAX_BATCH ?= 64
 # Serve the T calibrated on the plans' outputs when plans were built (see deploy/README.md).
 TRT_THRESHOLD = $(if $(wildcard $(BUILD)/export/tensorrt.json),--threshold $$($(BIN)/python -m littlebig.export.tensorrt threshold --build $(BUILD)))
 
-repo-gpu: setup $(BUILD)/calibration.json
+repo-gpu: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/littlebig repo --profile gpu --build $(BUILD) --out $(BUILD)/model_repository_gpu $(TRT_THRESHOLD)
 
 # Needs a GPU and TensorRT 10.5 (the one in the Triton 24.10 image); without one it says so and fails.
-tensorrt: setup $(BUILD)/calibration.json
+tensorrt: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/littlebig export --tensorrt --precision $(PRECISION) --max-batch-size $(TRT_MAX_BATCH) --build $(BUILD)
 
+# Offline checks of deploy/ plus the health check and production flags on the embedded tritonserver.
 deploy-check: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_deploy.py
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
+	LITTLEBIG_BUILD=$(BUILD) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_deploy.py
 
 # Rewrite the healthcheck ConfigMap from deploy/healthcheck.sh (test_deploy.py checks they agree).
 deploy-configmap:

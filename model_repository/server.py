@@ -3,24 +3,46 @@
 The binary is not on PATH: it is found inside the installed ``pytriton`` package. The Python backend
 needs the stub built for this interpreter copied into ``backends/python``; the stub imports numpy and
 onnxruntime from this environment (its ``bin`` first on PATH) and links the libpython that matches.
+
+Safe defaults: every endpoint binds to loopback, model control is off, and the state-changing APIs
+(``RESTRICTED_APIS``) need an admin header on HTTP and gRPC. ``Supervisor`` restarts the server when a
+real inference through little, big or littlebig fails: Triton never restarts a dead Python stub and
+keeps reporting the model ready (RELIABILITY.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import math
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+#: APIs that change server state or expose its internals; inference, health, metadata, model-config
+#: and statistics stay open. Triton 2.51 syntax: ``--http-restricted-api=<apis>:<key>=<value>``.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "admin-key"
+#: Triton prefixes the restricted-protocol header on gRPC (its error message names the full key).
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+ADMIN_KEY_ENV = "LITTLEBIG_ADMIN_KEY"
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+log = logging.getLogger("littlebig.server")
 
 
 class ServerError(RuntimeError):
@@ -67,6 +89,39 @@ class Ports:
         return cls(free_port(), free_port(), free_port())
 
 
+def admin_key_from_env() -> str:
+    """``$LITTLEBIG_ADMIN_KEY``, else a random key for this run (so the admin APIs are never open)."""
+    return os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+
+
+def children(pid: int) -> dict[int, list[str]]:
+    """Direct child processes of ``pid`` (the Python-backend stubs of a tritonserver) and their argv."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # Fields after the ")" that closes the command name: state, ppid, ...
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
+    return found
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process from /proc (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process on a model repository; a context manager that always stops it."""
@@ -77,6 +132,9 @@ class TritonServer:
     log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    admin_key: str = field(default_factory=admin_key_from_env, repr=False)
+    restricted_apis: tuple[str, ...] = RESTRICTED_APIS
+    _shm_regions: set[str] = field(default_factory=set, repr=False)
 
     def command(self) -> list[str]:
         home = triton_home()
@@ -94,8 +152,45 @@ class TritonServer:
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
+            *self.restriction_args(),
             *self.extra_args,
         ]
+
+    def restriction_args(self) -> list[str]:
+        """The admin-key flags (the key is visible in /proc/<pid>/cmdline to local users of this host)."""
+        if not self.restricted_apis:
+            return []
+        rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+        return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str]:
+        """Headers that unlock the restricted APIs: pass as ``headers=`` to tritonclient or urllib."""
+        prefix = GRPC_HEADER_PREFIX if protocol == "grpc" else ""
+        return {f"{prefix}{ADMIN_HEADER}": self.admin_key}
+
+    def processes(self) -> dict[int, list[str]]:
+        """tritonserver and its stub processes, pid -> argv (empty when not running)."""
+        if self.process is None or self.process.poll() is not None:
+            return {}
+        found = children(self.process.pid)
+        found[self.process.pid] = list(map(str, self.process.args))
+        return found
+
+    def stub_pid(self, model: str) -> int | None:
+        """pid of a model's (first) Python-backend stub: its argv names ``<repository>/<model>/``."""
+        for pid, argv in sorted(children(self.process.pid).items()) if self.process else []:
+            # argv[1] is <repository>/<model>/<version>/model.py
+            if "triton_python_backend_stub" in argv[0] and len(argv) > 1 and Path(argv[1]).parent.parent.name == model:
+                return pid
+        return None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and all its stubs."""
+        return sum(rss_bytes(pid) for pid in self.processes())
+
+    def _remember_shm(self) -> None:
+        for argv in self.processes().values():
+            self._shm_regions.update(a for a in argv if a.startswith(SHM_PREFIX))
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -140,6 +235,7 @@ class TritonServer:
                     + (f"; see {self.log_file}" if self.log_file else "")
                 )
             if self.is_ready():
+                self._remember_shm()
                 return
             time.sleep(0.2)
         raise ServerError(
@@ -147,9 +243,14 @@ class TritonServer:
         )
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM (Triton's clean shutdown), then SIGKILL the whole process group if it lingers."""
+        """SIGTERM (Triton's clean shutdown), then SIGKILL the whole process group if it lingers.
+
+        A model whose stub died never unloads, so a clean shutdown then waits Triton's whole exit
+        timeout (30 s); after a kill the stubs' shared-memory regions stay in /dev/shm: remove them.
+        """
         if self.process is None:
             return
+        self._remember_shm()
         pgid = self.process.pid
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -163,9 +264,161 @@ class TritonServer:
             pass
         self.process.wait()
         self.process = None
+        for name in self._shm_regions:
+            (SHM_DIR / name).unlink(missing_ok=True)
+        self._shm_regions.clear()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class HealthProbe:
+    """A real inference through each model over HTTP (KServe v2, binary tensor extension; no torch).
+
+    ``is_model_ready`` stays true after a stub dies (FACTS.md), so only an answer proves health. The
+    cascade is probed with threshold 1 (every row goes to big) and must not answer DEGRADED.
+    """
+
+    url: str
+    models: tuple[str, ...] = ("little", "big", "littlebig")
+    cascade: str = "littlebig"
+    timeout: float = 10.0
+    _inputs: dict[str, tuple[str, str, list[int]]] = field(default_factory=dict, repr=False)
+
+    def _request(self, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
+        req = urllib.request.Request(f"{self.url}{path}", data=body, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            return r.read()
+
+    def _input(self, model: str) -> tuple[str, str, list[int]]:
+        if model not in self._inputs:
+            meta = json.loads(self._request(f"/v2/models/{model}"))
+            first = meta["inputs"][0]
+            self._inputs[model] = (first["name"], first["datatype"], [1, *first["shape"][1:]])
+        return self._inputs[model]
+
+    def infer(self, model: str) -> dict:
+        """One zero image through ``model``; the parsed JSON answer (HTTPError/URLError on failure)."""
+        name, datatype, shape = self._input(model)
+        if datatype != "UINT8":
+            raise ValueError(f"{model}: the probe sends UINT8 images, the model takes {datatype}")
+        data = bytes(math.prod(shape))
+        header: dict = {
+            "inputs": [
+                {"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": len(data)}}
+            ]
+        }
+        if model == self.cascade:
+            header["parameters"] = {"threshold": 1.0}
+        head = json.dumps(header).encode()
+        return json.loads(
+            self._request(
+                f"/v2/models/{model}/infer",
+                head + data,
+                {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
+            )
+        )
+
+    def check(self) -> dict[str, str]:
+        """model -> why it failed; empty when every model answered."""
+        failed = {}
+        for model in self.models:
+            try:
+                answer = self.infer(model)
+            except urllib.error.HTTPError as exc:
+                failed[model] = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
+                continue
+            except (OSError, ValueError) as exc:  # refused, reset, timed out, bad JSON
+                failed[model] = f"{type(exc).__name__}: {exc}"
+                continue
+            outputs = {o["name"]: o for o in answer.get("outputs", [])}
+            if "DEGRADED" in outputs and any(outputs["DEGRADED"].get("data", [])):
+                failed[model] = "answered DEGRADED: big failed behind the cascade"
+        return failed
+
+
+class SupervisorGaveUp(RuntimeError):
+    """The server kept failing after ``max_restarts`` restarts."""
+
+
+@dataclass
+class Supervisor:
+    """Restart tritonserver when it exits or when ``failures`` probes in a row fail.
+
+    Triton does not restart a dead Python stub, and a hung one holds every BLS instance that waits
+    on it: a restart is the recovery for both. Restarts reuse the same ports and admin key.
+    """
+
+    server: TritonServer
+    interval: float = 10.0
+    probe_timeout: float = 10.0
+    failures: int = 2
+    max_restarts: int = 10
+    stop_grace: float = 5.0
+    ready_timeout: float = 120.0
+    restarts: int = 0
+    recoveries: list[float] = field(default_factory=list)  # seconds from detection to ready, per restart
+    _streak: int = 0
+    _thread: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def probe(self) -> HealthProbe:
+        return HealthProbe(self.server.url, timeout=self.probe_timeout)
+
+    def step(self) -> bool:
+        """One health check, restarting when it calls for it; True when the server answered."""
+        process = self.server.process
+        if process is not None and process.poll() is not None:
+            self._restart(f"tritonserver exited with code {process.returncode}")
+            return False
+        failed = self.probe().check()
+        if not failed:
+            self._streak = 0
+            return True
+        self._streak += 1
+        log.warning("health check failed (%d/%d): %s", self._streak, self.failures, failed)
+        if self._streak >= self.failures:
+            self._restart(f"health check failed {self._streak} times: {failed}")
+        return False
+
+    def _restart(self, why: str) -> None:
+        if self.restarts >= self.max_restarts:
+            raise SupervisorGaveUp(f"giving up after {self.restarts} restarts; last failure: {why}")
+        self.restarts += 1
+        log.error("restarting tritonserver (restart %d): %s", self.restarts, why)
+        began = time.monotonic()
+        self.server.stop(timeout=self.stop_grace)
+        try:
+            self.server.start(timeout=self.ready_timeout)
+        except ServerError as exc:
+            log.error("restart %d failed: %s", self.restarts, exc)
+            return
+        self._streak = 0
+        self.recoveries.append(time.monotonic() - began)
+        log.warning("tritonserver is back after %.1f s (restart %d)", self.recoveries[-1], self.restarts)
+
+    def run(self, stop: threading.Event) -> None:
+        """Check every ``interval`` s (process exit every second) until ``stop`` is set."""
+        next_probe = time.monotonic() + self.interval
+        while not stop.wait(min(1.0, self.interval)):
+            process = self.server.process
+            if process is None or process.poll() is not None or time.monotonic() >= next_probe:
+                self.step()
+                next_probe = time.monotonic() + self.interval
+
+    def start(self) -> Supervisor:
+        """Supervise in a background thread (tests; ``littlebig serve`` calls ``run`` itself)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, args=(self._stop,), name="littlebig-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
