@@ -140,7 +140,8 @@ def measure(
     csv_path = work / f"{model}-b{batch}-c{concurrency}.csv"
     base = [
         "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
-        f"--concurrency-range={concurrency}", f"--input-data={input_data}",
+        # An explicit end lifts the default 16-thread cap: sync mode needs one thread per request in flight.
+        f"--concurrency-range={concurrency}:{concurrency}:1", f"--input-data={input_data}",
         f"--measurement-interval={window.interval_ms}", f"--max-trials={window.max_trials}",
         "-f", str(csv_path),
     ]  # fmt: skip

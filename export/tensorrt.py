@@ -24,7 +24,6 @@ every entry point says so clearly and :func:`run_tensorrt_cli` exits 1.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -395,20 +394,6 @@ def build_plans(build: Path, precision: str, max_batch_size: int) -> dict[str, A
     return record
 
 
-def plan_threshold(build: Path, rule: str | None = None) -> float:
-    """The T calibrated on plan outputs for ``rule`` (default: calibration.json's serve_rule)."""
-    from littlebig.export.pipeline import read_calibration
-
-    path = export_dir(build) / "tensorrt.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `littlebig export --tensorrt` first")
-    rules = json.loads(path.read_text())["calibration"]["rules"]
-    rule = rule or read_calibration(build)["serve_rule"]
-    if rule not in rules:
-        raise ValueError(f"rule {rule!r} was not calibrated on the plans; calibrated: {sorted(rules)}")
-    return float(rules[rule]["threshold"])
-
-
 def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int = DEFAULT_MAX_BATCH) -> int:
     """``littlebig export --tensorrt``: 0 built and checked, 1 no GPU / build or parity failed, 2 bad usage."""
     try:
@@ -456,29 +441,3 @@ def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int =
         print(line)
     print(f"wrote {plan_path(build, 'little')}, {plan_path(build, 'big')} and {export_dir(build) / 'tensorrt.json'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m littlebig.export.tensorrt build|threshold`` until ``littlebig export --tensorrt`` is wired."""
-    parser = argparse.ArgumentParser(prog="python -m littlebig.export.tensorrt", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build, check and calibrate the plans")
-    b.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    b.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH)
-    t = sub.add_parser("threshold", help="print the T calibrated on plan outputs")
-    t.add_argument("--rule", default=None)
-    for p in (b, t):
-        p.add_argument("--build", type=Path, default=Path("build"))
-    args = parser.parse_args(argv)
-    if args.command == "build":
-        return run_tensorrt_cli(args.build, args.precision, args.max_batch_size)
-    try:
-        print(repr(plan_threshold(args.build, args.rule)))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

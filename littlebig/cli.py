@@ -53,6 +53,10 @@ def _weights(role: str, name: str | None, weights: str | None) -> tuple[str | No
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    if args.tensorrt:
+        from littlebig.export.tensorrt import run_tensorrt_cli
+
+        return run_tensorrt_cli(args.build, args.precision, args.max_batch_size)
     from littlebig.export.models import DEFAULT_SERVICE_SIZE
     from littlebig.export.onnx_export import ParityError
     from littlebig.export.pipeline import export_pair, parse_size
@@ -102,6 +106,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an image folder with val/ test/")
     p.add_argument("--build", type=Path, default=BUILD)
+    trt = p.add_argument_group("TensorRT (needs a GPU): plans from the exported ONNX files, checked and calibrated")
+    trt.add_argument("--tensorrt", action="store_true", help="build TensorRT plans instead of exporting ONNX")
+    trt.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+    trt.add_argument("--max-batch-size", type=int, default=64, help="the plans' optimisation profile: 1..N")
     p.set_defaults(func=_cmd_export)
 
 

@@ -3,12 +3,9 @@
 
 PRECISION ?= fp16
 TRT_MAX_BATCH ?= 64
-# Serve the T calibrated on the plans' outputs when plans were built (see deploy/README.md).
-TRT_THRESHOLD = $(if $(wildcard $(BUILD)/export/tensorrt.json),--threshold $$($(BIN)/python -m littlebig.export.tensorrt threshold --build $(BUILD)))
-
 repo-gpu: setup
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
-	$(BIN)/littlebig repo --profile gpu --build $(BUILD) --out $(BUILD)/model_repository_gpu $(TRT_THRESHOLD)
+	$(BIN)/littlebig repo --profile gpu --build $(BUILD) --out $(BUILD)/model_repository_gpu
 
 # Needs a GPU and TensorRT 10.5 (the one in the Triton 24.10 image); without one it says so and fails.
 tensorrt: setup

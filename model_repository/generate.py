@@ -106,7 +106,7 @@ def bls_config(exported: dict[str, Any], threshold: float, rule: str, opts: Serv
                 "big_max_batch_size": opts.big_max_batch_size,
                 "bls_timeout_ms": opts.bls_timeout_ms,
                 "on_big_failure": opts.on_big_failure,
-            "class_names": json.dumps(exported["class_names"]),
+                "class_names": json.dumps(exported["class_names"]),
                 **opts.extra,
             }
         ),
@@ -156,7 +156,7 @@ def gpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
     )
     model_dir = out / role
     plan = export_dir(build) / f"{role}.plan"
-    if opts.use_plans and plan.exists():
+    if serves_plans(build, opts):
         config.platform, config.default_model_filename = "tensorrt_plan", "model.plan"
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(plan, model_dir / "1" / "model.plan")
@@ -175,9 +175,26 @@ PROFILES: dict[str, Callable[[str, dict[str, Any], Path, Path, ServeOptions], No
 }
 
 
-def served_threshold(build: Path, opts: ServeOptions) -> tuple[float, str]:
-    """The calibrated T of the chosen rule (or the override), validated by the shared rule."""
+def serves_plans(build: Path, opts: ServeOptions) -> bool:
+    """The gpu profile serves TensorRT plans only when both were built (and calibrated) together."""
+    return opts.use_plans and all((export_dir(build) / f"{role}.plan").exists() for role in ROLES)
+
+
+def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tuple[float, str]:
+    """The calibrated T of the chosen rule (or the override), validated by the shared rule.
+
+    Served plans get the T calibrated on the plans' own val outputs (``littlebig export --tensorrt``):
+    an FP16 plan's confidences differ from the FP32 ONNX ones the default calibration saw.
+    """
     calibration = read_calibration(build)
+    if plans:
+        trt = export_dir(build) / "tensorrt.json"
+        if not trt.exists():
+            raise FileNotFoundError(
+                f"{trt} not found: plans without their calibration; rerun `littlebig export "
+                "--tensorrt` or pass use_plans=False"
+            )
+        calibration = {**calibration, "rules": json.loads(trt.read_text())["calibration"]["rules"]}
     rule = opts.rule or calibration["serve_rule"]
     if opts.threshold is not None:
         return decision.check_threshold(opts.threshold), "override"
@@ -196,7 +213,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if opts.big_max_batch_size < 1 or opts.max_batch_size < 1:
         raise ValueError("max batch sizes must be >= 1")
     exported = read_export(build)
-    threshold, rule = served_threshold(build, opts)
+    plans = profile == "gpu" and serves_plans(build, opts)
+    threshold, rule = served_threshold(build, opts, plans)
     if out.exists():
         shutil.rmtree(out)
     for role in ROLES:
@@ -211,6 +229,7 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         "profile": profile,
         "threshold": threshold,
         "rule": rule,
+        "tensorrt_plans": plans,
         "models": [*ROLES, BLS_NAME],
         "service_size": exported["service_size"],
         "class_names": exported["class_names"],

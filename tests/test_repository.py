@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import shutil
 
 import pytest
@@ -38,8 +39,6 @@ def check_cascade_contract(repo, service_size, classes):
 
 @pytest.fixture(scope="module")
 def exported(build_dir):
-    import json
-
     return json.loads((build_dir / "export" / "export.json").read_text())
 
 
@@ -76,22 +75,32 @@ def test_gpu_profile_uses_onnxruntime_then_tensorrt_plans(build_dir, exported, t
         accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
         assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
         assert (repo / role / "1" / "model.onnx").exists()
-    # Where a plan was built, the gpu profile serves it with the TensorRT backend. The generator only
-    # copies the plan file, so a placeholder stands in for a real plan (building one needs a GPU).
+    # Where both plans were built, the gpu profile serves them with the TensorRT backend, at the T
+    # calibrated on the plans' outputs. The generator only copies plan files, so placeholders stand in for
+    # real plans (building one needs a GPU: tests/test_tensorrt.py).
     build = tmp_path / "build"
     shutil.copytree(build_dir / "export", build / "export")
     shutil.copy2(build_dir / "calibration.json", build / "calibration.json")
     (build / "export" / "big.plan").write_bytes(b"plan placeholder")
-    generate(build, tmp_path / "gpu-plan", "gpu")
-    big = read_config(tmp_path / "gpu-plan" / "big")
-    assert (big.platform, big.default_model_filename) == ("tensorrt_plan", "model.plan")
+    generate(build, tmp_path / "gpu-one-plan", "gpu")  # one plan alone is not served
+    assert read_config(tmp_path / "gpu-one-plan" / "big").platform == "onnxruntime_onnx"
+    (build / "export" / "little.plan").write_bytes(b"little plan placeholder")
+    with pytest.raises(FileNotFoundError, match="tensorrt.json"):
+        generate(build, tmp_path / "gpu-plan", "gpu")
+    plan_rules = {"paper": {"threshold": 0.61}, "guaranteed": {"threshold": 0.97}}
+    (build / "export" / "tensorrt.json").write_text(json.dumps({"calibration": {"rules": plan_rules}}))
+    summary = generate(build, tmp_path / "gpu-plan", "gpu")
+    assert summary["tensorrt_plans"] and summary["threshold"] == plan_rules[summary["rule"]]["threshold"]
+    for role in ("little", "big"):
+        cfg = read_config(tmp_path / "gpu-plan" / role)
+        assert (cfg.platform, cfg.default_model_filename) == ("tensorrt_plan", "model.plan")
     assert (tmp_path / "gpu-plan" / "big" / "1" / "model.plan").read_bytes() == b"plan placeholder"
-    assert read_config(tmp_path / "gpu-plan" / "little").platform == "onnxruntime_onnx"
+    onnx_rules = json.loads((build / "calibration.json").read_text())["rules"]
+    cpu = generate(build, tmp_path / "cpu-plan", "cpu")  # the cpu profile serves the ONNX files and their T
+    assert not cpu["tensorrt_plans"] and cpu["threshold"] == onnx_rules[cpu["rule"]]["threshold"]
 
 
 def test_threshold_comes_from_calibration_unless_overridden(build_dir, tmp_path):
-    import json
-
     calibration = json.loads((build_dir / "calibration.json").read_text())
     for rule, r in calibration["rules"].items():
         summary = generate(build_dir, tmp_path / rule, "cpu", ServeOptions(rule=rule))

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -158,25 +156,6 @@ def test_parity_rule_fails_a_plan_that_disagrees():
         lbtrt.check_plan_parity(reference, reference, "fp32", few, few + 1.0)
     with pytest.raises(ValueError, match="shapes"):
         lbtrt.compare(reference, reference[:5])
-
-
-def test_plan_threshold_is_read_for_the_serve_rule(build):
-    with pytest.raises(FileNotFoundError, match="--tensorrt"):
-        lbtrt.plan_threshold(build)
-    rules = {"paper": {"threshold": 0.75}, "guaranteed": {"threshold": 0.97}}
-    (build / "export" / "tensorrt.json").write_text(json.dumps({"calibration": {"rules": rules}}))
-    serve_rule = json.loads((build / "calibration.json").read_text())["serve_rule"]
-    assert lbtrt.plan_threshold(build) == rules[serve_rule]["threshold"]
-    assert lbtrt.plan_threshold(build, "guaranteed") == 0.97
-    with pytest.raises(ValueError, match="not calibrated"):
-        lbtrt.plan_threshold(build, "nope")
-    done = subprocess.run(
-        [sys.executable, "-m", "littlebig.export.tensorrt", "threshold", "--build", str(build), "--rule", "paper"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0 and float(done.stdout) == 0.75
 
 
 def test_calibration_on_plan_logits_uses_the_shared_rules(build, monkeypatch):
