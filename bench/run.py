@@ -364,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_vs_big": summary["speedup_vs_big"],
         "fraction_of_ideal": summary["fraction_of_ideal"],
         "bls_overhead_ms": summary["bls_overhead_ms"],
+        "escalation_rate": p,
         "targets": {"speedup_vs_big": 3.0, "fraction_of_ideal": 0.85, "bls_overhead_ms": 1.0},
         "summary": summary,
         "threshold": summary_repo["threshold"],

@@ -2,6 +2,7 @@
 # A health check that really infers: POST an all-zero uint8 image to the littlebig cascade over the
 # KServe v2 REST protocol and fail unless HTTP 200 comes back with a LABEL output. Readiness alone is
 # not enough: a Python-backend stub that died leaves the model "ready" while every request fails.
+# threshold 1 escalates the image, so the answer proves little, big and the BLS model all work.
 #
 # Environment (all optional): HOST (127.0.0.1), PORT (8000), MODEL (littlebig), IMAGE_SHAPE (H,W,C of
 # the service size: 28,28,1), TIMEOUT (seconds, 5). Needs bash, awk and curl (all in the NGC image).
@@ -25,7 +26,7 @@ trap 'rm -f "$body" "$reply"' EXIT
 awk -v n=$((h * w * c)) -v shape="1,$shape" 'BEGIN {
   printf "{\"inputs\":[{\"name\":\"IMAGE\",\"shape\":[%s],\"datatype\":\"UINT8\",\"data\":[", shape
   for (i = 1; i < n; i++) printf "0,"
-  printf "0]}],\"outputs\":[{\"name\":\"LABEL\"}]}"
+  printf "0]}],\"outputs\":[{\"name\":\"LABEL\"}],\"parameters\":{\"threshold\":1}}"
 }' >"$body"
 
 code=$(curl -sS -o "$reply" -w '%{http_code}' --max-time "$timeout" \
