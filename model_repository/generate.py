@@ -40,7 +40,7 @@ class ServeOptions:
     bls_instances: int = 2
     intra_op_threads: int = 1
     inter_op_threads: int = 1
-    bls_timeout_ms: int = 30000
+    bls_timeout_ms: int = 10000  # a hung model holds a BLS instance this long, at most
     on_big_failure: str = "error"
     rule: str | None = None  # None: calibration's serve_rule
     threshold: float | None = None  # overrides the calibrated T

@@ -32,7 +32,7 @@ class TritonPythonModel:
         self.big_model = params["big_model"]
         self.little_max_batch = int(params["little_max_batch_size"])
         self.big_max_batch = int(params["big_max_batch_size"])
-        self.timeout_us = int(float(params.get("bls_timeout_ms", "30000")) * 1000)
+        self.timeout_us = int(float(params.get("bls_timeout_ms", "10000")) * 1000)
         self.fall_back_to_little = params.get("on_big_failure", "error") == "little"
         self.classes = next(o["dims"][0] for o in config["output"] if o["name"] == "PROBS")
         labels = {"model": args["model_name"], "version": args["model_version"]}
@@ -81,10 +81,15 @@ class TritonPythonModel:
             ).async_exec()
             for a, b in spans
         ]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        # Triton's BLS timeout only covers queueing: bound the whole call, so a hung model costs its
+        # requests an error after the timeout instead of stalling every BLS instance behind it.
+        limit_s = self.timeout_us / 1e6
+        results = await asyncio.gather(*(asyncio.wait_for(c, limit_s) for c in calls), return_exceptions=True)
         chunks = []
         for (a, b), res in zip(spans, results):
-            if isinstance(res, Exception):
+            if isinstance(res, asyncio.TimeoutError):
+                chunks.append((a, b, None, f"{model} timed out after {limit_s * 1000:.0f} ms"))
+            elif isinstance(res, Exception):
                 chunks.append((a, b, None, f"{model} failed: {res}"))
             elif res.has_error():
                 chunks.append((a, b, None, f"{model} failed: {res.error().message()}"))
