@@ -15,6 +15,11 @@ from pathlib import Path
 BUILD = Path("build")
 
 
+def _subparser(sub: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
+    """A subcommand whose epilog (examples, exit codes) keeps its line breaks."""
+    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from littlebig.export.train import train_role
 
@@ -26,11 +31,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "train",
         help="train the little or big model on Fashion-MNIST",
         epilog="example: littlebig train big --epochs 6 --out checkpoints/big.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("role", choices=["little", "big"], help="which recipe of the registry to train")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default checkpoints/ROLE.safetensors)")
@@ -84,13 +89,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "export",
         help="export the little/big pair to ONNX with preprocessing inside",
         epilog="examples:\n  littlebig export\n"
         "  littlebig export --little deit_tiny_patch16_224 --big deit_base_patch16_384 "
         "--little-weights pretrained --big-weights pretrained --data-dir my_images/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for role in ("little", "big"):
         p.add_argument(f"--{role}", default=None, help=f"timm model name of {role} (default: the registry's)")
@@ -124,11 +129,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "calibrate",
         help="choose the threshold T on the val split",
         epilog="example: littlebig calibrate --rules paper guaranteed --serve-rule paper",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--rules", nargs="+", default=["paper", "guaranteed"], choices=["paper", "guaranteed"])
     p.add_argument("--serve-rule", default="paper", help="the rule whose T the server uses by default")
@@ -148,11 +153,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "report",
         help="the offline cascade result on the test split (json, md, png)",
         epilog="example: littlebig report --build build",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--build", type=Path, default=BUILD)
     p.set_defaults(func=_cmd_report)
@@ -194,12 +199,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_repo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "repo",
         help="generate the Triton model repository (cpu or gpu profile)",
         epilog="examples:\n  littlebig repo --profile cpu --out build/model_repository\n"
         "  littlebig repo --profile gpu --out build/model_repository_gpu",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--out", type=Path, default=BUILD / "model_repository")
@@ -268,11 +273,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     import os
 
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "serve",
         help="run the embedded tritonserver on the cpu repository",
         epilog="example: HTTP_PORT=9000 littlebig serve   (or: make serve)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--repository", type=Path, default=BUILD / "model_repository")
     p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
@@ -344,13 +349,13 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _add_classify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "classify",
         help="classify image files or folders through the server",
         epilog="examples:\n  littlebig classify shirt.png boots.jpg\n"
         "  littlebig classify photos/ --top-k 3 --json --threshold 0.9\n"
         "exit codes: 0 answered, 1 server unreachable or failed, 2 bad input (file, threshold)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", help="PNG/JPEG files or folders (walked recursively)")
     p.add_argument("--json", action="store_true", help="one JSON record per image")
@@ -382,14 +387,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "eval",
         help="a labelled split through the server: accuracy, escalation, MACs, speed",
         epilog="examples:\n  littlebig eval\n  littlebig eval --model big --json\n"
         "  littlebig eval --data-dir my_images/ --split test\n"
         "exit codes: 0 done (and equal to the offline report where comparable), "
         "1 server failed or served accuracy differs from the offline report, 2 bad input",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an image folder with SPLIT/")
     p.add_argument("--split", default="test", choices=["val", "test"])
@@ -413,12 +418,12 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "health",
         help="a real inference through littlebig, little and big",
         epilog="example: littlebig health --url localhost:8001\n"
         "exit codes: 0 all three answered, 1 any failed (readiness alone misses a dead stub)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_client_options(p, model=False)
     p.set_defaults(func=_client_errors(_cmd_health))
@@ -431,12 +436,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subparser(
+        sub,
         "demo",
         help="serve the exported pair and run the test split through it (make demo)",
         epilog="example: littlebig demo   (after export, calibrate, report; make demo does all)\n"
         "exit codes: 0 every served accuracy equals the offline report, 1 otherwise",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--build", type=Path, default=BUILD)
     p.add_argument("--batch-size", type=int, default=32)
