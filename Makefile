@@ -71,7 +71,8 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup
+# perf_analyzer (its own venv, mk/bench.mk) too: the suite checks it sends our real images.
+test: setup perf-analyzer
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
