@@ -148,7 +148,7 @@ def test_cli_classify_eval_health(server, test_split, tmp_path, served_threshold
     (tmp_path / "bad.jpg").write_bytes(b"nope")
     bad = run_cli("classify", str(tmp_path / "bad.jpg"), "--url", url)
     assert bad.returncode == 2 and "bad.jpg: not a readable image" in bad.stderr and len(bad.stderr.splitlines()) == 1
-    ev = run_cli("eval", "--limit", "500", "--json", "--url", url, "--build", str(build_dir))
+    ev = run_cli("eval", "--limit", "500", "--json", "--url", url, "--build", str(build_dir.resolve()))
     assert ev.returncode == 0, ev.stderr
     summary = json.loads(ev.stdout)
     ref = offline_reference(logits, np.arange(500), served_threshold)
