@@ -123,7 +123,9 @@ def sweep(
     url = f"127.0.0.1:{grpc_port}"
     client = grpcclient.InferenceServerClient(url)
     rows: list[dict[str, Any]] = []
-    plan = [(m, b, c) for m in MODELS for b in batches for c in concurrencies]
+    # Interleaved: the three models of one (batch, concurrency) are measured back to back, so load from anything
+    # else on the machine hits little, big and littlebig alike and the ratios stay fair.
+    plan = [(m, b, c) for b in batches for c in concurrencies for m in MODELS]
     last_p99_ms: dict[tuple[str, int], float] = {}
     for model, batch, conc in tqdm(plan, desc="perf_analyzer", unit="point"):
         # Windows long enough to hold several requests even when latency is high (big, batch 8, c=32).

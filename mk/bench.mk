@@ -7,7 +7,7 @@ PERF_VENV ?= .venv-perf
 PERF_STAMP := $(PERF_VENV)/.littlebig-perf
 PERF_PACKAGES := 'tritonclient[grpc,http]==2.51.0' 'numpy<2' nvidia-cuda-runtime-cu12
 # The tuned deployment (BENCHMARKS.md, tuning log): a 100 us dynamic-batching delay beat ServeOptions' 500 us.
-BENCH_ARGS ?= --serve queue_delay_us=100
+BENCH_ARGS ?=
 
 .PHONY: bench perf-analyzer
 

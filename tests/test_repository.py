@@ -49,7 +49,7 @@ def test_cpu_profile(build_dir, exported, tmp_path):
     for role in ("little", "big"):
         cfg = read_config(repo / role)
         assert cfg.backend == "python" and cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-        assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == 100
         assert list(cfg.dynamic_batching.preferred_batch_size) and cfg.output[0].name == "LOGITS"
         assert cfg.parameters["intra_op_threads"].string_value == "2"
         assert (repo / role / "1" / "model.onnx").exists() and (repo / role / "1" / "model.py").exists()
