@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from littlebig.client.aio import AsyncLittleBigClient
 from littlebig.client.client import Classification, chunks
 from littlebig.data import Dataset, load_split
@@ -133,7 +131,3 @@ def format_summary(s: dict[str, Any]) -> str:
         verdict = "yes" if s["matches_offline"] else "NO"
         lines.append(f"  equals offline   {verdict} (offline accuracy {s['offline_accuracy']:.4f})")
     return "\n".join(lines)
-
-
-def summary_ok(s: dict[str, Any]) -> bool:
-    return s.get("matches_offline", True) and s["degraded_rows"] == 0 and np.isfinite(s["accuracy"])
