@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -10,18 +11,17 @@ import numpy as np
 
 from littlebig.client.client import (
     DEFAULT_URL,
-    RETRYABLE,
     Classification,
     Service,
+    _ClientBase,
     chunks,
-    describe_error,
     expand_paths,
     load_files,
     parse_response,
 )
 
 
-class AsyncLittleBigClient:
+class AsyncLittleBigClient(_ClientBase):
     """The async twin of LittleBigClient; ``max_in_flight`` bounds concurrent requests.
 
     >>> async with AsyncLittleBigClient("localhost:8001") as client:
@@ -38,15 +38,11 @@ class AsyncLittleBigClient:
         backoff_s: float = 0.2,
         max_in_flight: int = 64,
     ) -> None:
-        import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as aioclient
 
-        self.url, self.model, self.timeout_s = url, model, timeout_s
-        self.retries, self.backoff_s = retries, backoff_s
-        self._grpc = grpcclient
+        super().__init__(url, model, timeout_s, retries, backoff_s)
         self._client = aioclient.InferenceServerClient(url)
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._service: Service | None = None
 
     async def close(self) -> None:
         await self._client.close()
@@ -60,14 +56,11 @@ class AsyncLittleBigClient:
     async def _call(self, fn, *args, **kwargs):
         from tritonclient.utils import InferenceServerException
 
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
             try:
                 return await fn(*args, **kwargs)
             except InferenceServerException as exc:
-                if exc.status() not in RETRYABLE or attempt == self.retries:
-                    raise describe_error(exc, self.url, self.timeout_s) from None
-                await asyncio.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+                await asyncio.sleep(self._retry_delay(exc, attempt))
 
     async def service(self) -> Service:
         if self._service is None:

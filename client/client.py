@@ -7,6 +7,7 @@ serves any exported pair.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -211,7 +212,28 @@ def describe_error(exc: Exception, url: str, timeout_s: float) -> ClientError:
     return ClientError(f"server error ({status or 'unknown'}): {message.splitlines()[0] if message else exc}")
 
 
-class LittleBigClient:
+class _ClientBase:
+    """What the sync and async clients share: where to go, and when a failed call may be retried."""
+
+    def __init__(self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
+        self._grpc = grpcclient  # InferInput, shared by both transports
+        self._service: Service | None = None
+
+    def _retry_delay(self, exc: Exception, attempt: int) -> float:
+        """Seconds to wait before retrying; only UNAVAILABLE is safe to retry, and only ``retries`` times.
+
+        Anything else raises its one-line ClientError.
+        """
+        if exc.status() not in RETRYABLE or attempt >= self.retries:  # type: ignore[attr-defined]
+            raise describe_error(exc, self.url, self.timeout_s) from None
+        return self.backoff_s * 2**attempt
+
+
+class LittleBigClient(_ClientBase):
     """Classify images with the littlebig service (or call little/big directly with ``model=``).
 
     >>> client = LittleBigClient("localhost:8001")
@@ -230,11 +252,8 @@ class LittleBigClient:
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        self.url, self.model, self.timeout_s = url, model, timeout_s
-        self.retries, self.backoff_s = retries, backoff_s
-        self._grpc = grpcclient
+        super().__init__(url, model, timeout_s, retries, backoff_s)
         self._client = grpcclient.InferenceServerClient(url)
-        self._service: Service | None = None
 
     def close(self) -> None:
         self._client.close()
@@ -246,17 +265,13 @@ class LittleBigClient:
         self.close()
 
     def _call(self, fn, *args, **kwargs):
-        """Retry only what is safe to retry (UNAVAILABLE), with exponential backoff."""
         from tritonclient.utils import InferenceServerException
 
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
             try:
                 return fn(*args, **kwargs)
             except InferenceServerException as exc:
-                if exc.status() not in RETRYABLE or attempt == self.retries:
-                    raise describe_error(exc, self.url, self.timeout_s) from None
-                time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+                time.sleep(self._retry_delay(exc, attempt))
 
     @property
     def service(self) -> Service:
