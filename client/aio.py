@@ -14,9 +14,8 @@ from littlebig.client.client import (
     Classification,
     Service,
     _ClientBase,
+    as_batch,
     chunks,
-    expand_paths,
-    load_files,
     parse_response,
 )
 
@@ -89,12 +88,7 @@ class AsyncLittleBigClient(_ClientBase):
     ) -> Classification:
         """Like LittleBigClient.classify, with every max_batch_size chunk in flight at once."""
         service = await self.service()
-        files: list[str] = []
-        if not isinstance(images, np.ndarray):
-            paths = expand_paths([images] if isinstance(images, (str, Path)) else images)
-            files = [str(p) for p in paths]
-            images = load_files(paths, service.size)
-        batch = service.check_batch(images)
+        batch, files = as_batch(images, service)
         parts = await asyncio.gather(
             *(self.infer_batch(batch[s], threshold) for s in chunks(len(batch), service.max_batch_size))
         )

@@ -194,6 +194,14 @@ def load_files(files: list[Path], size: tuple[int, int, int]) -> np.ndarray:
         raise InputError(str(exc)) from None
 
 
+def as_batch(images: np.ndarray | str | Path | Iterable[str | Path], service: Service) -> tuple[np.ndarray, list[str]]:
+    """What either client sends: a checked uint8 batch at the service size, and the files it came from."""
+    if isinstance(images, np.ndarray):
+        return service.check_batch(images), []
+    paths = expand_paths([images] if isinstance(images, (str, Path)) else images)
+    return service.check_batch(load_files(paths, service.size)), [str(p) for p in paths]
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -296,12 +304,7 @@ class LittleBigClient(_ClientBase):
         self, images: np.ndarray | str | Path | Iterable[str | Path], threshold: float | str | None = None
     ) -> Classification:
         """Classify a uint8 batch [N, H, W, C], one image, image files, or folders of them."""
-        files: list[str] = []
-        if not isinstance(images, np.ndarray):
-            paths = expand_paths([images] if isinstance(images, (str, Path)) else images)
-            files = [str(p) for p in paths]
-            images = load_files(paths, self.service.size)
-        batch = self.service.check_batch(images)
+        batch, files = as_batch(images, self.service)
         parts = [self.infer_batch(batch[s], threshold) for s in chunks(len(batch), self.service.max_batch_size)]
         result = Classification.concat(parts, self.service.class_names)
         result.files = files
