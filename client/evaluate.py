@@ -15,6 +15,7 @@ from typing import Any
 from littlebig.client.aio import AsyncLittleBigClient
 from littlebig.client.client import Classification, chunks
 from littlebig.data import Dataset, load_split
+from littlebig.export.macs import macs_saved
 
 
 def load_offline(build: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -97,7 +98,7 @@ def evaluate(
     }
     if exported and model == "littlebig":
         ml, mb = exported["little"]["macs"], exported["big"]["macs"]
-        summary["macs_saved"] = 1.0 - (ml + summary["escalation_rate"] * mb) / mb
+        summary["macs_saved"] = macs_saved(ml, mb, summary["escalation_rate"])
     comparable = report and split == "test" and threshold is None and limit is None and data_dir is None
     if comparable and model == "littlebig":
         offline = report["rules"][report["serve_rule"]]

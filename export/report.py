@@ -78,7 +78,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"{m['test_acc']:.4f}",
                 "-",
                 f"{m['macs'] / 1e6:.2f}",
-                f"{1 - m['macs'] / big_macs:.1%}" if role == "little" else "0.0%",
+                f"{macs_saved(m['macs'], big_macs, 0.0):.1%}" if role == "little" else "0.0%",
             )
         )
     for rule, r in report["rules"].items():

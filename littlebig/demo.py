@@ -16,6 +16,7 @@ MODELS = ("little", "big", "littlebig")
 
 def run_demo(build: Path, batch_size: int = 32, concurrency: int = 8) -> dict[str, Any]:
     from littlebig.client.evaluate import evaluate
+    from littlebig.export.macs import macs_saved
     from littlebig.export.report import format_table
     from littlebig.model_repository.generate import generate
     from littlebig.model_repository.server import Ports, TritonServer
@@ -38,7 +39,8 @@ def run_demo(build: Path, batch_size: int = 32, concurrency: int = 8) -> dict[st
     rows = [("model", "served acc", "offline acc", "escalated", "MACs saved", "images/s", "equals offline")]
     for m in MODELS:
         s = served[m]
-        saved = s.get("macs_saved", 0.0 if m == "big" else 1 - report["little"]["macs"] / report["big"]["macs"])
+        little_alone = macs_saved(report["little"]["macs"], report["big"]["macs"], escalation_rate=0.0)
+        saved = s.get("macs_saved", 0.0 if m == "big" else little_alone)
         label = f"littlebig ({rule}, T={report['rules'][rule]['threshold']:.4f})" if m == "littlebig" else m
         rows.append(
             (
