@@ -24,9 +24,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from littlebig.export.train import train_role
 
     summary = train_role(
-        args.role, args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, threads=args.threads
+        args.role, args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, threads=args.threads,
+        device=args.device, init=args.init, teacher=args.teacher, state_dir=args.state_dir,
     )
-    print(summary)
+    print(f"{args.role}: val {summary['val_acc']:.4f}, test {summary['test_acc']:.4f}, "
+          f"{summary['train_seconds']:.0f} s over {summary['epochs_done']} epochs")
     return 0
 
 
@@ -35,13 +37,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         sub,
         "train",
         help="train the little or big model on Fashion-MNIST",
-        epilog="example: littlebig train big --epochs 6 --out checkpoints/big.safetensors",
+        epilog="resumable: rerun the same command after a stop to continue from the last epoch\n"
+        "examples (the committed pair, checkpoints/README.md):\n"
+        "  littlebig train big64 --out build/train/big64.safetensors\n"
+        "  littlebig train big --init build/train/big64.safetensors\n"
+        "  littlebig train little --teacher checkpoints/big.safetensors",
     )
-    p.add_argument("role", choices=["little", "big"], help="which recipe of the registry to train")
+    p.add_argument("role", choices=["little", "big", "big64"], help="which recipe of the registry to train")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default checkpoints/ROLE.safetensors)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, or cuda where a GPU exists")
+    p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (same architecture)")
+    p.add_argument("--teacher", type=Path, default=None, help="distil from this checkpoint's soft labels")
+    p.add_argument("--state-dir", type=Path, default=Path("build/train"), help="per-epoch resume state")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
     p.set_defaults(func=_cmd_train)
 
