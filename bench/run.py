@@ -263,22 +263,6 @@ def plot(rows: list[dict], summary: dict, batches: tuple[int, ...], path: Path) 
 
 
 # ---------------------------------------------------------------- main -------------------------------------------
-def parse_serve(pairs: list[str]):
-    """--serve key=value pairs -> ServeOptions (what the deployment tunes)."""
-    from littlebig.model_repository.generate import ServeOptions
-
-    fields = {f.name: f for f in dataclasses.fields(ServeOptions)}
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, _, text = pair.partition("=")
-        if key not in fields or key == "extra":
-            raise SystemExit(f"--serve {pair!r}: unknown option; known: {sorted(k for k in fields if k != 'extra')}")
-        default = fields[key].default
-        kind = type(default) if default is not None else (float if key == "threshold" else str)
-        values[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
-    return ServeOptions(**values)
-
-
 def override_models(repo: Path, bls: Path | None, classifier: Path | None) -> dict[str, str]:
     """Swap a candidate model.py into the generated repository, to measure a change before proposing it."""
     done = {}
@@ -315,6 +299,7 @@ def machine() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from littlebig.cli import add_serve_options, serve_options
     from littlebig.model_repository.generate import generate
     from littlebig.model_repository.server import Ports, TritonServer
 
@@ -327,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer measurement window (minimum)")
     ap.add_argument("--offline-seconds", type=float, default=1.5)
-    ap.add_argument("--serve", action="append", default=[], metavar="KEY=VALUE", help="a ServeOptions field")
     ap.add_argument("--bls-model", type=Path, help="experiment: serve this file as littlebig's model.py")
     ap.add_argument("--classifier-model", type=Path, help="experiment: serve this file as little's and big's model.py")
+    add_serve_options(ap, build=False)  # the same deployment flags, parsed in one place, as `littlebig serve`
     args = ap.parse_args(argv)
 
     started = time.monotonic()
@@ -338,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.build / "bench.json"
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
-    opts = parse_serve(args.serve)
+    opts = serve_options(args)
     pa = PerfAnalyzer(args.perf_venv)
     pa_version = pa.version()
 

@@ -173,39 +173,55 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
-def _serve_options(args: argparse.Namespace):
+#: The deployment flags of ``littlebig repo`` and ``littlebig serve`` (and ``python -m bench.run``):
+#: ServeOptions field -> (type, help). Parsed here only, so the CLI and the benchmark cannot drift apart.
+DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
+    "max_batch_size": (int, "littlebig's and little's max_batch_size"),
+    "big_max_batch_size": (int, "big's max_batch_size (the BLS model chunks to it)"),
+    "queue_delay_us": (int, "dynamic batching max queue delay"),
+    "little_instances": (int, "little's instance count"),
+    "big_instances": (int, "big's instance count"),
+    "bls_instances": (int, "littlebig's (BLS) instance count"),
+    "intra_op_threads": (int, "onnxruntime threads per cpu-profile instance"),
+    "inter_op_threads": (int, "onnxruntime inter-op threads per cpu-profile instance"),
+    "bls_timeout_ms": (int, "timeout of each BLS call to little/big"),
+    "on_big_failure": (str, "error (default): fail the affected requests; little: answer with little, DEGRADED"),
+    "rule": (str, "calibrated rule whose T is served (default: calibration's serve_rule)"),
+    "threshold": (float, "serve this T instead of a calibrated one"),
+}
+
+
+def add_serve_options(p: argparse.ArgumentParser, build: bool = True) -> None:
+    """The deployment flags; a flag left out keeps ServeOptions' default (the measured CPU settings)."""
+    g = p.add_argument_group("deployment options (default: the measured CPU settings)")
+    for name, (kind, help_text) in DEPLOYMENT_FLAGS.items():
+        extra = {"choices": ["error", "little"]} if name == "on_big_failure" else {}
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text, **extra)
+    if build:
+        g.add_argument("--build", type=Path, default=BUILD)
+
+
+def given_serve_options(args: argparse.Namespace) -> dict[str, object]:
+    """Only the deployment flags given on the command line (None means: not given)."""
+    return {k: getattr(args, k) for k in DEPLOYMENT_FLAGS if getattr(args, k, None) is not None}
+
+
+def serve_options(args: argparse.Namespace):
+    """ServeOptions from the deployment flags: their one parser (littlebig repo/serve and bench/run.py)."""
     from littlebig.model_repository.generate import ServeOptions
 
-    fields = ServeOptions.__dataclass_fields__
-    return ServeOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return ServeOptions(**given_serve_options(args))
 
 
 def _cmd_repo(args: argparse.Namespace) -> int:
     from littlebig.model_repository.generate import generate
 
-    summary = generate(args.build, args.out, args.profile, _serve_options(args))
+    summary = generate(args.build, args.out, args.profile, serve_options(args))
     print(
         f"wrote {args.profile} repository {args.out}: models {', '.join(summary['models'])}; "
         f"T={summary['threshold']:.6f} ({summary['rule']})"
     )
     return 0
-
-
-def _add_serve_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("deployment options (default: the measured CPU settings)")
-    g.add_argument("--max-batch-size", type=int, help="littlebig's and little's max_batch_size")
-    g.add_argument("--big-max-batch-size", type=int, help="big's max_batch_size (the BLS model chunks to it)")
-    g.add_argument("--queue-delay-us", type=int, help="dynamic batching max queue delay")
-    g.add_argument("--little-instances", type=int)
-    g.add_argument("--big-instances", type=int)
-    g.add_argument("--bls-instances", type=int)
-    g.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per cpu-profile instance")
-    g.add_argument("--inter-op-threads", type=int)
-    g.add_argument("--bls-timeout-ms", type=int, help="timeout of each BLS call to little/big")
-    g.add_argument("--on-big-failure", help="error (default): fail the affected requests; little: answer with little")
-    g.add_argument("--rule", help="calibrated rule whose T is served (default: calibration's serve_rule)")
-    g.add_argument("--threshold", type=float, help="serve this T instead of a calibrated one")
-    g.add_argument("--build", type=Path, default=BUILD)
 
 
 def _add_repo(sub: argparse._SubParsersAction) -> None:
@@ -218,8 +234,50 @@ def _add_repo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--out", type=Path, default=BUILD / "model_repository")
-    _add_serve_options(p)
+    add_serve_options(p)
     p.set_defaults(func=_cmd_repo)
+
+
+def prepare_repository(repo: Path, build: Path, flags: dict[str, object]) -> str:
+    """Make ``repo`` serve every deployment flag given, or raise ValueError saying how; return what happened.
+
+    A repository littlebig generated (it has ``littlebig-repository.json``) is regenerated from ``build``
+    with its recorded options plus the flags; one made by hand cannot be rewritten safely, so flags
+    given for it are refused rather than silently ignored (GitHub issue 15).
+    """
+    import json
+
+    from littlebig.model_repository.generate import ServeOptions, generate
+
+    record_path = repo / "littlebig-repository.json"
+    if not (repo / "littlebig" / "config.pbtxt").exists():
+        generate(build, repo, "cpu", ServeOptions(**flags))
+        return f"{repo} was missing: generated the cpu repository"
+    how = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items())
+    if not record_path.exists():
+        if flags:
+            raise ValueError(
+                f"{repo} was not generated by littlebig (no {record_path.name}), so {how} cannot be applied to it: "
+                f"serve it without deployment flags, or generate one with `littlebig repo --profile cpu --out "
+                f"NEW_DIR {how}` and serve that"
+            )
+        return f"serving {repo} as it is (not generated by littlebig)"
+    record = json.loads(record_path.read_text())
+    if record.get("profile") != "cpu":
+        raise ValueError(
+            f"{repo} is a {record.get('profile')} repository; littlebig serve runs the embedded (cpu) Triton: "
+            f"`littlebig repo --profile cpu --out NEW_DIR {how}` and serve that"
+        )
+    fields = ServeOptions.__dataclass_fields__
+    current = {k: v for k, v in record.get("options", {}).items() if k in fields}
+    if "rule" in flags and "threshold" not in flags:
+        flags = {**flags, "threshold": None}  # a rule replaces an earlier threshold override
+    changed = {k: v for k, v in flags.items() if current.get(k, fields[k].default) != v}
+    if not changed:
+        return f"serving {repo} ({record['rule']} T={record['threshold']:.6f})"
+    summary = generate(build, repo, "cpu", ServeOptions(**{**current, **flags}))
+    changes = ", ".join(f"{k}={v}" for k, v in changed.items())
+    return f"regenerated {repo} from {build} with {changes} ({summary['rule']} T={summary['threshold']:.6f})"
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -229,7 +287,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from littlebig.model_repository.generate import generate
     from littlebig.model_repository.server import (
         ADMIN_HEADER,
         ADMIN_KEY_ENV,
@@ -241,9 +298,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     repo = args.repository
-    if not (repo / "littlebig" / "config.pbtxt").exists():
-        print(f"{repo} is missing: generating the cpu repository first")
-        generate(args.build, repo, "cpu", _serve_options(args))
+    print(prepare_repository(repo, args.build, given_serve_options(args)), flush=True)
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -303,7 +358,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--health-timeout", type=float, default=10.0, help="seconds one probe inference may take")
     h.add_argument("--health-failures", type=int, default=2, help="failed checks in a row that trigger a restart")
     h.add_argument("--max-restarts", type=int, default=10, help="give up (exit 1) after this many restarts")
-    _add_serve_options(p)
+    add_serve_options(p)
     p.set_defaults(func=_cmd_serve)
 
 
