@@ -473,25 +473,37 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    from littlebig.client import LittleBigClient
+    """model_repository/health.py, the one health check the supervisor and the deploy probes run too."""
+    from littlebig.model_repository.health import HealthProbe
 
-    with LittleBigClient(args.url, timeout_s=args.timeout, retries=0) as client:
-        report = client.health()
+    probe = HealthProbe(args.http_url, timeout=args.timeout)
+    report = {"server": probe.live()} if args.live else probe.report()
     for model, error in report.items():
         print(f"{model:10s} {'ok' if error is None else 'FAILED: ' + error}")
+    if any(e is not None and e.startswith("no answer") for e in report.values()):
+        print(f"cannot reach the littlebig server at {probe.url}: start it with `make serve` (or `littlebig serve`)")
     return 0 if all(e is None for e in report.values()) else 1
 
 
 def _add_health(sub: argparse._SubParsersAction) -> None:
+    import os
+
     p = _subparser(
         sub,
         "health",
-        help="a real inference through littlebig, little and big",
-        epilog="example: littlebig health --url localhost:8001\n"
-        "exit codes: 0 all three answered, 1 any failed (readiness alone misses a dead stub)",
+        help="readiness: a real inference through little, big and littlebig (DEGRADED fails); --live: cheap",
+        epilog="examples:\n  littlebig health --http-url localhost:8000\n  littlebig health --live\n"
+        "the same check as the supervisor, compose and Kubernetes (model_repository/health.py)\n"
+        "exit codes: 0 healthy, 1 any model failed or answered DEGRADED (readiness alone misses a dead stub)",
     )
-    _add_client_options(p, model=False)
-    p.set_defaults(func=_client_errors(_cmd_health))
+    p.add_argument(
+        "--http-url",
+        default=os.environ.get("LITTLEBIG_HTTP_URL", "localhost:8000"),
+        help="the server's HTTP address (default localhost:8000, or $LITTLEBIG_HTTP_URL)",
+    )
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP call")
+    p.add_argument("--live", action="store_true", help="liveness only: /v2/health/live, no inference")
+    p.set_defaults(func=_cmd_health)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

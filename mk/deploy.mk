@@ -17,8 +17,8 @@ deploy-check: setup
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	LITTLEBIG_BUILD=$(BUILD) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_deploy.py
 
-# Rewrite the healthcheck ConfigMap from deploy/healthcheck.sh (test_deploy.py checks they agree).
+# Rewrite the health-check ConfigMap from model_repository/health.py (test_deploy.py checks they agree).
 deploy-configmap:
-	{ printf '%s\n' '# deploy/healthcheck.sh for the livenessProbe (regenerate: make deploy-configmap).' \
-	    'apiVersion: v1' 'kind: ConfigMap' 'metadata:' '  name: littlebig-healthcheck' 'data:' '  healthcheck.sh: |'; \
-	  sed 's/^\(.\)/    \1/' deploy/healthcheck.sh; } > deploy/k8s/healthcheck-configmap.yaml
+	{ printf '%s\n' '# model_repository/health.py for the probes (regenerate: make deploy-configmap).' \
+	    'apiVersion: v1' 'kind: ConfigMap' 'metadata:' '  name: littlebig-healthcheck' 'data:' '  health.py: |'; \
+	  sed 's/^\(.\)/    \1/' model_repository/health.py; } > deploy/k8s/healthcheck-configmap.yaml

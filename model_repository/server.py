@@ -13,9 +13,7 @@ keeps reporting the model ready (RELIABILITY.md).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -30,6 +28,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from littlebig.model_repository.health import HealthProbe  # the one health check (health.py says why)
 
 LOOPBACK = "127.0.0.1"
 #: APIs that change server state or expose its internals; inference, health, metadata, model-config
@@ -273,72 +273,6 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-@dataclass
-class HealthProbe:
-    """A real inference through each model over HTTP (KServe v2, binary tensor extension; no torch).
-
-    ``is_model_ready`` stays true after a stub dies (FACTS.md), so only an answer proves health. The
-    cascade is probed with threshold 1 (every row goes to big) and must not answer DEGRADED.
-    """
-
-    url: str
-    models: tuple[str, ...] = ("little", "big", "littlebig")
-    cascade: str = "littlebig"
-    timeout: float = 10.0
-    _inputs: dict[str, tuple[str, str, list[int]]] = field(default_factory=dict, repr=False)
-
-    def _request(self, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
-        req = urllib.request.Request(f"{self.url}{path}", data=body, headers=headers or {})
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return r.read()
-
-    def _input(self, model: str) -> tuple[str, str, list[int]]:
-        if model not in self._inputs:
-            meta = json.loads(self._request(f"/v2/models/{model}"))
-            first = meta["inputs"][0]
-            self._inputs[model] = (first["name"], first["datatype"], [1, *first["shape"][1:]])
-        return self._inputs[model]
-
-    def infer(self, model: str) -> dict:
-        """One zero image through ``model``; the parsed JSON answer (HTTPError/URLError on failure)."""
-        name, datatype, shape = self._input(model)
-        if datatype != "UINT8":
-            raise ValueError(f"{model}: the probe sends UINT8 images, the model takes {datatype}")
-        data = bytes(math.prod(shape))
-        header: dict = {
-            "inputs": [
-                {"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": len(data)}}
-            ]
-        }
-        if model == self.cascade:
-            header["parameters"] = {"threshold": 1.0}
-        head = json.dumps(header).encode()
-        return json.loads(
-            self._request(
-                f"/v2/models/{model}/infer",
-                head + data,
-                {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
-            )
-        )
-
-    def check(self) -> dict[str, str]:
-        """model -> why it failed; empty when every model answered."""
-        failed = {}
-        for model in self.models:
-            try:
-                answer = self.infer(model)
-            except urllib.error.HTTPError as exc:
-                failed[model] = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
-                continue
-            except (OSError, ValueError) as exc:  # refused, reset, timed out, bad JSON
-                failed[model] = f"{type(exc).__name__}: {exc}"
-                continue
-            outputs = {o["name"]: o for o in answer.get("outputs", [])}
-            if "DEGRADED" in outputs and any(outputs["DEGRADED"].get("data", [])):
-                failed[model] = "answered DEGRADED: big failed behind the cascade"
-        return failed
 
 
 class SupervisorGaveUp(RuntimeError):

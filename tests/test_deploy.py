@@ -1,16 +1,19 @@
 """deploy/: the k8s manifests and the compose file validate offline and agree with the generated repository.
 
-The healthcheck script is run for real against the embedded tritonserver, and the production flags of
-the compose file are started on the real Triton 2.51 binary (restricted APIs need the admin key).
+The health check (model_repository/health.py, the one the CLI, the supervisor and both deploy files run)
+is run for real against the embedded tritonserver, and the production flags of the compose file are
+started on the real Triton 2.51 binary (restricted APIs need the admin key).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,7 +26,8 @@ from littlebig.model_repository.generate import BLS_NAME, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-HEALTHCHECK = DEPLOY / "healthcheck.sh"
+HEALTH = ROOT / "model_repository" / "health.py"
+IN_CONTAINER = "/opt/littlebig/health.py"
 COMPOSE = DEPLOY / "docker-compose.yml"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 ADMIN_KEY = "test-admin-key"
@@ -46,10 +50,6 @@ def gpu_repo(tmp_path_factory) -> dict[str, Any]:
         pytest.skip("no build with export.json and calibration.json: run `make calibrate`")
     out = tmp_path_factory.mktemp("gpu") / "model_repository_gpu"
     return {"path": out, **generate(build, out, "gpu")}
-
-
-def _shape(summary: dict[str, Any]) -> str:
-    return ",".join(str(v) for v in summary["service_size"])
 
 
 @pytest.fixture(scope="module")
@@ -111,28 +111,40 @@ def test_ports_agree_everywhere(manifests):
     assert annotations["prometheus.io/port"] == str(PORTS["metrics"])
 
 
-def test_probes_and_healthcheck_match_the_generated_repository(manifests, gpu_repo):
+def test_probes_are_the_one_health_check(manifests, gpu_repo):
+    """startup: models loaded; readiness: a real inference (health.py ready); liveness: cheap (health.py live),
+    restarting only after readiness has failed for a while (the state file they share)."""
     container = _container(manifests)
-    ready = container["readinessProbe"]["httpGet"]
-    assert ready["path"] == "/v2/health/ready" and ready["port"] == "http"
-    assert container["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    command = container["livenessProbe"]["exec"]["command"]
-    assert command[-1] == "/opt/littlebig/healthcheck.sh"
+    assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    ready = container["readinessProbe"]["exec"]["command"]
+    live = container["livenessProbe"]["exec"]["command"]
+    assert ready[:3] == ["python3", IN_CONTAINER, "ready"] and live[:3] == ["python3", IN_CONTAINER, "live"]
+    state = ready[ready.index("--state") + 1]
+    assert live[live.index("--state") + 1] == state and float(live[live.index("--max-unready") + 1]) >= 60
+    # 3 metadata + 3 inference calls, each bounded by --timeout, fit in the probe's own timeout
+    assert container["readinessProbe"]["timeoutSeconds"] > 6 * float(ready[ready.index("--timeout") + 1])
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in manifests["Deployment/littlebig"]["spec"]["template"]["spec"]["volumes"]}
-    assert mounts["healthcheck"] == "/opt/littlebig"
+    assert mounts["healthcheck"] == str(Path(IN_CONTAINER).parent)
     assert volumes["healthcheck"]["configMap"]["name"] == "littlebig-healthcheck"
     assert mounts["models"] == "/models" and "--model-repository=/models" in container["args"]
-    # the ConfigMap carries exactly deploy/healthcheck.sh (make deploy-configmap rewrites it)
-    assert manifests["ConfigMap/littlebig-healthcheck"]["data"]["healthcheck.sh"] == HEALTHCHECK.read_text()
-    # the image the health check sends is the generated repository's service size; the model is littlebig
-    assert _env(container)["IMAGE_SHAPE"] == _shape(gpu_repo)
+    # the ConfigMap carries exactly model_repository/health.py (make deploy-configmap rewrites it)
+    assert manifests["ConfigMap/littlebig-healthcheck"]["data"]["health.py"] == HEALTH.read_text()
+    # the probe reads the input shape from the server: nothing in the deployment has to repeat it
+    assert "IMAGE_SHAPE" not in _env(container)
     assert BLS_NAME in gpu_repo["models"] and BLS_NAME == "littlebig"
-    assert re.search(r"MODEL:-littlebig\}", HEALTHCHECK.read_text())
     config = (gpu_repo["path"] / BLS_NAME / "config.pbtxt").read_text()
-    assert f'name: "{BLS_NAME}"' in config and 'name: "LABEL"' in config
+    assert f'name: "{BLS_NAME}"' in config and 'name: "DEGRADED"' in config
     assert all((gpu_repo["path"] / role / "config.pbtxt").exists() for role in ("little", "big"))
     assert "KIND_GPU" in (gpu_repo["path"] / "big" / "config.pbtxt").read_text()
+
+
+def test_the_health_check_needs_only_the_standard_library():
+    """It runs with the container's python3, where littlebig is not installed."""
+    tree = ast.parse(HEALTH.read_text())
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert modules and modules <= set(sys.stdlib_module_names) | {"__future__"}, modules
 
 
 def test_gpu_and_admin_key_in_the_deployment(manifests):
@@ -181,11 +193,16 @@ def _compose_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+def compose_services() -> dict[str, Any]:
     """`docker-compose config` (it validates the file) with the admin key set, parsed."""
     done = _compose_config(COMPOSE, {"LITTLEBIG_ADMIN_KEY": ADMIN_KEY})
     assert done.returncode == 0, done.stderr
-    return yaml.safe_load(done.stdout)["services"]["triton"]
+    return yaml.safe_load(done.stdout)["services"]
+
+
+@pytest.fixture(scope="module")
+def compose(compose_services) -> dict[str, Any]:
+    return compose_services["triton"]
 
 
 def test_compose_validates_and_serves_the_gpu_repository(compose, gpu_repo):
@@ -203,9 +220,19 @@ def test_compose_validates_and_serves_the_gpu_repository(compose, gpu_repo):
     for flag in ("--grpc-restricted-protocol", "--http-restricted-api"):
         (arg,) = [a for a in command if a.startswith(flag + "=")]
         assert arg.endswith(f":admin-key={ADMIN_KEY}") and "model-repository" in arg
-    assert compose["healthcheck"]["test"][-1] == "/opt/littlebig/healthcheck.sh"
-    assert f"{HEALTHCHECK}:/opt/littlebig/healthcheck.sh:ro" in compose["volumes"]
-    assert compose["environment"]["IMAGE_SHAPE"] == _shape(gpu_repo)
+    test = compose["healthcheck"]["test"]
+    assert test[:4] == ["CMD", "python3", IN_CONTAINER, "ready"]
+    assert f"{HEALTH}:{IN_CONTAINER}:ro" in compose["volumes"]
+
+
+def test_compose_restarts_an_unhealthy_server(compose_services):
+    """`restart: unless-stopped` never restarts an unhealthy container: the autoheal companion does."""
+    triton, autoheal = compose_services["triton"], compose_services["autoheal"]
+    label = autoheal["environment"]["AUTOHEAL_CONTAINER_LABEL"]
+    assert triton["labels"][label] == "true"
+    assert autoheal["image"].startswith("willfarrell/autoheal:") and autoheal["restart"] == "always"
+    assert any(v.startswith("/var/run/docker.sock:/var/run/docker.sock") for v in autoheal["volumes"])
+    assert triton["healthcheck"]["retries"] >= 2
 
 
 def test_compose_and_deployment_run_the_same_server_flags(compose, manifests):
@@ -222,37 +249,43 @@ def test_compose_needs_the_admin_key_and_rejects_unknown_keys(tmp_path):
     assert done.returncode != 0 and "shm_sise" in done.stderr
 
 
-def run_healthcheck(port: int, shape: str, **env: str) -> subprocess.CompletedProcess:
+def run_health(port: int, *args: str) -> subprocess.CompletedProcess:
+    """health.py as the deploy files run it: a plain script, outside the source tree."""
     return subprocess.run(
-        ["bash", str(HEALTHCHECK)],
-        env={**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "IMAGE_SHAPE": shape, **env},
+        [sys.executable, str(HEALTH), *args[:1], "--url", f"http://127.0.0.1:{port}", *args[1:]],
         capture_output=True,
         text=True,
         timeout=60,
+        cwd="/",
     )
 
 
-def test_healthcheck_infers_on_the_real_server(server, repository):
-    summary = json.loads((repository / "littlebig-repository.json").read_text())
-    shape = _shape(summary)
-    done = run_healthcheck(server.ports.http, shape)
+def test_health_check_infers_on_the_real_server(server, tmp_path):
+    done = run_health(server.ports.http, "ready")
     assert done.returncode == 0, done.stderr
-    assert "littlebig answered" in done.stdout
-    # the same request must fail when it cannot be answered: wrong shape, unknown model, nothing listening
-    h, w, c = summary["service_size"]
-    assert run_healthcheck(server.ports.http, f"{h + 1},{w},{c}").returncode != 0
-    assert run_healthcheck(server.ports.http, shape, MODEL="no_such_model").returncode != 0
+    assert [line.split() for line in done.stdout.splitlines()] == [["little", "ok"], ["big", "ok"], ["littlebig", "ok"]]
+    assert run_health(server.ports.http, "live").returncode == 0
+    # the same check fails when it cannot be answered: unknown model, nothing listening, bad usage
+    unknown = run_health(server.ports.http, "ready", "--models", "littlebig,no_such_model")
+    assert unknown.returncode == 1 and "no_such_model" in unknown.stderr
     from littlebig.model_repository.server import free_port
 
-    dead = run_healthcheck(free_port(), shape, TIMEOUT="2")
-    assert dead.returncode != 0 and "no answer" in dead.stderr
-    assert run_healthcheck(server.ports.http, "28x28").returncode == 2
+    for check in ("ready", "live"):
+        dead = run_health(free_port(), check, "--timeout", "2")
+        assert dead.returncode == 1 and "no answer" in dead.stderr
+    assert run_health(server.ports.http, "sideways").returncode == 2
+    # liveness fails only once readiness has failed for longer than --max-unready (state file)
+    state = tmp_path / "health-state"
+    assert run_health(server.ports.http, "ready", "--state", str(state)).returncode == 0
+    assert run_health(server.ports.http, "live", "--state", str(state), "--max-unready", "60").returncode == 0
+    state.write_text(f"{float(state.read_text()) - 61}\n")  # the last healthy ready check, 61 s ago
+    stale = run_health(server.ports.http, "live", "--state", str(state), "--max-unready", "60")
+    assert stale.returncode == 1 and "no healthy ready check" in stale.stderr
 
 
-def test_adapter_series_exist_on_the_real_server(server, repository):
+def test_adapter_series_exist_on_the_real_server(server):
     """After a request, the metrics port exports the series the adapter rules read."""
-    shape = _shape(json.loads((repository / "littlebig-repository.json").read_text()))
-    assert run_healthcheck(server.ports.http, shape).returncode == 0
+    assert run_health(server.ports.http, "ready").returncode == 0
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
         text = r.read().decode()
     for series in ("littlebig_escalated_rows_total{", 'nv_inference_queue_duration_us{model="big"'):
@@ -275,13 +308,12 @@ def test_production_flags_on_the_real_triton(compose, repository, tmp_path):
 
     skip = ("tritonserver", "--model-repository=", "--http-port=", "--grpc-port=", "--metrics-port=", "--allow-gpu")
     flags = [a for a in compose["command"] if not a.startswith(skip)]
-    summary = json.loads((repository / "littlebig-repository.json").read_text())
     # The compose file's own restricted-API flags replace the launcher's defaults (Triton refuses both).
     server = TritonServer(
         repository, Ports.free(), log_file=tmp_path / "triton.log", extra_args=flags, restricted_apis=()
     )
     with server.start():
-        assert run_healthcheck(server.ports.http, _shape(summary)).returncode == 0
+        assert run_health(server.ports.http, "ready").returncode == 0
         index = f"{server.url}/v2/repository/index"
         assert _status(index) == 403
         assert _status(index, {"admin-key": "wrong"}) == 403
