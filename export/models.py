@@ -153,10 +153,49 @@ def load_classifier(weights: str, name: str | None = None, num_classes: int = 10
     return model.eval(), meta["class_names"]
 
 
-class Preprocessed(nn.Module):
-    """uint8 [N, H, W, C] at the service resolution -> the model's own resize/crop/normalise -> logits."""
+def resize_geometry(
+    source: tuple[int, int], input_size: tuple[int, int], crop_pct: float, crop_mode: str | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resize_to, crop top-left) exactly as timm's eval transform computes them for a source image.
 
-    def __init__(self, model: nn.Module, service_size: tuple[int, int, int]) -> None:
+    timm: scale = floor(size / crop_pct); ``center`` resizes the shorter side to it with torchvision's
+    rule (longer side truncated, ``int``) or timm's ``ResizeKeepRatio`` for non-square inputs;
+    ``squash`` resizes both sides; then torchvision's ``CenterCrop`` (offsets rounded).
+    """
+    src_h, src_w = source
+    height, width = input_size
+    scale_h, scale_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    mode = crop_mode or "center"
+    if mode == "squash":
+        resize_to = (scale_h, scale_w)
+    elif mode == "center" and scale_h == scale_w:
+        short, long = min(src_h, src_w), max(src_h, src_w)
+        new_long = int(scale_h * long / short)
+        resize_to = (scale_h, new_long) if src_h <= src_w else (new_long, scale_h)
+    elif mode == "center":
+        ratio = min(src_h / scale_h, src_w / scale_w)
+        resize_to = (round(src_h / ratio), round(src_w / ratio))
+    else:
+        raise ValueError(f"crop_mode {crop_mode!r} is not supported (center or squash)")
+    if resize_to[0] < height or resize_to[1] < width:
+        raise ValueError(f"resize to {resize_to} is smaller than the model's input {input_size}")
+    top = int(round((resize_to[0] - height) / 2.0))
+    left = int(round((resize_to[1] - width) / 2.0))
+    return resize_to, (top, left)
+
+
+class Preprocessed(nn.Module):
+    """uint8 [N, H, W, C] at the service resolution -> the model's own resize/crop/normalise -> logits.
+
+    Equal to timm's eval transform (PIL resize, centre crop, normalise) on the same decoded image:
+    where the graph downscales it resizes with antialiasing (torch's ``antialias=True`` kernels are
+    PIL's: bicubic a=-0.5, support scaled with the reduction) and rounds/clips to uint8 as PIL does;
+    without that, a 384 -> 224 little sees aliased images unlike those it was trained on. Where it
+    upscales (the committed Fashion-MNIST pair, 28 -> 48/96) the graph is the plain interpolate it
+    was trained with, exportable by the legacy exporter. ``antialias`` tells the exporter which.
+    """
+
+    def __init__(self, model: nn.Module, service_size: tuple[int, int, int], pil_resize: bool = False) -> None:
         super().__init__()
         cfg = data_config(model)
         chans, height, width = cfg["input_size"]
@@ -166,12 +205,14 @@ class Preprocessed(nn.Module):
         self.model = model
         self.service_size = tuple(service_size)
         self.mode = INTERPOLATION.get(cfg["interpolation"], "bilinear")
-        # timm eval transform: shorter side -> floor(size / crop_pct), then centre crop to size.
-        scale = math.floor(max(height, width) / cfg["crop_pct"])
-        ratio = scale / min(src_h, src_w)
-        self.resize_to = (max(height, round(src_h * ratio)), max(width, round(src_w * ratio)))
+        self.resize_to, (top, left) = resize_geometry(
+            (src_h, src_w), (height, width), cfg["crop_pct"], cfg.get("crop_mode")
+        )
         self.needs_resize = (src_h, src_w) != self.resize_to
-        self.crop = ((self.resize_to[0] - height) // 2, (self.resize_to[1] - width) // 2, height, width)
+        # PIL's filter (dynamo exporter only) where it downscales, or everywhere for timm's own weights.
+        downscales = self.resize_to[0] < src_h or self.resize_to[1] < src_w
+        self.antialias = self.needs_resize and self.mode != "nearest" and (downscales or pil_resize)
+        self.crop = (top, left, height, width)
         mean = torch.tensor(cfg["mean"], dtype=torch.float32)
         std = torch.tensor(cfg["std"], dtype=torch.float32)
         if len(mean) != chans:  # timm keeps 3-entry mean/std for in_chans=1 models
@@ -187,7 +228,14 @@ class Preprocessed(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         elif self.src_c == 3 and self.chans == 1:
             x = (x * self.luma).sum(dim=1, keepdim=True)
-        if self.needs_resize:
+        if self.antialias:
+            # PIL resamples width first, then height, each pass clipped to uint8's range (overshoot).
+            rows, cols = x.shape[-2], self.resize_to[1]
+            for size in ((rows, cols), self.resize_to):
+                if tuple(x.shape[-2:]) != size:
+                    x = F.interpolate(x, size=size, mode=self.mode, align_corners=False, antialias=True)
+                    x = x.clamp(0.0, 255.0)
+        elif self.needs_resize:
             x = F.interpolate(
                 x, size=self.resize_to, mode=self.mode, align_corners=False if self.mode != "nearest" else None
             )
