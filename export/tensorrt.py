@@ -9,14 +9,24 @@ Why each step exists:
   care about dtype, so the rewritten graph gives bit-identical logits (checked in onnxruntime before
   any plan is built). The plan's input stays ``IMAGE`` UINT8 [N, H, W, C] and its output ``LOGITS``
   FP32 [N, classes]: the gpu profile's config.pbtxt (which declares those) serves it unchanged.
-* **One profile, batch 1..max.** Triton's dynamic batcher sends any batch from 1 to the config's
-  max_batch_size; a plan whose profile does not cover that range fails to load or to execute.
+* **One profile per plan, batch 1..that model's max.** Triton's dynamic batcher sends any batch from 1
+  to the config's max_batch_size: little up to ``max_batch_size``, big up to ``big_max_batch_size`` (the
+  BLS model never sends it more). ``opt`` is the typical batch (:func:`typical_batches`), not the max:
+  TensorRT tunes its kernels for ``opt``. Each plan's profile is recorded in ``tensorrt.json`` and the
+  repository generator refuses a ``max_batch_size`` above it: with ``--disable-auto-complete-config``
+  the TensorRT backend never compares the two (tensorrt_backend r24.10 src/model_state.cc checks them
+  only in ``AutoCompleteConfigHelper``), so such a plan would load and fail at run time.
 * **Parity and calibration on plan outputs.** FP16 changes logits (and can flip argmaxes), so T must be
   chosen on the logits of the precision that is served: :func:`plan_logits` runs a plan on any images
   and :func:`calibrate_on_plans` chooses T on the val split's plan logits with the same rules.
-* **Version.** A plan only loads in the TensorRT it was built with, on the GPU architecture it was
-  built on: Triton 24.10 (2.51) ships TensorRT 10.5, so build with ``tensorrt-cu12==10.5.*`` (or inside
-  ``nvcr.io/nvidia/tensorrt:24.10-py3``) on the GPU model that serves.
+* **Version and GPU.** A plan only loads in the TensorRT it was built with, on the GPU architecture it
+  was built on: Triton 24.10 (2.51) ships TensorRT 10.5, so build with ``tensorrt-cu12==10.5.*`` (or
+  inside ``nvcr.io/nvidia/tensorrt:24.10-py3``) on the GPU model that serves. ``tensorrt.json`` records
+  that GPU as the ``nvidia.com/gpu.product`` node label (GPU feature discovery's form of the device
+  name), which deploy/k8s/deployment.yaml must select. We do not build hardware-compatible plans
+  (``HardwareCompatibilityLevel.AMPERE_PLUS``): TensorRT's docs say it disables cuDNN/cuBLAS tactics,
+  limits shared memory and fusions and can lower performance, Ampere and later only, and the parity
+  and calibration measured on the build GPU would no longer be about the GPU that serves.
 
 ``tensorrt`` and CUDA (through torch's CUDA build) are imported inside functions only: without a GPU
 every entry point says so clearly and :func:`run_tensorrt_cli` exits 1.
@@ -25,6 +35,7 @@ every entry point says so clearly and :func:`run_tensorrt_cli` exits 1.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,7 +50,8 @@ INPUT_NAME, OUTPUT_NAME = "IMAGE", "LOGITS"
 PRECISIONS = ("fp16", "fp32")
 #: The TensorRT inside nvcr.io/nvidia/tritonserver:24.10-py3 (Triton 2.51): plans must be built with it.
 SERVING_TENSORRT = "10.5"
-DEFAULT_MAX_BATCH = 64  # generate.ServeOptions: littlebig/little 64, big 32; one profile covers both
+DEFAULT_MAX_BATCH = 64  # generate.ServeOptions: littlebig/little 64
+DEFAULT_BIG_MAX_BATCH = 32  # generate.ServeOptions: big 32 (the BLS model never sends big more)
 WORKSPACE_BYTES = 1 << 30
 #: (max abs logit difference, min argmax agreement) a plan must meet against onnxruntime on val.
 PARITY_LIMITS = {"fp32": (1e-3, 0.999), "fp16": (0.25, 0.99)}
@@ -72,15 +84,55 @@ def check_args(precision: str, max_batch_size: int) -> None:
         raise ValueError(f"max batch size must be an integer >= 1, got {max_batch_size!r}")
 
 
+def typical_batches(little_max: int, big_max: int, escalation_rate: float) -> dict[str, int]:
+    """The batch each model typically sees (a profile's ``opt``), not its maximum.
+
+    little: half its max_batch_size (a default, not a measurement: dynamic batches are full only at
+    saturation); big: the escalated rows of such a batch, ``ceil(p * little)``, within 1..big_max.
+    """
+    if not 0.0 <= escalation_rate <= 1.0:
+        raise ValueError(f"escalation rate must be in [0, 1], got {escalation_rate!r}")
+    little = max(1, little_max // 2)
+    return {"little": little, "big": min(big_max, max(1, math.ceil(escalation_rate * little)))}
+
+
 def profile_shapes(
-    service_size: Sequence[int], max_batch_size: int
+    service_size: Sequence[int], max_batch_size: int, opt_batch_size: int | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, opt, max) IMAGE shapes: batch 1..max_batch_size, tuned for the full batches seen under load."""
+    """(min, opt, max) IMAGE shapes: batch 1..max_batch_size, tuned for ``opt_batch_size`` (default max // 2)."""
     check_args("fp32", max_batch_size)
+    opt = max(1, max_batch_size // 2) if opt_batch_size is None else opt_batch_size
+    if isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= max_batch_size:
+        raise ValueError(f"opt batch size must be an integer in 1..{max_batch_size}, got {opt!r}")
     h, w, c = (int(v) for v in service_size)
     if min(h, w, c) < 1:
         raise ValueError(f"service size must be positive, got {list(service_size)}")
-    return (1, h, w, c), (max_batch_size, h, w, c), (max_batch_size, h, w, c)
+    return (1, h, w, c), (opt, h, w, c), (max_batch_size, h, w, c)
+
+
+def shapes_option(shape: Sequence[int], input_name: str = INPUT_NAME) -> str:
+    """onnxruntime TensorRT EP's ``trt_profile_*_shapes`` syntax: ``IMAGE:1x28x28x1``."""
+    return f"{input_name}:{'x'.join(str(int(d)) for d in shape)}"
+
+
+def gpu_product_label(device_name: str) -> str:
+    """The ``nvidia.com/gpu.product`` label GPU feature discovery gives a device (spaces become dashes)."""
+    return "-".join(device_name.strip().split())
+
+
+def plan_profiles(build: Path) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Each role's (min, opt, max) IMAGE shape as ``tensorrt.json`` recorded it when the plans were built."""
+    path = export_dir(build) / "tensorrt.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: rerun `littlebig export --tensorrt`")
+    record = json.loads(path.read_text())
+    profiles = {}
+    for role in ROLES:
+        profile = record.get(role, {}).get("profile") or record.get("profile")
+        if not profile:
+            raise ValueError(f"{path} records no optimisation profile for {role}: rebuild the plans")
+        profiles[role] = tuple(tuple(int(d) for d in shape) for shape in profile)
+    return profiles
 
 
 def cast_input_first(model: Any, input_name: str = INPUT_NAME) -> tuple[Any, bool]:
@@ -138,14 +190,19 @@ def cast_input_first(model: Any, input_name: str = INPUT_NAME) -> tuple[Any, boo
     return rewritten, True
 
 
-def prepare_onnx(build: Path, role: str) -> Path:
-    """Write ``ROLE.trt.onnx`` (the Cast-first graph) beside the export and prove it matches the original."""
+def prepare_onnx(build: Path, role: str, dst: Path | None = None) -> Path:
+    """Write the Cast-first graph (default ``ROLE.trt.onnx`` beside the export); prove it matches the original.
+
+    The gpu profile's onnxruntime TensorRT accelerator serves this file too: the accelerator hands the
+    graph to the same TensorRT parser, which needs a Cast right after a uint8 input.
+    """
     import onnx
 
     exported = read_export(build)
     src = export_dir(build) / exported[role]["onnx"]
     model, changed = cast_input_first(onnx.load(str(src)))
-    dst = export_dir(build) / f"{role}.trt.onnx"
+    dst = dst or export_dir(build) / f"{role}.trt.onnx"
+    dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     if changed:
         _check_same_as_onnx(src, dst, tuple(exported["service_size"]))
@@ -193,7 +250,14 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
-def build_plan(onnx_path: Path, plan_path: Path, service_size: Sequence[int], precision: str, max_batch: int) -> Path:
+def build_plan(
+    onnx_path: Path,
+    plan_path: Path,
+    service_size: Sequence[int],
+    precision: str,
+    max_batch: int,
+    opt_batch: int | None = None,
+) -> Path:
     """Parse the ONNX, build one engine (FP16 or FP32) with a batch 1..max_batch profile, serialise it."""
     check_args(precision, max_batch)
     require_tensorrt()
@@ -213,7 +277,7 @@ def build_plan(onnx_path: Path, plan_path: Path, service_size: Sequence[int], pr
             raise RuntimeError("this GPU has no fast FP16: build with --precision fp32")
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
-    lo, opt, hi = profile_shapes(service_size, max_batch)
+    lo, opt, hi = profile_shapes(service_size, max_batch, opt_batch)
     profile.set_shape(INPUT_NAME, lo, opt, hi)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
@@ -358,46 +422,91 @@ def calibrate_on_plans(build: Path, rules: tuple[str, ...] | None = None) -> dic
     return record
 
 
-def build_plans(build: Path, precision: str, max_batch_size: int) -> dict[str, Any]:
+def plan_batches(build: Path, max_batch_size: int, big_max_batch_size: int | None) -> dict[str, tuple[int, int]]:
+    """Each role's (opt, max) plan batch: little up to max_batch_size, big up to big_max_batch_size."""
+    from littlebig.export.pipeline import read_calibration
+
+    big_max = min(max_batch_size, DEFAULT_BIG_MAX_BATCH) if big_max_batch_size is None else big_max_batch_size
+    check_args("fp32", big_max)
+    maxima = {"little": max_batch_size, "big": big_max}
+    try:  # p of the served rule sets big's typical batch; without a calibration assume every row escalates
+        calibration = read_calibration(build)
+        p = float(calibration["rules"][calibration["serve_rule"]]["escalation_rate"])
+    except (FileNotFoundError, KeyError):
+        p = 1.0
+    typical = typical_batches(maxima["little"], maxima["big"], p)
+    return {role: (typical[role], maxima[role]) for role in ROLES}
+
+
+def build_plans(
+    build: Path, precision: str, max_batch_size: int, big_max_batch_size: int | None = None
+) -> dict[str, Any]:
     """Both plans, their parity against onnxruntime on the whole val split, and calibration on them."""
     import tensorrt as trt
+    import torch
 
     from littlebig.data import load_split
     from littlebig.export.pipeline import reference_logits
 
     exported = read_export(build)
     size = tuple(exported["service_size"])
+    batches = plan_batches(build, max_batch_size, big_max_batch_size)
+    device = torch.cuda.get_device_name(0)
     record: dict[str, Any] = {
         "precision": precision,
-        "max_batch_size": max_batch_size,
-        "profile": [list(s) for s in profile_shapes(size, max_batch_size)],
+        "max_batch_size": batches["little"][1],
+        "big_max_batch_size": batches["big"][1],
         "tensorrt": trt.__version__,
         "serving_tensorrt": SERVING_TENSORRT,
+        # plans run only on this GPU model: deploy/k8s/deployment.yaml selects nodes by this label
+        "gpu": {
+            "name": device,
+            "product_label": gpu_product_label(device),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        },
     }
     for role in ROLES:
-        build_plan(prepare_onnx(build, role), plan_path(build, role), size, precision, max_batch_size)
+        opt, hi = batches[role]
+        build_plan(prepare_onnx(build, role), plan_path(build, role), size, precision, hi, opt)
     reference, plans = reference_logits(build, "val"), plan_split_logits(build, "val")
     few = load_split("val", exported["data_dir"], size).images[:8]
     for role in ROLES:
+        opt, hi = batches[role]
         engine = _engine(plan_path(build, role))
         parity = check_plan_parity(
             reference[role],
             plans[role],
             precision,
             _run_engine(engine, few, 1),
-            _run_engine(engine, few, max_batch_size),
+            _run_engine(engine, few, hi),
         )
         size_bytes = plan_path(build, role).stat().st_size
-        record[role] = {"plan": plan_path(build, role).name, "bytes": size_bytes, "parity": asdict(parity)}
+        record[role] = {
+            "plan": plan_path(build, role).name,
+            "bytes": size_bytes,
+            "profile": [list(s) for s in profile_shapes(size, hi, opt)],
+            "parity": asdict(parity),
+        }
     record["calibration"] = calibrate_on_plans(build)
     (export_dir(build) / "tensorrt.json").write_text(json.dumps(record, indent=2))
     return record
 
 
-def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int = DEFAULT_MAX_BATCH) -> int:
-    """``littlebig export --tensorrt``: 0 built and checked, 1 no GPU / build or parity failed, 2 bad usage."""
+def run_tensorrt_cli(
+    build: Path,
+    precision: str = "fp16",
+    max_batch_size: int = DEFAULT_MAX_BATCH,
+    big_max_batch_size: int | None = None,
+) -> int:
+    """``littlebig export --tensorrt``: 0 built and checked, 1 no GPU / build or parity failed, 2 bad usage.
+
+    little's plan covers batch 1..max_batch_size, big's 1..big_max_batch_size (default: the smaller of
+    max_batch_size and ServeOptions' 32), the batches each is actually sent.
+    """
     try:
         check_args(precision, max_batch_size)
+        if big_max_batch_size is not None:
+            check_args(precision, big_max_batch_size)
         exported = read_export(build)
         for role in ROLES:
             onnx_file = export_dir(build) / exported[role]["onnx"]
@@ -416,7 +525,7 @@ def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int =
         )
         return 1
     try:
-        record = build_plans(build, precision, max_batch_size)
+        record = build_plans(build, precision, max_batch_size, big_max_batch_size)
     except (PlanParityError, RuntimeError) as exc:
         print(f"littlebig export --tensorrt: {exc}", file=sys.stderr)
         return 1
@@ -426,9 +535,9 @@ def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int =
             file=sys.stderr,
         )
     for role in ROLES:
-        p = record[role]["parity"]
+        p, (_, opt, hi) = record[role]["parity"], record[role]["profile"]
         print(
-            f"{role:6s} {precision} plan {record[role]['bytes'] / 1e6:7.2f} MB, batch 1..{max_batch_size}: "
+            f"{role:6s} {precision} plan {record[role]['bytes'] / 1e6:7.2f} MB, batch 1..{hi[0]} (opt {opt[0]}): "
             f"vs onnxruntime on {p['rows']} val rows max abs {p['max_abs']:.1e}, "
             f"argmax agreement {p['argmax_agreement']:.2%}"
         )
@@ -440,4 +549,8 @@ def run_tensorrt_cli(build: Path, precision: str = "fp16", max_batch_size: int =
             line += f"; the ONNX-calibrated T on plan logits: val acc {val:.4f}, test {test:.4f}"
         print(line)
     print(f"wrote {plan_path(build, 'little')}, {plan_path(build, 'big')} and {export_dir(build) / 'tensorrt.json'}")
+    print(
+        f"the plans run only on {record['gpu']['name']}: select nodes with nvidia.com/gpu.product="
+        f"{record['gpu']['product_label']} (deploy/k8s/deployment.yaml)"
+    )
     return 0

@@ -4,7 +4,25 @@ Every config.pbtxt is built as Triton's own ``ModelConfig`` protobuf, written wi
 and parsed back before it counts as written. Profiles (a registry) differ only in how little and big
 are served: ``cpu`` runs the ONNX files in Python-backend onnxruntime models on the embedded Triton,
 ``gpu`` uses Triton's ``onnxruntime_onnx`` or ``tensorrt_plan`` backends on KIND_GPU instances (an NGC
-image). The ``littlebig`` BLS model is the same in both.
+image), and ``gpu-standin`` is a STAND-IN for those two backends: Python-backend models that run the
+checkpoints with torch on a device (CUDA, or cpu in tests) and return LOGITS in that device's memory,
+so the BLS path of a GPU server runs on the embedded Triton (``make gpu-check``). The ``littlebig`` BLS
+model is the same in all three.
+
+Sources each GPU setting rests on (Triton 24.10 = 2.51; read in the r24.10 branches):
+
+* queue policy: server docs/user_guide/model_configuration.md "Queue Policy"; core
+  ``PriorityQueue::PolicyQueue::Enqueue`` (scheduler_utils.cc) takes a request's own timeout only when
+  ``allow_timeout_override`` is set and it is non-zero and *shorter* than ``default_timeout_microseconds``;
+  python_backend README: ``InferenceRequest(timeout=...)`` is that request timeout, in microseconds.
+* preferred_batch_size: model_configuration.md "Preferred batch sizes should not be used for most
+  models ... An exception is TensorRT models that specify multiple optimization profiles".
+* TensorRT plans: tensorrt_backend src/model_state.cc checks ``max_batch_size`` against the engine's
+  profiles only inside ``AutoCompleteConfigHelper``, which ``--disable-auto-complete-config`` skips.
+* onnxruntime: onnxruntime_backend src/onnxruntime.cc accepts the TensorRT accelerator parameters
+  ``precision_mode``, ``max_workspace_size_bytes``, ``trt_engine_cache_enable``/``_path``,
+  ``trt_profile_min_shapes``/``_opt_shapes``/``_max_shapes`` ("input:d1xd2...") and the model parameter
+  ``cudnn_conv_algo_search`` (0 EXHAUSTIVE, the default, 1 HEURISTIC, 2 DEFAULT).
 """
 
 from __future__ import annotations
@@ -12,7 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +44,7 @@ SOURCES = Path(__file__).resolve().parent
 BLS_NAME = "littlebig"
 LABELS_FILE = "labels.txt"
 ON_BIG_FAILURE = ("error", "little")
+TRT_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,33 @@ class ServeOptions:
     on_big_failure: str = "error"
     rule: str | None = None  # None: calibration's serve_rule
     threshold: float | None = None  # overrides the calibrated T
+    #: little/big queue policy: work queued longer than this is REJECTed instead of run. None: the BLS
+    #: timeout. Must be >= it: Triton honours a request's own (the BLS call's) timeout only when shorter.
+    queue_timeout_us: int | None = None
     use_plans: bool = True  # gpu: tensorrt_plan where a plan was built
     trt_accelerator: bool = False  # gpu: TensorRT execution accelerator on onnxruntime
-    extra: dict[str, str] = field(default_factory=dict)
+    #: The accelerator's precision: fp16 only with a T calibrated on FP16 TensorRT outputs (fp16 plans'
+    #: tensorrt.json); fp32 serves the ONNX-calibrated T.
+    trt_precision: str = "fp32"
+    #: Engine cache of the accelerator: a writable path in the container (the repository is read-only).
+    trt_cache_dir: str = "/tmp/littlebig-trt-cache"
+    #: onnxruntime's CUDA EP: 1 = HEURISTIC. The backend default, EXHAUSTIVE, benchmarks cuDNN algorithms
+    #: for every new input shape, i.e. on every new batch size the dynamic batcher forms.
+    cudnn_conv_algo_search: int = 1
+    #: gpu-standin: the torch device of the stand-ins, and the batch buckets they pad to and warm up.
+    standin_device: str = "cuda"
+    standin_buckets: tuple[int, ...] = (1, 4, 16, 64)
+
+    def queue_timeout(self) -> int:
+        """little's and big's default queue timeout in microseconds."""
+        return self.bls_timeout_ms * 1000 if self.queue_timeout_us is None else self.queue_timeout_us
+
+    def role_max_batch(self, role: str) -> int:
+        """little serves every row of a BLS execute (<= max_batch_size); big only chunks <= big_max_batch_size."""
+        return self.max_batch_size if role == "little" else self.big_max_batch_size
+
+    def role_instances(self, role: str) -> int:
+        return self.little_instances if role == "little" else self.big_instances
 
 
 def _preferred(max_batch: int) -> list[int]:
@@ -57,28 +100,59 @@ def _tensor(cls, name: str, dtype: int, dims: list[int], **kw):
     return cls(name=name, data_type=dtype, dims=dims, **kw)
 
 
+def queue_policy(opts: ServeOptions) -> mc.ModelQueuePolicy:
+    """REJECT work queued past its timeout: a BLS call that gave up must not still be run.
+
+    The BLS model passes its timeout as each call's request timeout; Triton uses it only when it is
+    non-zero and shorter than the default (core scheduler_utils.cc, PolicyQueue::Enqueue), so the default
+    must be at least the BLS timeout. The default also bounds direct clients of little and big.
+    """
+    return mc.ModelQueuePolicy(
+        timeout_action=mc.ModelQueuePolicy.REJECT,
+        default_timeout_microseconds=opts.queue_timeout(),
+        allow_timeout_override=True,
+    )
+
+
 def classifier_config(
-    role: str, exported: dict[str, Any], max_batch: int, instances: int, queue_delay_us: int, kind: int
+    role: str, exported: dict[str, Any], opts: ServeOptions, kind: int, preferred: bool
 ) -> mc.ModelConfig:
-    """little or big: IMAGE uint8 [H, W, C] -> LOGITS fp32 [classes], dynamic batching."""
+    """little or big: IMAGE uint8 [H, W, C] -> LOGITS fp32 [classes], dynamic batching with a queue policy.
+
+    ``preferred``: preferred_batch_size (the cpu profile, as measured in BENCHMARKS.md). Triton's docs
+    advise against it for most models, the exception being TensorRT models with several optimisation
+    profiles; the GPU profiles have one profile per plan, so they leave it out.
+    """
     h, w, c = exported["service_size"]
+    max_batch = opts.role_max_batch(role)
     return mc.ModelConfig(
         name=role,
         max_batch_size=max_batch,
         input=[_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [h, w, c])],
         output=[_tensor(mc.ModelOutput, "LOGITS", mc.TYPE_FP32, [len(exported["class_names"])])],
         dynamic_batching=mc.ModelDynamicBatching(
-            preferred_batch_size=_preferred(max_batch), max_queue_delay_microseconds=queue_delay_us
+            preferred_batch_size=_preferred(max_batch) if preferred else [],
+            max_queue_delay_microseconds=opts.queue_delay_us,
+            default_queue_policy=queue_policy(opts),
         ),
-        instance_group=[mc.ModelInstanceGroup(count=instances, kind=kind)],
+        instance_group=[mc.ModelInstanceGroup(count=opts.role_instances(role), kind=kind)],
     )
+
+
+def warmup(exported: dict[str, Any], batch_sizes: list[int]) -> list[mc.ModelWarmup]:
+    """One all-zero IMAGE warm-up per served batch size: engines, cuDNN plans and arenas exist before traffic."""
+    h, w, c = exported["service_size"]
+    image = mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=[h, w, c], zero_data=True)
+    return [mc.ModelWarmup(name=f"zeros_b{n}", batch_size=n, inputs={"IMAGE": image}) for n in batch_sizes]
 
 
 def _params(values: dict[str, Any]) -> dict[str, mc.ModelParameter]:
     return {k: mc.ModelParameter(string_value=str(v)) for k, v in values.items()}
 
 
-def bls_config(exported: dict[str, Any], threshold: float, rule: str, opts: ServeOptions) -> mc.ModelConfig:
+def bls_config(
+    exported: dict[str, Any], threshold: float, rule: str, opts: ServeOptions, preferred: bool = True
+) -> mc.ModelConfig:
     """The cascade: IMAGE -> LABEL, PROBS (with class names), ESCALATED, DEGRADED."""
     h, w, c = exported["service_size"]
     return mc.ModelConfig(
@@ -93,7 +167,8 @@ def bls_config(exported: dict[str, Any], threshold: float, rule: str, opts: Serv
             _tensor(mc.ModelOutput, "DEGRADED", mc.TYPE_BOOL, [1]),
         ],
         dynamic_batching=mc.ModelDynamicBatching(
-            preferred_batch_size=_preferred(opts.max_batch_size), max_queue_delay_microseconds=opts.queue_delay_us
+            preferred_batch_size=_preferred(opts.max_batch_size) if preferred else [],
+            max_queue_delay_microseconds=opts.queue_delay_us,
         ),
         instance_group=[mc.ModelInstanceGroup(count=opts.bls_instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
         parameters=_params(
@@ -107,7 +182,6 @@ def bls_config(exported: dict[str, Any], threshold: float, rule: str, opts: Serv
                 "bls_timeout_ms": opts.bls_timeout_ms,
                 "on_big_failure": opts.on_big_failure,
                 "class_names": json.dumps(exported["class_names"]),
-                **opts.extra,
             }
         ),
     )
@@ -131,11 +205,7 @@ def _install_onnx(src: Path, model_dir: Path) -> None:
 
 def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, opts: ServeOptions) -> None:
     """Python-backend onnxruntime model (the embedded Triton has no onnxruntime backend)."""
-    max_batch = opts.max_batch_size if role == "little" else opts.big_max_batch_size
-    instances = opts.little_instances if role == "little" else opts.big_instances
-    config = classifier_config(
-        role, exported, max_batch, instances, opts.queue_delay_us, mc.ModelInstanceGroup.KIND_CPU
-    )
+    config = classifier_config(role, exported, opts, mc.ModelInstanceGroup.KIND_CPU, preferred=True)
     config.backend = "python"
     for key, value in _params(
         {"intra_op_threads": opts.intra_op_threads, "inter_op_threads": opts.inter_op_threads}
@@ -147,32 +217,148 @@ def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
     write_config(config, model_dir)
 
 
+def _served_escalation_rate(build: Path, opts: ServeOptions) -> float:
+    """p of the served rule on val (big's typical batch follows from it)."""
+    calibration = read_calibration(build)
+    rule = opts.rule if opts.rule in calibration["rules"] else calibration["serve_rule"]
+    return float(calibration["rules"][rule]["escalation_rate"])
+
+
+def _warm_sizes(opt: int, max_batch: int) -> list[int]:
+    return sorted({1, opt, max_batch})
+
+
 def gpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, opts: ServeOptions) -> None:
     """Triton's TensorRT backend where a plan exists, else its onnxruntime backend, on KIND_GPU."""
-    max_batch = opts.max_batch_size if role == "little" else opts.big_max_batch_size
-    instances = opts.little_instances if role == "little" else opts.big_instances
-    config = classifier_config(
-        role, exported, max_batch, instances, opts.queue_delay_us, mc.ModelInstanceGroup.KIND_GPU
-    )
+    from littlebig.export import tensorrt as lbtrt
+
+    config = classifier_config(role, exported, opts, mc.ModelInstanceGroup.KIND_GPU, preferred=False)
     model_dir = out / role
-    plan = export_dir(build) / f"{role}.plan"
+    max_batch = opts.role_max_batch(role)
     if serves_plans(build, opts):
         config.platform, config.default_model_filename = "tensorrt_plan", "model.plan"
         (model_dir / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan, model_dir / "1" / "model.plan")
+        shutil.copy2(export_dir(build) / f"{role}.plan", model_dir / "1" / "model.plan")
+        opt = lbtrt.plan_profiles(build)[role][1][0]  # generate() refused a max_batch_size above the profile
+        config.model_warmup.extend(warmup(exported, _warm_sizes(min(opt, max_batch), max_batch)))
+        write_config(config, model_dir)
+        return
+    config.platform, config.backend, config.default_model_filename = "onnxruntime_onnx", "onnxruntime", "model.onnx"
+    # The CUDA EP (also the TensorRT accelerator's fallback for unsupported nodes): heuristic cuDNN
+    # algorithm choice instead of an exhaustive benchmark for every new batch shape.
+    config.parameters["cudnn_conv_algo_search"].CopyFrom(mc.ModelParameter(string_value=str(opts.cudnn_conv_algo_search)))
+    p = _served_escalation_rate(build, opts)
+    opt = lbtrt.typical_batches(opts.max_batch_size, opts.big_max_batch_size, p)[role]
+    if opts.trt_accelerator:
+        # TensorRT needs a Cast right after the uint8 input: serve the Cast-first graph, proven identical.
+        lbtrt.prepare_onnx(build, role, model_dir / "1" / "model.onnx")
+        lo, mid, hi = lbtrt.profile_shapes(exported["service_size"], max_batch, opt)
+        accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accel.parameters.update(
+            {
+                "precision_mode": opts.trt_precision.upper(),
+                "max_workspace_size_bytes": str(lbtrt.WORKSPACE_BYTES),
+                # one profile for every served batch: no engine rebuild per new batch size
+                "trt_profile_min_shapes": lbtrt.shapes_option(lo),
+                "trt_profile_opt_shapes": lbtrt.shapes_option(mid),
+                "trt_profile_max_shapes": lbtrt.shapes_option(hi),
+                # the repository is mounted read-only: engines are cached on a writable path
+                "trt_engine_cache_enable": "true",
+                "trt_engine_cache_path": f"{opts.trt_cache_dir.rstrip('/')}/{role}",
+            }
+        )
     else:
-        config.platform, config.backend, config.default_model_filename = "onnxruntime_onnx", "onnxruntime", "model.onnx"
         _install_onnx(export_dir(build) / exported[role]["onnx"], model_dir)
-        if opts.trt_accelerator:
-            accel = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-            accel.parameters.update({"precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30)})
+    config.model_warmup.extend(warmup(exported, _warm_sizes(opt, max_batch)))
     write_config(config, model_dir)
 
 
+def standin_buckets(opts: ServeOptions, role: str) -> list[int]:
+    """The batch sizes a stand-in pads to: the configured buckets below the role's max, and the max."""
+    max_batch = opts.role_max_batch(role)
+    return sorted({b for b in opts.standin_buckets if 1 <= b < max_batch} | {max_batch})
+
+
+def standin_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, opts: ServeOptions) -> None:
+    """STAND-IN for Triton's onnxruntime/TensorRT backends (not on PyPI): torch on the checkpoint, on a device.
+
+    A Python-backend model on KIND_GPU (KIND_CPU when the device is cpu, for tests) whose LOGITS stay in
+    the device's memory (``pb_utils.Tensor.from_dlpack``), as those backends leave them. It pads each batch
+    to a bucket and warms every bucket up at load (torch eager plans cuDNN kernels per new shape).
+    """
+    weights = Path(str(exported[role]["weights"]))
+    if not weights.is_file():
+        raise ValueError(f"gpu-standin serves littlebig checkpoints; {role}'s weights are {weights}, not a file")
+    cuda = opts.standin_device.startswith("cuda")
+    kind = mc.ModelInstanceGroup.KIND_GPU if cuda else mc.ModelInstanceGroup.KIND_CPU
+    config = classifier_config(role, exported, opts, kind, preferred=False)
+    config.backend = "python"
+    model_dir = out / role
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(weights, model_dir / "1" / "model.safetensors")
+    shutil.copy2(SOURCES / "torch_classifier" / "model.py", model_dir / "1" / "model.py")
+    for key, value in _params(
+        {
+            "device": "cuda" if cuda else opts.standin_device,  # KIND_GPU: the instance's own GPU
+            "buckets": json.dumps(standin_buckets(opts, role)),
+            "stand_in_for": "Triton's onnxruntime_onnx / tensorrt_plan backend (gpu profile)",
+        }
+    ).items():
+        config.parameters[key].CopyFrom(value)
+    write_config(config, model_dir)
+
+
+#: profile -> how little and big are served; the BLS model is the same everywhere.
 PROFILES: dict[str, Callable[[str, dict[str, Any], Path, Path, ServeOptions], None]] = {
     "cpu": cpu_classifier,
     "gpu": gpu_classifier,
+    "gpu-standin": standin_classifier,
 }
+#: Profiles that keep preferred_batch_size (measured so on the CPU); see classifier_config.
+PREFERRED_BATCH_PROFILES = ("cpu",)
+
+
+def check_queue_timeout(opts: ServeOptions) -> None:
+    """The queue default must let the BLS timeout through (Triton takes a request timeout only if shorter)."""
+    bls_us = opts.bls_timeout_ms * 1000
+    if opts.bls_timeout_ms < 1 or opts.queue_timeout() < bls_us:
+        raise ValueError(
+            f"queue_timeout_us ({opts.queue_timeout()}) must be >= the BLS timeout ({bls_us} us, bls_timeout_ms "
+            "> 0): Triton applies a request's timeout only when it is shorter than default_timeout_microseconds"
+        )
+
+
+def check_plan_profiles(build: Path, opts: ServeOptions) -> str | None:
+    """Refuse a max_batch_size above a plan's profile; return the GPU product the plans were built on.
+
+    With --disable-auto-complete-config (deploy/) the TensorRT backend never compares max_batch_size with
+    the engine's profiles (it does so only while auto-completing), so the plan would load and then fail
+    every batch larger than its profile at run time.
+    """
+    from littlebig.export.tensorrt import plan_profiles
+
+    record = json.loads((export_dir(build) / "tensorrt.json").read_text())
+    for role, (_, _, hi) in plan_profiles(build).items():
+        if opts.role_max_batch(role) > hi[0]:
+            flag = "--max-batch-size" if role == "little" else "--big-max-batch-size"
+            raise ValueError(
+                f"{role}: max_batch_size {opts.role_max_batch(role)} exceeds its TensorRT plan's profile max "
+                f"{hi[0]} (build/export/tensorrt.json); serve {flag} {hi[0]} or less, or rebuild the plans "
+                "for the larger batch (`littlebig export --tensorrt`)"
+            )
+    return record.get("gpu", {}).get("product_label")
+
+
+def check_fp16_calibration(build: Path) -> None:
+    """An FP16 TensorRT accelerator needs a T calibrated on FP16 TensorRT outputs: the fp16 plans' tensorrt.json."""
+    path = export_dir(build) / "tensorrt.json"
+    precision = json.loads(path.read_text()).get("precision") if path.exists() else None
+    if precision != "fp16":
+        raise ValueError(
+            "trt_precision fp16 needs a threshold calibrated on FP16 TensorRT outputs, and "
+            f"{path} {'holds ' + str(precision) + ' plans' if path.exists() else 'does not exist'}: build the "
+            "fp16 plans (make tensorrt PRECISION=fp16, which calibrates on them) or serve trt_precision fp32"
+        )
 
 
 def serves_plans(build: Path, opts: ServeOptions) -> bool:
@@ -212,15 +398,29 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         raise ValueError(f"on_big_failure must be one of {ON_BIG_FAILURE}, got {opts.on_big_failure!r}")
     if opts.big_max_batch_size < 1 or opts.max_batch_size < 1:
         raise ValueError("max batch sizes must be >= 1")
+    check_queue_timeout(opts)
+    if opts.trt_precision not in TRT_PRECISIONS:
+        raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {opts.trt_precision!r}")
+    buckets = opts.standin_buckets
+    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+        raise ValueError(f"standin_buckets must be positive integers, got {opts.standin_buckets!r}")
     exported = read_export(build)
     plans = profile == "gpu" and serves_plans(build, opts)
-    threshold, rule = served_threshold(build, opts, plans)
+    extra_summary: dict[str, Any] = {}
+    if plans:
+        extra_summary["gpu_product"] = check_plan_profiles(build, opts)
+    # T from the precision that is served: plans and an FP16 TensorRT accelerator take the T calibrated
+    # on FP16 (or FP32) TensorRT outputs in tensorrt.json; the FP32 ONNX T is never served in FP16.
+    fp16_accelerator = profile == "gpu" and not plans and opts.trt_accelerator and opts.trt_precision == "fp16"
+    if fp16_accelerator:
+        check_fp16_calibration(build)
+    threshold, rule = served_threshold(build, opts, plans or fp16_accelerator)
     if out.exists():
         shutil.rmtree(out)
     for role in ROLES:
         PROFILES[profile](role, exported, build, out, opts)
     bls_dir = out / BLS_NAME
-    write_config(bls_config(exported, threshold, rule, opts), bls_dir)
+    write_config(bls_config(exported, threshold, rule, opts, profile in PREFERRED_BATCH_PROFILES), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
@@ -233,7 +433,9 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         "models": [*ROLES, BLS_NAME],
         "service_size": exported["service_size"],
         "class_names": exported["class_names"],
-        "options": {k: v for k, v in vars(opts).items() if k != "extra"},
+        "options": vars(opts),
+        "queue_timeout_us": opts.queue_timeout(),
+        **extra_summary,
     }
     (out / "littlebig-repository.json").write_text(json.dumps(summary, indent=2))
     return summary

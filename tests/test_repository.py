@@ -69,11 +69,11 @@ def test_gpu_profile_uses_onnxruntime_then_tensorrt_plans(build_dir, exported, t
             "model.onnx",
         )
         assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-        assert cfg.dynamic_batching.preferred_batch_size and cfg.max_batch_size >= 1
+        assert not cfg.dynamic_batching.preferred_batch_size and cfg.max_batch_size >= 1  # tests/test_gpu_profile.py
         assert [i.name for i in cfg.input] == ["IMAGE"] and [o.name for o in cfg.output] == ["LOGITS"]
         assert list(cfg.input[0].dims) == exported["service_size"]
         accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
-        assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+        assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP32"  # no FP16 calibration here
         assert (repo / role / "1" / "model.onnx").exists()
     # Where both plans were built, the gpu profile serves them with the TensorRT backend, at the T
     # calibrated on the plans' outputs. The generator only copies plan files, so placeholders stand in for
@@ -88,7 +88,9 @@ def test_gpu_profile_uses_onnxruntime_then_tensorrt_plans(build_dir, exported, t
     with pytest.raises(FileNotFoundError, match="tensorrt.json"):
         generate(build, tmp_path / "gpu-plan", "gpu")
     plan_rules = {"paper": {"threshold": 0.61}, "guaranteed": {"threshold": 0.97}}
-    (build / "export" / "tensorrt.json").write_text(json.dumps({"calibration": {"rules": plan_rules}}))
+    size = exported["service_size"]
+    profiles = {role: {"profile": [[1, *size], [8, *size], [64, *size]]} for role in ("little", "big")}
+    (build / "export" / "tensorrt.json").write_text(json.dumps({"calibration": {"rules": plan_rules}, **profiles}))
     summary = generate(build, tmp_path / "gpu-plan", "gpu")
     assert summary["tensorrt_plans"] and summary["threshold"] == plan_rules[summary["rule"]]["threshold"]
     for role in ("little", "big"):

@@ -188,7 +188,11 @@ def test_plans_build_match_onnxruntime_and_are_served_by_the_gpu_profile(build, 
     for role in ("little", "big"):
         parity = record[role]["parity"]
         assert parity["max_abs"] <= limit_abs and parity["argmax_agreement"] >= limit_agree
-    assert record["profile"][0][0] == 1 and record["profile"][2][0] == 64
+    # one profile per plan: little 1..64, big 1..32 (ServeOptions' big_max_batch_size), opt below max
+    for role, hi in (("little", 64), ("big", 32)):
+        lo, opt, top = record[role]["profile"]
+        assert lo[0] == 1 and top[0] == hi and 1 <= opt[0] < hi
+    assert record["gpu"]["product_label"] == lbtrt.gpu_product_label(record["gpu"]["name"])
     # plan_logits on arbitrary rows agrees with onnxruntime on the same rows
     reference = reference_logits(build, "val")
     from littlebig.data import load_split
