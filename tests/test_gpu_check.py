@@ -1,0 +1,124 @@
+"""``make gpu-check`` on a machine without a GPU: the skip line, and the same check code on the CPU.
+
+The gpu-standin repository is served on the embedded tritonserver with the stand-ins' device set to cpu:
+the same stand-in model.py, BLS model, reference and answer check as on the GPU, minus CUDA (the
+stand-ins then return LOGITS in CPU memory instead of GPU memory; the BLS model's GPU-memory path is
+the lead's model.py, exercised on a GPU only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from bench import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = 240
+
+
+def test_without_a_gpu_it_prints_one_line_and_exits_0(tmp_path):
+    if gpu_check.cuda_device() is not None:
+        pytest.skip("a CUDA device is present: make gpu-check runs for real")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--build", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "skipped: no CUDA device\n"), done.stderr
+    assert not (tmp_path / "gpu-check.json").exists() and not (tmp_path / "gpu-check").exists()
+    # through make too: the target needs neither `make setup` nor a registry, and echoes nothing else
+    done = subprocess.run(
+        ["make", "-s", "--no-print-directory", "gpu-check", f"BUILD={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "skipped: no CUDA device\n"), done.stderr
+
+
+@pytest.fixture(scope="module")
+def bundle(build_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu-check")
+    gpu_check.prepare(build_dir, out, device="cpu", instance_counts=(1,), rows=ROWS)
+    return out
+
+
+def test_bundle_holds_the_standin_repository(bundle):
+    meta, images = gpu_check.read_bundle(bundle)
+    assert images.shape[0] == ROWS == meta["rows"] and images.dtype == np.uint8
+    repo = gpu_check.repo_dir(bundle, 1)
+    for role in ("little", "big"):
+        cfg = text_format.Parse((repo / role / "config.pbtxt").read_text(), mc.ModelConfig())
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        assert cfg.backend == "python" and params["device"] == "cpu" and "stand_in_for" in params
+        assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU  # KIND_GPU with device cuda
+        assert json.loads(params["buckets"]) == meta["buckets"][role]
+        assert meta["buckets"][role][-1] == cfg.max_batch_size
+        assert (repo / role / "1" / "model.safetensors").exists()
+    summary = json.loads((repo / "littlebig-repository.json").read_text())
+    assert summary["profile"] == "gpu-standin" and summary["threshold"] == meta["threshold"]
+
+
+def test_standins_are_the_exported_models(bundle, build_dir):
+    """The stand-ins (torch, from the checkpoints) give the ONNX export's logits: the same trained pair."""
+    from littlebig.export.pipeline import reference_logits
+
+    meta, images = gpu_check.read_bundle(bundle)
+    ref = gpu_check.compute_reference(gpu_check.repo_dir(bundle, 1), images, "cpu", meta["buckets"], meta["threshold"])
+    onnx = reference_logits(build_dir, "test")
+    for role in ("little", "big"):
+        for logits in ref.logits[role].values():
+            assert np.abs(logits - onnx[role][:ROWS]).max() < 1e-3
+    assert max(ref.bucket_spread().values()) < 1e-3
+
+
+def test_compare_catches_a_wrong_answer(bundle):
+    meta, images = gpu_check.read_bundle(bundle)
+    ref = gpu_check.compute_reference(gpu_check.repo_dir(bundle, 1), images, "cpu", meta["buckets"], meta["threshold"])
+    rows = np.arange(10)
+    esc, label, probs = ref.candidates(rows)
+    served = {"LABEL": label[0].reshape(-1, 1), "ESCALATED": esc[0].reshape(-1, 1), "PROBS": probs[0],
+              "DEGRADED": np.zeros((10, 1), bool)}  # fmt: skip
+    assert gpu_check.compare(ref, rows, served).all()
+    wrong = {**served, "LABEL": served["LABEL"].copy()}
+    wrong["LABEL"][3] = (wrong["LABEL"][3] + 1) % probs.shape[-1]
+    assert list(np.flatnonzero(~gpu_check.compare(ref, rows, wrong))) == [3]
+    flipped = {**served, "ESCALATED": ~served["ESCALATED"]}
+    assert not gpu_check.compare(ref, rows, flipped).any()
+    off = {**served, "PROBS": served["PROBS"] + 2 * gpu_check.PROBS_ATOL}
+    assert not gpu_check.compare(ref, rows, off).any()
+    degraded = {**served, "DEGRADED": np.ones((10, 1), bool)}
+    assert not gpu_check.compare(ref, rows, degraded).any()
+
+
+def test_standin_cascade_served_equals_the_reference(bundle, tmp_path):
+    """The gpu-check answer check, against the real tritonserver serving the stand-ins on the CPU."""
+    from littlebig.model_repository.server import Ports, TritonServer
+
+    meta, images = gpu_check.read_bundle(bundle)
+    ref = gpu_check.compute_reference(gpu_check.repo_dir(bundle, 1), images, "cpu", meta["buckets"], meta["threshold"])
+    server = TritonServer(gpu_check.repo_dir(bundle, 1), Ports.free(), log_file=tmp_path / "tritonserver.log")
+    server.start(timeout=300)
+    try:
+        result = gpu_check.check_answers(
+            gpu_check.HttpClient(server.url), images, ref, batch_sizes=(1, 7, 64), sequential_rows=64
+        )
+    finally:
+        server.stop()
+    assert result["ok"], json.dumps(result, indent=1)
+    assert result["rows_checked"] == 3 * 64 + ROWS and result["rows_differing"] == 0
+    assert 0 < result["escalated_rows"] < result["rows_checked"]  # both paths of the cascade ran
+    assert result["big_inference_count_delta"] == result["escalated_rows"]
+
+
+def test_r_star():
+    assert gpu_check.r_star(1000.0, 100.0, 0.0) == pytest.approx(1000.0)
+    assert gpu_check.r_star(1000.0, 100.0, 1.0) == pytest.approx(1 / (1 / 1000 + 1 / 100))
+    assert gpu_check.r_star(20_255, 486, 0.18) / 486 == pytest.approx(4.9, abs=0.05)  # FACTS.md's H100 row
