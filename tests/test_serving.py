@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.decision import softmax
+from littlebig.decision import confidence, softmax
 from tests.conftest import offline_reference
 
 BATCH_SIZES = (1, 7, 64, 3, 32, 16, 50, 2, 8, 64, 5, 24)
@@ -207,8 +207,33 @@ def test_kserve_v2_rest_and_metrics(server, test_split, served_threshold):
         "littlebig_rows_total",
         "littlebig_escalated_rows_total",
         "littlebig_failed_requests_total",
-        "littlebig_little_confidence_bucket",
+        "littlebig_little_confidence_rows_total",
     ):
         assert name in metrics, name
     failed = [line for line in metrics.splitlines() if line.startswith("littlebig_failed_requests_total")]
     assert float(failed[0].rsplit(" ", 1)[1]) >= 1
+
+
+def scrape(server, name: str) -> dict[str, float]:
+    """One metric family's samples on the metrics port: label string -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    samples = [ln for ln in lines if ln.startswith(name + "{")]
+    return {ln.split("{", 1)[1].rsplit("}", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in samples}
+
+
+def test_confidence_bins_count_exactly_the_rows_served(server, grpc_client, test_split, served_threshold):
+    """The per-execute confidence bins (the drift signal) equal little's offline confidences, bin by bin."""
+    data, logits = test_split
+    rows = np.arange(300, 600)
+    before = scrape(server, "littlebig_little_confidence_rows_total")
+    for chunk in np.array_split(rows, 7):
+        inp = grpcclient.InferInput("IMAGE", list(data.images[chunk].shape), "UINT8")
+        inp.set_data_from_numpy(data.images[chunk])
+        grpc_client.infer("littlebig", [inp])
+    after = scrape(server, "littlebig_little_confidence_rows_total")
+    delta = {k.split('upper="')[1].split('"')[0]: after[k] - before.get(k, 0.0) for k in after}
+    conf = confidence(softmax(logits["little"][rows]))
+    edges = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0]
+    expected = np.bincount(np.searchsorted(edges, conf), minlength=len(edges))
+    assert [delta.get(repr(e), 0.0) for e in edges] == expected.tolist()

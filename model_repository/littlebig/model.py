@@ -6,35 +6,121 @@ only those go to big, in chunks no larger than big's max_batch_size, all in flig
 (``async_exec``). Answers merge back in each request's order. A request whose threshold parameter is
 bad, or whose rows hit a failing model, gets its own error; the other requests are answered.
 
+Timeouts never abandon work silently (RELIABILITY.md, "Stalls"):
+- each call carries ``bls_timeout_ms`` as its request timeout, and little and big have a queue
+  policy that honours it (``allow_timeout_override``), so work whose caller gave up is rejected by
+  Triton's scheduler instead of being run;
+- a call that is still executing when the timeout passes is *not* cancelled (2.51's ``async_exec``
+  runs a blocking ``Exec`` on an executor thread, which a cancel cannot stop): its rows are answered
+  by the failure policy, and a circuit breaker (``Breaker``) sends the model nothing new until it
+  answers, then sheds big's rows while big stays slower than the timeout, probing once a second.
+  One stalled model thus costs one in-flight call per BLS instance, not a growing pile of blocked
+  threads and queued executes, and no request waits on a big known to be slow.
+
 Imports only numpy, triton_python_backend_utils and decision, so it runs on a stock NGC image.
 """
 
 import asyncio
 import json
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from decision import check_threshold, confidence, escalate, softmax
 
-CONFIDENCE_BUCKETS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999]
+#: Upper edges of the confidence bins counted per execute (the last bin is (0.999, 1]).
+CONFIDENCE_BINS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+#: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (../shared/FACTS.md, GPU section).
+NUMPY_MAJOR_SUPPORTED = 1
 
 
-class ModelCallError(Exception):
-    """little or big failed (or timed out) on a chunk of rows."""
+def as_numpy(tensor) -> np.ndarray:
+    """A BLS output as a host array: CPU memory is asked for, but a GPU tensor is copied if one arrives."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    try:  # python_backend's documented DLPack route; torch is on GPU images that serve GPU tensors
+        from torch.utils.dlpack import from_dlpack
+    except ImportError as exc:
+        raise RuntimeError(f"output {tensor.name()} is in GPU memory and torch is not installed to copy it") from exc
+    return from_dlpack(tensor.to_dlpack()).cpu().numpy()
+
+
+class Breaker:
+    """When littlebig stops sending work to one model, and when it starts again (per BLS instance).
+
+    - Open while a call is past the timeout and still executing (``overdue``): nothing new is sent.
+    - For big (``shed``): while the last finished call took longer than the timeout, escalated rows
+      go straight to the failure policy, and once per ``probe_s`` one call is sent without waiting
+      for it (a probe). A probe that finishes in time closes the breaker. No request ever waits on
+      a probe, so a slow big costs no latency, and it gets at most one call per second.
+    """
+
+    def __init__(self, role, timeout_s, shed, probe_s=1.0):
+        self.role, self.timeout_s, self.shed, self.probe_s = role, timeout_s, shed, probe_s
+        self.overdue = set()
+        self.last_latency_s = 0.0
+        self.next_probe = 0.0
+
+    def finished(self, future, sent):
+        """Done callback of every call: remember its latency; an abandoned call's error is not news."""
+        self.last_latency_s = time.monotonic() - sent
+        self.overdue.discard(future)
+        if not future.cancelled():
+            future.exception()
+
+    def track(self, calls):
+        self.overdue.update(c for c in calls if not c.done())
+
+    def refusal(self, now):
+        """Why no work goes to the model now, or None."""
+        if self.overdue:
+            return (
+                f"{self.role} timed out: a call to it is still executing past the {self.timeout_s * 1000:.0f} ms "
+                "timeout; no new work goes to it until it answers"
+            )
+        if self.shed and self.last_latency_s > self.timeout_s:
+            return (
+                f"{self.role} timed out: its last call took {self.last_latency_s * 1000:.0f} ms (timeout "
+                f"{self.timeout_s * 1000:.0f} ms); rows go to the failure policy until a probe answers in time"
+            )
+        return None
+
+    def probe_due(self, now):
+        if not self.shed or self.overdue or now < self.next_probe:
+            return False
+        self.next_probe = now + self.probe_s
+        return True
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        if int(np.__version__.split(".")[0]) > NUMPY_MAJOR_SUPPORTED:
+            raise pb_utils.TritonModelException(
+                f"littlebig needs numpy<2 in the Python backend's environment, found {np.__version__}: Triton "
+                "2.51's Python backend turns numpy 2 arrays into zero-byte tensors (every BLS call would fail). "
+                "Install 'numpy<2' where the stub runs (or point EXECUTION_ENV_PATH at an environment that has it)."
+            )
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.threshold = check_threshold(params["threshold"])
-        self.little_model = params["little_model"]
-        self.big_model = params["big_model"]
-        self.little_max_batch = int(params["little_max_batch_size"])
-        self.big_max_batch = int(params["big_max_batch_size"])
+        self.models = {"little": params["little_model"], "big": params["big_model"]}
+        self.max_batch = {"little": int(params["little_max_batch_size"]), "big": int(params["big_max_batch_size"])}
         self.timeout_us = int(float(params.get("bls_timeout_ms", "10000")) * 1000)
         self.fall_back_to_little = params.get("on_big_failure", "error") == "little"
         self.classes = next(o["dims"][0] for o in config["output"] if o["name"] == "PROBS")
+        self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        # little must answer (no shedding); big's rows are shed to the failure policy while it is slow.
+        self.breakers = {
+            "little": Breaker("little", self.timeout_us / 1e6, shed=False),
+            "big": Breaker("big", self.timeout_us / 1e6, shed=True),
+        }
+        # Each in-flight call holds one executor thread: room for one execute's chunks twice over
+        # (the current ones and, at most, one overdue set), sized once instead of asyncio's default.
+        chunks = sum(-(-int(config["max_batch_size"]) // b) for b in self.max_batch.values())
+        self.executor = ThreadPoolExecutor(max_workers=2 * chunks + 2, thread_name_prefix="littlebig-bls")
+        self.executor_installed = False
         labels = {"model": args["model_name"], "version": args["model_version"]}
         # Keep the families referenced: a metric whose family is collected stops updating.
         self.families = {
@@ -55,51 +141,84 @@ class TritonPythonModel:
                 pb_utils.MetricFamily.COUNTER,
             ),
             "confidence": pb_utils.MetricFamily(
-                "littlebig_little_confidence", "little's top softmax probability", pb_utils.MetricFamily.HISTOGRAM
+                "littlebig_little_confidence_rows_total",
+                "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total",
+                pb_utils.MetricFamily.COUNTER,
             ),
         }
         self.metrics = {k: f.Metric(labels=labels) for k, f in self.families.items() if k != "confidence"}
-        self.confidence_hist = self.families["confidence"].Metric(labels=labels, buckets=CONFIDENCE_BUCKETS)
+        self.confidence_bins = [
+            self.families["confidence"].Metric(labels={**labels, "upper": repr(edge)}) for edge in CONFIDENCE_BINS
+        ]
 
     def _threshold(self, request):
         params = json.loads(request.parameters() or "{}")
         return self.threshold if "threshold" not in params else check_threshold(params["threshold"])
 
-    async def _run(self, model, images, max_batch):
-        """``model`` on every row, chunked to its max_batch_size, all chunks in flight together.
-
-        Yields (start, stop, logits, None) per answered chunk and (start, stop, None, message) per failed one.
-        """
-        bounds = list(range(0, len(images), max_batch)) + [len(images)]
-        spans = list(zip(bounds[:-1], bounds[1:]))
+    def _send(self, role, images, spans):
+        """One BLS call per span; each call's latency is recorded when it finishes, however late."""
+        sent = time.monotonic()
         calls = [
             pb_utils.InferenceRequest(
-                model_name=model,
+                model_name=self.models[role],
                 requested_output_names=["LOGITS"],
                 inputs=[pb_utils.Tensor("IMAGE", images[a:b])],
-                timeout=self.timeout_us,
+                timeout=self.timeout_us,  # honoured by the queue policy: expired work is rejected, not run
+                preferred_memory=self.cpu_memory,  # GPU backends' outputs come back in host memory
             ).async_exec()
             for a, b in spans
         ]
-        # Triton's BLS timeout only covers queueing: bound the whole call, so a hung model costs its
-        # requests an error after the timeout instead of stalling every BLS instance behind it.
-        limit_s = self.timeout_us / 1e6
-        results = await asyncio.gather(*(asyncio.wait_for(c, limit_s) for c in calls), return_exceptions=True)
+        for call in calls:
+            call.add_done_callback(lambda fut, role=role: self.breakers[role].finished(fut, sent))
+        return calls
+
+    async def _run(self, role, images):
+        """``role`` on every row, chunked to its max_batch_size, all chunks in flight together.
+
+        Returns [(start, stop, logits or None, error message or None)] covering every row.
+        """
+        max_batch = self.max_batch[role]
+        spans = [(a, min(a + max_batch, len(images))) for a in range(0, len(images), max_batch)]
+        breaker = self.breakers[role]
+        refused = breaker.refusal(time.monotonic())
+        if refused:
+            if breaker.probe_due(time.monotonic()):  # fire and forget: its latency decides when to resume
+                breaker.track(self._send(role, images, spans))
+            return [(a, b, None, refused) for a, b in spans]
+        calls = self._send(role, images, spans)
+        await asyncio.wait(calls, timeout=self.timeout_us / 1e6)  # never cancels: see the module docstring
         chunks = []
-        for (a, b), res in zip(spans, results):
-            if isinstance(res, asyncio.TimeoutError):
-                chunks.append((a, b, None, f"{model} timed out after {limit_s * 1000:.0f} ms"))
-            elif isinstance(res, Exception):
-                chunks.append((a, b, None, f"{model} failed: {res}"))
-            elif res.has_error():
-                chunks.append((a, b, None, f"{model} failed: {res.error().message()}"))
+        for (a, b), call in zip(spans, calls):
+            if not call.done():
+                chunks.append((a, b, None, f"{role} timed out after {self.timeout_us / 1000:.0f} ms"))
+            elif call.exception() is not None:
+                chunks.append((a, b, None, f"{role} failed: {call.exception()}"))
+            elif call.result().has_error():
+                chunks.append((a, b, None, f"{role} failed: {call.result().error().message()}"))
             else:
-                chunks.append((a, b, pb_utils.get_output_tensor_by_name(res, "LOGITS").as_numpy(), None))
+                logits = as_numpy(pb_utils.get_output_tensor_by_name(call.result(), "LOGITS"))
+                chunks.append((a, b, logits, None))
+        breaker.track([c for c in calls if not c.done()])
         return chunks
 
     async def execute(self, requests):
+        if not self.executor_installed:  # the stub's event loop exists only once execute runs
+            asyncio.get_running_loop().set_default_executor(self.executor)
+            self.executor_installed = True
         responses = [None] * len(requests)
-        images, thresholds, owners = [], [], []
+        try:
+            await self._execute(requests, responses)
+        except Exception as exc:  # a bug must cost its requests an answer, never the whole batch INTERNAL
+            pb_utils.Logger.log_error(f"littlebig: unexpected error in execute:\n{traceback.format_exc()}")
+            message = f"littlebig internal error ({type(exc).__name__}: {exc}); see the server log"
+            responses = [self._error(message, pb_utils.TritonError.INTERNAL) if r is None else r for r in responses]
+        self.metrics["failed"].increment(sum(1 for r in responses if r.has_error()))
+        return responses
+
+    async def _execute(self, requests, responses):
+        """Parse every request (bad ones answered at once), then run the cascade on the good rows."""
+        images, thresholds, spans = [], [], {}
+        start = 0
         for i, request in enumerate(requests):
             try:
                 t = self._threshold(request)
@@ -109,59 +228,61 @@ class TritonPythonModel:
             rows = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(rows)
             thresholds.append(np.full(len(rows), t))
-            owners.append(np.full(len(rows), i))
-        if images:
-            await self._cascade(np.concatenate(images), np.concatenate(thresholds), np.concatenate(owners), responses)
-        self.metrics["failed"].increment(sum(1 for r in responses if r.has_error()))
-        return responses
+            spans[i] = slice(start, start + len(rows))
+            start += len(rows)
+        if spans:
+            await self._cascade(np.concatenate(images), np.concatenate(thresholds), spans, responses)
 
-    async def _cascade(self, images, thresholds, owners, responses):
-        """Fill ``responses`` for the rows' owners: little on all rows, big on the escalated ones."""
-        failed = {}  # request index -> error message, for requests any of whose rows hit a failure
+    async def _cascade(self, images, thresholds, spans, responses):
+        """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows)."""
+        owner = np.repeat(list(spans), [s.stop - s.start for s in spans.values()])  # row -> request
+        failed = np.zeros(len(images), dtype=bool)  # rows little could not answer
+        messages = {}  # request index -> error message
         probs = np.zeros((len(images), self.classes), dtype=np.float32)
-        answered = np.zeros(len(images), dtype=bool)
-        for a, b, logits, err in await self._run(self.little_model, images, self.little_max_batch):
+        for a, b, logits, err in await self._run("little", images):
             if err:
-                failed.update({int(i): err for i in np.unique(owners[a:b])})
+                failed[a:b] = True
+                messages.update(dict.fromkeys(np.unique(owner[a:b]).tolist(), err))
             else:
                 probs[a:b] = softmax(logits)
-                answered[a:b] = True
         conf = confidence(probs)
-        esc = escalate(conf, thresholds) & answered
+        esc = escalate(conf, thresholds) & ~failed
         degraded = np.zeros(len(images), dtype=bool)
         rows = np.flatnonzero(esc)
         if len(rows):
-            for a, b, logits, err in await self._run(self.big_model, images[rows], self.big_max_batch):
+            for a, b, logits, err in await self._run("big", images[rows]):
                 if err is None:
                     probs[rows[a:b]] = softmax(logits)
                 elif self.fall_back_to_little:
                     degraded[rows[a:b]] = True
                 else:
-                    failed.update({int(i): err for i in np.unique(owners[rows[a:b]])})
-        for i, message in failed.items():
-            responses[i] = self._error(message, pb_utils.TritonError.UNAVAILABLE)
-        labels = probs.argmax(axis=-1).astype(np.int64)
-        for i in np.unique(owners):
-            if responses[i] is not None:
+                    messages.update(dict.fromkeys(np.unique(owner[rows[a:b]]).tolist(), err))
+        labels = probs.argmax(axis=-1).astype(np.int64).reshape(-1, 1)
+        served = np.ones(len(images), dtype=bool)
+        for i, s in spans.items():
+            if i in messages:
+                responses[i] = self._error(messages[i], pb_utils.TritonError.UNAVAILABLE)
+                served[s] = False
                 continue
-            mine = owners == i
             responses[i] = pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor("LABEL", labels[mine].reshape(-1, 1)),
-                    pb_utils.Tensor("PROBS", probs[mine]),
-                    pb_utils.Tensor("ESCALATED", esc[mine].reshape(-1, 1)),
-                    pb_utils.Tensor("DEGRADED", degraded[mine].reshape(-1, 1)),
+                    pb_utils.Tensor("LABEL", labels[s]),
+                    pb_utils.Tensor("PROBS", probs[s]),
+                    pb_utils.Tensor("ESCALATED", esc[s].reshape(-1, 1)),
+                    pb_utils.Tensor("DEGRADED", degraded[s].reshape(-1, 1)),
                 ]
             )
-        served = ~np.isin(owners, list(failed))
         self._observe(conf[served], esc[served], degraded[served])
 
     def _observe(self, conf, esc, degraded):
+        """Metrics once per execute: each call is an IPC round trip to the server, so none per row."""
         self.metrics["rows"].increment(len(conf))
         self.metrics["escalated"].increment(int(esc.sum()))
         self.metrics["degraded"].increment(int(degraded.sum()))
-        for c in conf:
-            self.confidence_hist.observe(float(c))
+        counts = np.bincount(np.searchsorted(CONFIDENCE_BINS, conf), minlength=len(CONFIDENCE_BINS))
+        for metric, count in zip(self.confidence_bins, counts):
+            if count:
+                metric.increment(int(count))
 
     def _error(self, message, code):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
