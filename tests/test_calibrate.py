@@ -89,3 +89,27 @@ def test_calibrate_rejects_unknown_rules():
     out, _ = synthetic(n=100)
     with pytest.raises(ValueError, match="unknown rule"):
         calibrate(out, ("paper", "magic"))
+
+
+def test_paired_difference_ci_is_the_paired_bootstrap():
+    """The multinomial shortcut against a literal resampling of images, and its verdicts."""
+    from littlebig.export.report import paired_difference_ci, verdict
+
+    rng = np.random.default_rng(1)
+    n = 4000
+    big = rng.random(n) < 0.92
+    cascade = big.copy()
+    flip = rng.choice(n, 60, replace=False)  # 60 discordant images, 30 each way: no difference
+    cascade[flip[:30]] = ~cascade[flip[:30]] & big[flip[:30]]
+    cascade[flip[30:]] = True
+    ci = paired_difference_ci(cascade, big)
+    idx = rng.integers(0, n, size=(3000, n))  # the literal paired bootstrap
+    literal = np.quantile(cascade[idx].mean(1) - big[idx].mean(1), [0.025, 0.975])
+    assert np.abs(ci - literal).max() < 0.0006  # same distribution, Monte-Carlo noise only
+    assert ci[0] <= cascade.mean() - big.mean() <= ci[1]
+    assert verdict(paired_difference_ci(big, big)).startswith("no loss shown")
+    worse = big.copy()
+    worse[np.flatnonzero(big)[:80]] = False  # 2 points lost
+    lo, hi = paired_difference_ci(worse, big)
+    assert hi < 0 and verdict((lo, hi)).startswith("loss")
+    assert paired_difference_ci(np.stack([worse, big]), np.stack([big, big])).shape == (2, 2)
