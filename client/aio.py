@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,11 +36,12 @@ class AsyncLittleBigClient(_ClientBase):
         timeout_s: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
         max_in_flight: int = 64,
     ) -> None:
         import tritonclient.grpc.aio as aioclient
 
-        super().__init__(url, model, timeout_s, retries, backoff_s)
+        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s)
         self._client = aioclient.InferenceServerClient(url)
         self._slots = asyncio.Semaphore(max_in_flight)
 
@@ -52,23 +54,25 @@ class AsyncLittleBigClient(_ClientBase):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, fn, *args, **kwargs):
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``await fn(...)`` under the shared retry policy (tenacity's AsyncRetrying); failures as ClientError."""
+        import tenacity
         from tritonclient.utils import InferenceServerException
 
-        for attempt in itertools.count():
-            try:
-                return await fn(*args, **kwargs)
-            except InferenceServerException as exc:
-                await asyncio.sleep(self._retry_delay(exc, attempt))
+        deadline = time.monotonic() + self.timeout_s
+
+        async def attempt() -> Any:
+            return await fn(*args, client_timeout=self._left(deadline), **kwargs)
+
+        try:
+            return await self._policy(tenacity.AsyncRetrying)(attempt)
+        except InferenceServerException as exc:
+            raise self._error(exc) from None
 
     async def service(self) -> Service:
         if self._service is None:
-            meta = await self._call(
-                self._client.get_model_metadata, self.model, as_json=True, client_timeout=self.timeout_s
-            )
-            config = await self._call(
-                self._client.get_model_config, self.model, as_json=True, client_timeout=self.timeout_s
-            )
+            meta = await self._call(self._client.get_model_metadata, self.model, as_json=True)
+            config = await self._call(self._client.get_model_config, self.model, as_json=True)
             self._service = Service.from_server(meta, config["config"])
         return self._service
 
@@ -78,9 +82,7 @@ class AsyncLittleBigClient(_ClientBase):
         inp.set_data_from_numpy(images)
         params = None if threshold is None else {"threshold": threshold}
         async with self._slots:
-            result = await self._call(
-                self._client.infer, service.model, [inp], parameters=params, client_timeout=self.timeout_s
-            )
+            result = await self._call(self._client.infer, service.model, [inp], parameters=params)
         return parse_response(service, result)
 
     async def classify(
@@ -88,7 +90,8 @@ class AsyncLittleBigClient(_ClientBase):
     ) -> Classification:
         """Like LittleBigClient.classify, with every max_batch_size chunk in flight at once."""
         service = await self.service()
-        batch, files = as_batch(images, service)
+        # Pillow decodes and resizes files in a worker thread: the event loop keeps serving other requests.
+        batch, files = await asyncio.to_thread(as_batch, images, service)
         parts = await asyncio.gather(
             *(self.infer_batch(batch[s], threshold) for s in chunks(len(batch), service.max_batch_size))
         )

@@ -7,10 +7,10 @@ serves any exported pair.
 
 from __future__ import annotations
 
-import itertools
 import json
+import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,16 @@ from littlebig.decision import softmax
 
 DEFAULT_URL = "localhost:8001"
 START_HINT = "start it with `make serve` (or `littlebig serve`)"
-RETRYABLE = ("StatusCode.UNAVAILABLE",)
+#: How the served cascade words its own UNAVAILABLE answers (model_repository/littlebig/model.py): an
+#: answer, never retried, even though its status is the transport's.
+CASCADE_ANSWERS = ("big failed:", "big timed out", "little failed:", "little timed out")
+#: gRPC core's details when no connection carried the call: the server never saw it, so a retry
+#: cannot repeat work (connection refused, reset or closed before an answer, name resolution).
+TRANSPORT_FAILURE = re.compile(
+    r"failed to connect|connection refused|connect failed|socket closed|connection reset|broken pipe|"
+    r"dns resolution failed|name resolution|no route to host|endpoint closing|goaway",
+    re.IGNORECASE,
+)
 
 
 class ClientError(Exception):
@@ -114,21 +123,24 @@ class Classification:
         ]
 
     def records(self, top_k: int = 1) -> list[dict[str, Any]]:
-        """One JSON-ready dict per image (file, label, name, confidence, escalated, top_k)."""
+        """One JSON-ready dict per image (file, label, name, confidence, escalated, top_k); O(N)."""
+        names, confidence = self.names, self.confidence  # each computed once, not once per row
+        tops = self.top_k(top_k) if top_k > 1 else None
+        degraded = self.degraded if len(self.degraded) else np.zeros(len(self), bool)
         out = []
         for i in range(len(self)):
             rec = {
                 "label": int(self.labels[i]),
-                "name": self.names[i],
-                "confidence": float(self.confidence[i]),
+                "name": names[i],
+                "confidence": float(confidence[i]),
                 "escalated": bool(self.escalated[i]),
             }
             if self.files:
                 rec = {"file": self.files[i], **rec}
-            if len(self.degraded) and self.degraded[i]:
+            if degraded[i]:
                 rec["degraded"] = True
-            if top_k > 1:
-                rec["top_k"] = [{"name": n, "prob": p} for n, p in self.top_k(top_k)[i]]
+            if tops is not None:
+                rec["top_k"] = [{"name": n, "prob": p} for n, p in tops[i]]
             out.append(rec)
         return out
 
@@ -207,13 +219,28 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
+def unreachable(exc: Exception) -> bool:
+    """True only when the call could not reach the server (the one failure the client retries).
+
+    The cascade answers "big failed" / "big timed out" with UNAVAILABLE too: that is an answer (retrying
+    it would hold another BLS instance for the whole timeout), so it is told apart by its wording.
+    """
+    status = getattr(exc, "status", lambda: None)()
+    if status != "StatusCode.UNAVAILABLE":
+        return False
+    message = ((exc.message() if hasattr(exc, "message") else str(exc)) or "").strip()
+    if message.startswith(CASCADE_ANSWERS):
+        return False
+    return bool(TRANSPORT_FAILURE.search(message)) or message.lower() == "unavailable"
+
+
 def describe_error(exc: Exception, url: str, timeout_s: float) -> ClientError:
     """A one-line ClientError for a tritonclient exception."""
     status = getattr(exc, "status", lambda: None)()
     message = (exc.message() if hasattr(exc, "message") else str(exc)) or str(exc)
     if status == "StatusCode.DEADLINE_EXCEEDED" or "Deadline Exceeded" in message:
         return ClientError(f"request to {url} timed out after {timeout_s:g} s")
-    if status == "StatusCode.UNAVAILABLE" and ("connect" in message.lower() or "unavailable" == message.lower()):
+    if unreachable(exc):
         return ServerUnavailable(f"cannot reach the littlebig server at {url}: {START_HINT}")
     if status == "StatusCode.INVALID_ARGUMENT":
         return InputError(f"the server rejected the request: {message.splitlines()[0]}")
@@ -221,24 +248,50 @@ def describe_error(exc: Exception, url: str, timeout_s: float) -> ClientError:
 
 
 class _ClientBase:
-    """What the sync and async clients share: where to go, and when a failed call may be retried."""
+    """What the sync and async clients share: where to go, and the retry policy of every call.
 
-    def __init__(self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float) -> None:
+    One call (metadata, config or one inference) has an overall deadline of ``timeout_s``: each attempt's
+    gRPC deadline is what is left of it. Only ``unreachable`` failures are retried, at most ``retries``
+    times, after a full-jitter exponential backoff (uniform in [0, min(max_backoff_s, backoff_s * 2**n)])
+    so that clients cut off together do not come back together; no retry starts that could not finish
+    its backoff before the deadline. tenacity runs the policy (``Retrying`` / ``AsyncRetrying``).
+    """
+
+    def __init__(
+        self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float = 5.0
+    ) -> None:
         import tritonclient.grpc as grpcclient
 
         self.url, self.model, self.timeout_s = url, model, timeout_s
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.last_attempts = 0  # attempts the last call made (1 = no retry)
         self._grpc = grpcclient  # InferInput, shared by both transports
         self._service: Service | None = None
 
-    def _retry_delay(self, exc: Exception, attempt: int) -> float:
-        """Seconds to wait before retrying; only UNAVAILABLE is safe to retry, and only ``retries`` times.
+    def _policy(self, kind: type):
+        """A tenacity Retrying (or AsyncRetrying) for one call, per the class docstring."""
+        import tenacity
 
-        Anything else raises its one-line ClientError.
-        """
-        if exc.status() not in RETRYABLE or attempt >= self.retries:  # type: ignore[attr-defined]
-            raise describe_error(exc, self.url, self.timeout_s) from None
-        return self.backoff_s * 2**attempt
+        return kind(
+            retry=tenacity.retry_if_exception(unreachable),
+            stop=tenacity.stop_after_attempt(self.retries + 1) | tenacity.stop_before_delay(self.timeout_s),
+            wait=tenacity.wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
+            before=self._count_attempt,
+            reraise=True,
+        )
+
+    def _count_attempt(self, state) -> None:
+        self.last_attempts = state.attempt_number
+
+    def _left(self, deadline: float) -> float:
+        """Seconds left for this attempt; a ClientError once the call's deadline has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClientError(f"request to {self.url} timed out after {self.timeout_s:g} s")
+        return left
+
+    def _error(self, exc: Exception) -> ClientError:
+        return describe_error(exc, self.url, self.timeout_s)
 
 
 class LittleBigClient(_ClientBase):
@@ -257,10 +310,11 @@ class LittleBigClient(_ClientBase):
         timeout_s: float = 30.0,
         retries: int = 3,
         backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        super().__init__(url, model, timeout_s, retries, backoff_s)
+        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s)
         self._client = grpcclient.InferenceServerClient(url)
 
     def close(self) -> None:
@@ -272,22 +326,22 @@ class LittleBigClient(_ClientBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, client_timeout=..., **kwargs)`` under the retry policy; failures as ClientError."""
+        import tenacity
         from tritonclient.utils import InferenceServerException
 
-        for attempt in itertools.count():
-            try:
-                return fn(*args, **kwargs)
-            except InferenceServerException as exc:
-                time.sleep(self._retry_delay(exc, attempt))
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            return self._policy(tenacity.Retrying)(lambda: fn(*args, client_timeout=self._left(deadline), **kwargs))
+        except InferenceServerException as exc:
+            raise self._error(exc) from None
 
     @property
     def service(self) -> Service:
         if self._service is None:
-            meta = self._call(self._client.get_model_metadata, self.model, as_json=True, client_timeout=self.timeout_s)
-            config = self._call(self._client.get_model_config, self.model, as_json=True, client_timeout=self.timeout_s)[
-                "config"
-            ]
+            meta = self._call(self._client.get_model_metadata, self.model, as_json=True)
+            config = self._call(self._client.get_model_config, self.model, as_json=True)["config"]
             self._service = Service.from_server(meta, config)
         return self._service
 
@@ -297,7 +351,7 @@ class LittleBigClient(_ClientBase):
         inp = self._grpc.InferInput(service.input_name, list(images.shape), service.dtype)
         inp.set_data_from_numpy(images)
         params = None if threshold is None else {"threshold": threshold}
-        result = self._call(self._client.infer, service.model, [inp], parameters=params, client_timeout=self.timeout_s)
+        result = self._call(self._client.infer, service.model, [inp], parameters=params)
         return parse_response(service, result)
 
     def classify(
@@ -309,22 +363,3 @@ class LittleBigClient(_ClientBase):
         result = Classification.concat(parts, self.service.class_names)
         result.files = files
         return result
-
-    def health(self) -> dict[str, str | None]:
-        """A real inference through littlebig, little and big: {model: None if it answered, else the error}.
-
-        Readiness alone misses a dead Python stub (Triton keeps reporting it ready).
-        """
-        report: dict[str, str | None] = {}
-        for model in ("littlebig", "little", "big"):
-            try:
-                probe = LittleBigClient(self.url, model, timeout_s=self.timeout_s, retries=0)
-                try:
-                    size = probe.service.size
-                    probe.infer_batch(np.zeros((1, *size), np.uint8), threshold=1.0 if model == "littlebig" else None)
-                    report[model] = None
-                finally:
-                    probe.close()
-            except ClientError as exc:
-                report[model] = str(exc)
-        return report

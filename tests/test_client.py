@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -102,6 +103,24 @@ def test_server_not_running_says_how_to_start_it():
             c.classify(np.zeros((1, 28, 28, 1), np.uint8))
 
 
+def test_records_are_linear_in_the_rows():
+    """records() builds names, confidences and top-k once, not once per row: 100,000 rows in seconds."""
+    from littlebig.client import Classification
+
+    rng = np.random.default_rng(0)
+    n = 100_000
+    probs = rng.dirichlet(np.ones(10), size=n).astype(np.float32)
+    result = Classification(probs.argmax(-1), probs, rng.random(n) < 0.3, tuple("abcdefghij"), rng.random(n) < 0.1)
+    began = time.monotonic()
+    records = result.records(top_k=3)
+    assert time.monotonic() - began < 10
+    i = 12345
+    assert records[i]["name"] == "abcdefghij"[probs[i].argmax()] and records[i]["confidence"] == float(probs[i].max())
+    assert records[i]["escalated"] == bool(result.escalated[i])
+    assert records[i].get("degraded", False) == result.degraded[i]
+    assert [t["name"] for t in records[i]["top_k"]] == ["abcdefghij"[j] for j in np.argsort(-probs[i])[:3]]
+
+
 def test_timeout_is_reported(server, test_split):
     with LittleBigClient(f"127.0.0.1:{server.ports.grpc}", timeout_s=5) as c:
         assert c.service.is_cascade  # metadata first, then a request that cannot finish in 1 microsecond
@@ -155,11 +174,14 @@ def test_cli_classify_eval_health(server, test_split, tmp_path, served_threshold
     assert summary["accuracy"] == pytest.approx((ref["label"] == data.labels[:500]).mean(), abs=1e-12)
     assert summary["escalation_rate"] == pytest.approx(ref["escalated"].mean(), abs=1e-12)
     assert summary["images_per_s"] > 0 and 0 < summary["macs_saved"] < 1
-    assert run_cli("health", "--url", url).returncode == 0
+    health = run_cli("health", "--http-url", f"127.0.0.1:{server.ports.http}")
+    assert health.returncode == 0 and health.stdout.split() == ["little", "ok", "big", "ok", "littlebig", "ok"]
+    assert run_cli("health", "--live", "--http-url", f"127.0.0.1:{server.ports.http}").returncode == 0
     from littlebig.model_repository.server import free_port
 
-    dead = run_cli("health", "--url", f"127.0.0.1:{free_port()}")
-    assert dead.returncode == 1 and "make serve" in dead.stdout
+    for live in ([], ["--live"]):
+        dead = run_cli("health", *live, "--http-url", f"127.0.0.1:{free_port()}", "--timeout", "2")
+        assert dead.returncode == 1 and "make serve" in dead.stdout
     for cmd in ("classify", "eval", "health", "export", "calibrate", "repo", "serve", "train", "report", "demo"):
         helped = run_cli(cmd, "--help")
         assert helped.returncode == 0 and "example" in helped.stdout, cmd
