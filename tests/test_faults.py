@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from littlebig.model_repository.generate import ServeOptions
 from littlebig.model_repository.server import Supervisor
 from tests.soak import spaced_thresholds
-from tests.test_reliability import grpc_url, hang_big, own_server, wait_for_answer
+from tests.test_reliability import grpc_url, hang_big, infer, own_server, timed, wait_for_answer
 
 CLIENTS = 8
 BATCH = 4
@@ -59,8 +60,12 @@ class Load:
                 try:
                     res = client.infer("littlebig", [inp], parameters={"threshold": threshold}, client_timeout=15)
                     out.append(
-                        Answer(began, time.monotonic() - began, int(res.as_numpy("ESCALATED").sum()),
-                               int(res.as_numpy("DEGRADED").sum()))
+                        Answer(
+                            began,
+                            time.monotonic() - began,
+                            int(res.as_numpy("ESCALATED").sum()),
+                            int(res.as_numpy("DEGRADED").sum()),
+                        )
                     )
                 except InferenceServerException as exc:
                     out.append(Answer(began, time.monotonic() - began, error=f"{exc.status()}: {exc.message()}"))
@@ -167,3 +172,43 @@ def test_a_big_slower_than_the_timeout_costs_no_capacity_on_abandoned_work(build
     assert p95(answers) < 0.25 and p95(little_only) < 0.25 and not any(a.error for a in little_only)
     # Work nobody waits for is neither queued up nor run: big ran a small fraction of the escalated rows.
     assert big_rows <= 0.25 * escalated
+
+
+WRONG_WIDTH_LITTLE = '''"""little that answers with one class too many: a bug the cascade did not expect."""
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.classes = json.loads(args["model_config"])["output"][0]["dims"][0]
+
+    def execute(self, requests):
+        rows = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy().shape[0] for r in requests]
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("LOGITS", np.zeros((n, self.classes + 1), np.float32))])
+                for n in rows]
+'''
+
+
+def test_an_unexpected_exception_costs_its_requests_an_error_not_the_batch(build_dir, tmp_path, test_split):
+    """An exception the BLS code did not foresee: each request gets its own INTERNAL error naming it,
+    the traceback is in the server log, and the server keeps serving."""
+    data, _ = test_split
+
+    def edit(repo):
+        (repo / "little" / "1" / "model.py").write_text(WRONG_WIDTH_LITTLE)
+
+    with own_server(build_dir, tmp_path, ServeOptions(), edit) as server:
+        url = grpc_url(server)
+        errors = []
+        with ThreadPoolExecutor(4) as pool:
+            for outcome in pool.map(lambda k: timed(url, data.images[k : k + 3], 0.5, timeout=10), range(8)):
+                errors.append(outcome[1])
+        direct = infer(url, data.images[:2], model="little").as_numpy("LOGITS")
+        log = (tmp_path / "tritonserver.log").read_text()
+    print(f"\nunexpected exception: {errors[0]}")
+    assert all(e.startswith("StatusCode.INTERNAL") and "littlebig internal error (ValueError" in e for e in errors)
+    assert "Traceback (most recent call last)" in log and "unexpected error in execute" in log
+    assert direct.shape == (2, 11)  # the server itself kept serving
