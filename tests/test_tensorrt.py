@@ -6,8 +6,10 @@ running plans is skipped without CUDA and TensorRT.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -158,21 +160,50 @@ def test_parity_rule_fails_a_plan_that_disagrees():
         lbtrt.compare(reference, reference[:5])
 
 
-def test_calibration_on_plan_logits_uses_the_shared_rules(build, monkeypatch):
-    """With onnxruntime's logits standing in for a plan's, the plan calibration reproduces calibration.json."""
-    from littlebig.export.pipeline import read_calibration, reference_logits
+def _binomial_cdf_above(k: int, n: int, eps: Fraction, delta: Fraction) -> bool:
+    """P(Binomial(n, eps) <= k) > delta, in exact rational arithmetic (no floats, no lgamma)."""
+    q = 1 - eps
+    cdf = sum(Fraction(math.comb(n, i)) * eps**i * q ** (n - i) for i in range(k + 1))
+    return cdf > delta
+
+
+def test_calibration_on_plan_logits_matches_an_independent_search(build, monkeypatch):
+    """With onnxruntime's logits standing in for a plan's, the plan calibration's Ts and figures equal a
+    brute-force search written here (a loop over every T; exact binomial tails), not calibrate() again."""
+    from littlebig.decision import confidence, escalate, softmax
+    from littlebig.export.calibrate import DELTA, EPS, ltt_grid
+    from littlebig.export.pipeline import reference_logits
 
     monkeypatch.setattr(lbtrt, "plan_split_logits", reference_logits)
     record = lbtrt.calibrate_on_plans(build)
-    calibration = read_calibration(build)
-    assert set(record["rules"]) == set(calibration["rules"])
-    for rule, r in calibration["rules"].items():
-        assert record["rules"][rule]["threshold"] == r["threshold"]
-        figures = record["on_plan_logits"][rule]
-        assert figures["onnx_threshold"]["val"] == figures["plan_threshold"]["val"]
-        assert figures["onnx_threshold"]["val"]["accuracy"] == pytest.approx(r["accuracy"])
-        assert set(figures["plan_threshold"]) == {"val", "test"}
-    assert record["big_acc"] == pytest.approx(calibration["big_acc"])
+    val = reference_logits(build, "val")
+    labels, little, big = val["labels"], val["little"].argmax(-1), val["big"].argmax(-1)
+    conf = confidence(softmax(val["little"]))
+
+    def figures(t: float) -> tuple[float, float]:
+        esc = escalate(conf, t)
+        return float(np.where(esc, big == labels, little == labels).mean()), float(esc.mean())
+
+    # paper: the smallest T (every distinct confidence, 0 and 1 tried) whose accuracy reaches big's
+    big_acc = float((big == labels).mean())
+    paper = min(t for t in {0.0, 1.0, *map(float, conf)} if figures(t)[0] >= big_acc - 1e-12)
+    got = record["rules"]["paper"]
+    assert got["threshold"] == paper and (got["accuracy"], got["escalation_rate"]) == figures(paper)
+    # guaranteed: the last grid T, walking down from 1, before the first whose exact tail exceeds delta
+    n, eps, delta = len(labels), Fraction(EPS).limit_denominator(10**6), Fraction(DELTA).limit_denominator(10**6)
+    chosen = 1.0
+    for t in ltt_grid():
+        if _binomial_cdf_above(int((~escalate(conf, t) & (little != big)).sum()), n, eps, delta):
+            break
+        chosen = float(t)
+    assert record["rules"]["guaranteed"]["threshold"] == chosen < 1.0
+    assert record["big_acc"] == big_acc
+    # the per-rule figures on each split are the rule's T evaluated here
+    test = reference_logits(build, "test")
+    conf_test = confidence(softmax(test["little"]))
+    esc = escalate(conf_test, paper)
+    acc = np.where(esc, test["big"].argmax(-1) == test["labels"], test["little"].argmax(-1) == test["labels"]).mean()
+    assert record["on_plan_logits"]["paper"]["plan_threshold"]["test"]["accuracy"] == pytest.approx(acc, abs=1e-12)
 
 
 @needs_trt
