@@ -309,11 +309,14 @@ def perf_analyzer(path: str | None, work: Path):
     return pa
 
 
-def measure_speed(pa, grpc_url: str, input_data: Path, work: Path, batch: int, concurrency: int) -> dict[str, Any]:
-    """Throughput (images/s) of little, big and littlebig on one server."""
+def measure_speed(
+    pa, grpc_url: str, input_data: Path, work: Path, batch: int, concurrency: int, interval_ms: int = 5000
+) -> dict[str, Any]:
+    """Throughput (images/s) of little, big and littlebig on one server (``work``: a fresh folder per server)."""
     from bench.perf import Window, measure
 
-    window = Window(interval_ms=5000, stability_pct=10, max_trials=10)
+    work.mkdir(parents=True, exist_ok=False)  # perf_analyzer's CSVs: never read a previous server's
+    window = Window(interval_ms=interval_ms, stability_pct=10, max_trials=10)
     out = {}
     for model in ("little", "big", "littlebig"):
         composing = ["little", "big"] if model == "littlebig" else None
@@ -336,14 +339,17 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
 
     bundle, report_path = args.bundle, args.build / "gpu-check.json"
     if not (bundle / "bundle.json").exists():
-        prepare(args.build, bundle)
+        prepare(args.build, bundle, device=args.device)
     meta, images = read_bundle(bundle)
-    device = "cuda:0"
+    if meta["device"] != args.device:
+        raise SystemExit(f"{bundle} was prepared for device {meta['device']}, not {args.device}: prepare it again")
+    device = "cuda:0" if args.device == "cuda" else args.device
     t0 = time.monotonic()
     reference = compute_reference(repo_dir(bundle, 1), images, device, meta["buckets"], meta["threshold"])
-    import torch
+    if device.startswith("cuda"):
+        import torch
 
-    torch.cuda.empty_cache()  # the served stand-ins get the memory back
+        torch.cuda.empty_cache()  # the served stand-ins get the memory back
     report: dict[str, Any] = {
         "gpu": gpu,
         "stand_in": "little/big are Python-backend torch models on KIND_GPU (LOGITS in GPU memory), standing in "
@@ -374,7 +380,9 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
                     )
                 if pa is not None:
                     grpc = f"127.0.0.1:{server.ports.grpc}"
-                    speed[n] = measure_speed(pa, grpc, input_data, work, args.batch, args.concurrency)
+                    speed[n] = measure_speed(
+                        pa, grpc, input_data, work / f"instances-{n}", args.batch, args.concurrency, args.interval_ms
+                    )
             finally:
                 server.stop()
     finally:
@@ -431,12 +439,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="perf_analyzer -b")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--perf-images", type=int, default=1024, help="test images perf_analyzer cycles through")
+    parser.add_argument("--interval-ms", type=int, default=5000, help="perf_analyzer measurement window")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda; cpu: a dry run of this check's code on the CPU (tests), no GPU check"
+    )
     args = parser.parse_args(argv)
     args.bundle = args.bundle or args.build / "gpu-check"
     if args.prepare_only:
-        record = prepare(args.build, args.bundle)
+        record = prepare(args.build, args.bundle, device=args.device)
         print(f"wrote {args.bundle}: {record['rows']} images, T = {record['threshold']:.6f}")
         return 0
+    if args.device != "cuda":
+        return run_check(args, f"none: dry run on {args.device} (stand-ins on {args.device}, not a GPU measurement)")
     gpu = cuda_device()
     if gpu is None:
         print(SKIP_LINE)
