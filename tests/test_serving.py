@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -150,28 +151,78 @@ def test_missing_input_is_a_clear_error(grpc_client):
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
-@pytest.mark.parametrize("threshold", ["abc", -1, 2, "nan", ""])
-def test_bad_threshold_fails_that_request_only(server, test_split, threshold):
-    data, _ = test_split
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
-    images = data.images[:3]
-    good_in = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-    good_in.set_data_from_numpy(images)
-    errors, answers = [], []
+BATCHING_DELAY_US = 1_500_000
 
-    def done(result, error):
-        (errors if error else answers).append(error or result)
 
-    # Sent together, so the dynamic batcher may put both in one execute: only the bad one fails.
-    client.async_infer("littlebig", [good_in], done, parameters={"threshold": threshold})
-    client.async_infer("littlebig", [good_in], done)
-    deadline = time.monotonic() + 30
-    while len(errors) + len(answers) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    client.close()
-    assert len(errors) == 1 and len(answers) == 1
-    assert errors[0].status() == "StatusCode.INVALID_ARGUMENT"
-    assert "threshold" in errors[0].message() and "[0, 1]" in errors[0].message()
+@pytest.fixture(scope="module")
+def batching_server(build_dir, tmp_path_factory):
+    """One BLS instance whose dynamic batcher waits 1.5 s: requests sent together share one execute."""
+    from littlebig.model_repository.generate import ServeOptions
+    from tests.test_reliability import own_server
+
+    def slow_batcher(repo):
+        config = repo / "littlebig" / "config.pbtxt"
+        text, n = re.subn(r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {BATCHING_DELAY_US}",
+                          config.read_text())  # fmt: skip
+        assert n == 1
+        config.write_text(text)
+
+    with own_server(build_dir, tmp_path_factory.mktemp("batching"), ServeOptions(bls_instances=1), slow_batcher) as s:
+        yield s
+
+
+def test_bad_threshold_fails_that_request_only_in_a_shared_execute(batching_server, test_split, served_threshold):
+    """A bad and a good request in the *same* execute (checked with execution_count): only the bad one fails."""
+    data, logits = test_split
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{batching_server.ports.grpc}")
+    rows = np.arange(3)
+    good_in = grpcclient.InferInput("IMAGE", [len(rows), *data.images.shape[1:]], "UINT8")
+    good_in.set_data_from_numpy(data.images[rows])
+    try:
+        for threshold in ("abc", -1, 2, "nan", ""):
+            errors, answers = [], []
+
+            def done(result, error, errors=errors, answers=answers):
+                (errors if error else answers).append(error or result)
+
+            before = client.get_inference_statistics("littlebig").model_stats[0]
+            client.async_infer("littlebig", [good_in], done, parameters={"threshold": threshold})
+            client.async_infer("littlebig", [good_in], done)
+            deadline = time.monotonic() + 30
+            while len(errors) + len(answers) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            after = client.get_inference_statistics("littlebig").model_stats[0]
+            assert after.execution_count - before.execution_count == 1, threshold  # one execute held both
+            assert after.inference_count - before.inference_count == 2 * len(rows)
+            assert len(errors) == 1 and len(answers) == 1, (threshold, errors)
+            assert errors[0].status() == "StatusCode.INVALID_ARGUMENT"
+            assert "threshold" in errors[0].message() and "[0, 1]" in errors[0].message()
+            assert_matches_reference(answers[0], offline_reference(logits, rows, served_threshold), rows)
+    finally:
+        client.close()
+
+
+def metric_sums(server, names: tuple[str, ...]) -> dict[str, float]:
+    """Each metric family's samples summed, scraped from the metrics port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return {n: sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith(n + "{")) for n in names}
+
+
+def test_metric_values_equal_the_rows_served(server, grpc_client, test_split, served_threshold):
+    """The counters the autoscaler scales on move by exactly the rows served and the rows big inferred."""
+    data, logits = test_split
+    names = ("littlebig_rows_total", "littlebig_escalated_rows_total")
+    work = [r + 2000 for r in batches(300)]
+    before, big_before = metric_sums(server, names), rows_of(grpc_client, "big")
+    escalated = 0
+    for rows in work:
+        escalated += int(infer(grpc_client, data.images[rows]).as_numpy("ESCALATED").sum())
+    after, big_rows = metric_sums(server, names), rows_of(grpc_client, "big") - big_before
+    expected = int(offline_reference(logits, np.arange(2000, 2300), served_threshold)["escalated"].sum())
+    assert after["littlebig_rows_total"] - before["littlebig_rows_total"] == 300
+    assert after["littlebig_escalated_rows_total"] - before["littlebig_escalated_rows_total"] == big_rows
+    assert big_rows == escalated == expected > 0
 
 
 def test_kserve_v2_rest_and_metrics(server, test_split, served_threshold):
