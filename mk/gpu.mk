@@ -28,24 +28,9 @@ gpu-check-bundle: setup
 	$(BIN)/python -m bench.gpu_check --build $(BUILD) --prepare-only
 
 # A venv for the GPU machine's python3 (torch+CUDA and timm, but numpy 2, which breaks the 2.51 Python
-# backend: ../shared/FACTS.md): --without-pip, numpy<2 unpacked from a brought wheel, a .pth to the system
-# site-packages for torch/timm, pytriton's tritonserver tree linked in, and littlebig's sources mapped
-# as the package layout of pyproject.toml (littlebig.export = export/, ...).
+# backend): --without-pip, numpy<2 from a brought wheel, torch/timm through a .pth, pytriton's tritonserver
+# tree, littlebig's package layout. bench/gpu_venv.py says why each step; it needs only the stdlib.
 NUMPY_WHEEL ?=
 PYTRITON_SITE ?=
 gpu-venv:
-	@test -n "$(NUMPY_WHEEL)" -a -f "$(NUMPY_WHEEL)" || { echo "NUMPY_WHEEL=<numpy 1.26 wheel for this python> is required"; exit 2; }
-	@test -d "$(PYTRITON_SITE)/pytriton/tritonserver" -a -d "$(PYTRITON_SITE)/nvidia_pytriton.libs" || \
-	  { echo "PYTRITON_SITE=<dir holding pytriton/ and nvidia_pytriton.libs/ from nvidia-pytriton 0.7.0> is required"; exit 2; }
-	$(GPU_SYSTEM_PYTHON) -m venv --without-pip $(GPU_VENV)
-	set -e; site=$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	  $(GPU_VENV)/bin/python -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$(NUMPY_WHEEL)" "$$site"; \
-	  $(GPU_SYSTEM_PYTHON) -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))' > "$$site/littlebig-system-torch.pth"; \
-	  cp -a "$(PYTRITON_SITE)/pytriton" "$(PYTRITON_SITE)/nvidia_pytriton.libs" "$$site/"; \
-	  chmod +x "$$site"/pytriton/tritonserver/bin/* "$$site"/pytriton/tritonserver/python_backend_stubs/*/triton_python_backend_stub; \
-	  rm -rf "$$site/littlebig"; mkdir "$$site/littlebig"; \
-	  for f in $(CURDIR)/littlebig/*.py; do ln -s "$$f" "$$site/littlebig/"; done; \
-	  ln -s $(CURDIR)/export "$$site/littlebig/export"; ln -s $(CURDIR)/client "$$site/littlebig/client"; \
-	  ln -s $(CURDIR)/model_repository "$$site/littlebig/model_repository"
-	$(GPU_VENV)/bin/python -c 'import numpy, torch, timm, littlebig.export.models, littlebig.model_repository.torch_standin; \
-	  assert int(numpy.__version__.split(".")[0]) < 2, numpy.__version__; print("gpu venv: numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+	$(GPU_SYSTEM_PYTHON) bench/gpu_venv.py --venv $(GPU_VENV) --numpy-wheel "$(NUMPY_WHEEL)" --pytriton-site "$(PYTRITON_SITE)"

@@ -122,3 +122,27 @@ def test_r_star():
     assert gpu_check.r_star(1000.0, 100.0, 0.0) == pytest.approx(1000.0)
     assert gpu_check.r_star(1000.0, 100.0, 1.0) == pytest.approx(1 / (1 / 1000 + 1 / 100))
     assert gpu_check.r_star(20_255, 486, 0.18) / 486 == pytest.approx(4.9, abs=0.05)  # FACTS.md's H100 row
+
+
+def test_gpu_venv_maps_the_package_layout_ahead_of_the_bare_littlebig_folder(tmp_path):
+    """The registry-free venv's finder (bench/gpu_venv.py): from the repo root, where a bare littlebig/ sits
+    first on sys.path, ``littlebig.export`` must still resolve to export/ (no site, no editable install)."""
+    from bench import gpu_venv
+
+    dirs = gpu_venv.package_dirs()
+    assert dirs["littlebig.export"] == str((ROOT / "export").resolve())
+    assert set(dirs) == {"littlebig", "littlebig.export", "littlebig.client", "littlebig.model_repository"}
+    (tmp_path / "_littlebig_layout.py").write_text(gpu_venv.FINDER.format(packages=dirs))
+    code = (
+        f"import sys; sys.path.insert(1, {str(tmp_path)!r}); import importlib.util\n"
+        "assert importlib.util.find_spec('littlebig.export') is None  # the bare folder alone\n"
+        "sys.modules.pop('littlebig', None); import _littlebig_layout\n"
+        "find = importlib.util.find_spec\n"
+        "print(find('littlebig.export').origin, find('littlebig.model_repository.torch_standin').origin)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    export, standin = done.stdout.split()
+    assert export == str(ROOT / "export" / "__init__.py")
+    assert standin == str(ROOT / "model_repository" / "torch_standin.py")

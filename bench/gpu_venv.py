@@ -1,0 +1,113 @@
+"""Make the venv ``make gpu-check`` runs in on a GPU machine that has no package registry.
+
+That machine's python3 has torch (CUDA) and timm, but numpy 2, with which every tensor the 2.51 Python
+backend builds from numpy has byte size 0 (../shared/FACTS.md, "On a GPU machine"). So: a venv made
+``--without-pip``; numpy < 2 unpacked from a brought wheel (a wheel is a zip: unpacking it is its
+install); a ``.pth`` to the system site-packages that hold torch (after the venv's own, so numpy 1.26
+wins); nvidia-pytriton's ``pytriton/`` and ``nvidia_pytriton.libs/`` copied in (the tritonserver tree);
+and littlebig's sources mapped as pyproject.toml lays them out (``littlebig.export`` = ``export/``...)
+by a meta-path finder, as an editable install would do. Run it with the system python3 (stdlib only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FINDER = '''"""littlebig's package layout (pyproject.toml's package-dir) for this venv: written by bench/gpu_venv.py."""
+import importlib.abc
+import importlib.util
+import sys
+
+PACKAGES = {packages!r}
+
+
+class LittlebigLayout(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name not in PACKAGES:
+            return None
+        init = PACKAGES[name] + "/__init__.py"
+        return importlib.util.spec_from_file_location(name, init, submodule_search_locations=[PACKAGES[name]])
+
+
+sys.meta_path.insert(0, LittlebigLayout())  # ahead of the working directory, which holds a bare littlebig/
+'''
+
+
+def package_dirs(root: Path = ROOT) -> dict[str, str]:
+    """littlebig's packages and their source folders, from pyproject.toml."""
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = setuptools.get("package-dir", {})
+    return {name: str((root / mapping.get(name, name.replace(".", "/"))).resolve()) for name in setuptools["packages"]}
+
+
+def site_packages(venv: Path) -> Path:
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return Path(out.stdout.strip())
+
+
+def make_venv(venv: Path, numpy_wheel: Path, pytriton_site: Path, system_python: str = sys.executable) -> Path:
+    """Create (or refresh) the venv; return its site-packages."""
+    if not numpy_wheel.is_file() or not numpy_wheel.name.startswith("numpy-1."):
+        raise SystemExit(f"--numpy-wheel must be a numpy 1.x wheel for this python, got {numpy_wheel}")
+    for name in ("pytriton/tritonserver/bin/tritonserver", "nvidia_pytriton.libs"):
+        if not (pytriton_site / name).exists():
+            raise SystemExit(f"{pytriton_site / name} not found: --pytriton-site holds nvidia-pytriton's install")
+    subprocess.run([system_python, "-m", "venv", "--without-pip", "--clear", str(venv)], check=True)
+    site = site_packages(venv)
+    with zipfile.ZipFile(numpy_wheel) as wheel:
+        wheel.extractall(site)
+    torch_site = subprocess.run(
+        [system_python, "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (site / "littlebig-system-torch.pth").write_text(torch_site + "\n")
+    for name in ("pytriton", "nvidia_pytriton.libs"):
+        shutil.copytree(pytriton_site / name, site / name, symlinks=True, dirs_exist_ok=True)
+    home = site / "pytriton" / "tritonserver"
+    for exe in [home / "bin" / "tritonserver", *home.glob("python_backend_stubs/*/triton_python_backend_stub")]:
+        exe.chmod(0o755)
+    (site / "_littlebig_layout.py").write_text(FINDER.format(packages=package_dirs()))
+    (site / "littlebig-layout.pth").write_text("import _littlebig_layout\n")
+    return site
+
+
+def check(venv: Path) -> str:
+    """Import what the check and the stand-ins import, from a folder holding a bare littlebig/ (the repo root)."""
+    code = (
+        "import numpy, torch, timm, bench.gpu_check\n"
+        "import littlebig.export.models, littlebig.model_repository.torch_standin\n"
+        "assert int(numpy.__version__.split('.')[0]) < 2, numpy.__version__\n"
+        "print(f'numpy {numpy.__version__}, torch {torch.__version__}, CUDA {torch.cuda.is_available()}')"
+    )
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{venv} does not import what gpu-check needs:\n{done.stderr[-2000:]}")
+    return done.stdout.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv-gpu")
+    parser.add_argument("--numpy-wheel", type=Path, required=True, help="numpy 1.26 wheel for this python")
+    parser.add_argument("--pytriton-site", type=Path, required=True, help="folder with pytriton/ and its libs")
+    args = parser.parse_args(argv)
+    site = make_venv(args.venv, args.numpy_wheel, args.pytriton_site)
+    print(f"{args.venv} ({sysconfig.get_python_version()}): {check(args.venv)}; packages in {site}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
