@@ -185,6 +185,7 @@ DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "intra_op_threads": (int, "onnxruntime threads per cpu-profile instance"),
     "inter_op_threads": (int, "onnxruntime inter-op threads per cpu-profile instance"),
     "bls_timeout_ms": (int, "timeout of each BLS call to little/big"),
+    "queue_timeout_us": (int, "little/big queue policy: reject work queued longer (default: the BLS timeout)"),
     "on_big_failure": (str, "error (default): fail the affected requests; little: answer with little, DEGRADED"),
     "rule": (str, "calibrated rule whose T is served (default: calibration's serve_rule)"),
     "threshold": (float, "serve this T instead of a calibrated one"),
