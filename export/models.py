@@ -131,11 +131,20 @@ def checkpoint_metadata(path: Path) -> dict[str, Any]:
 
 
 def load_classifier(weights: str, name: str | None = None, num_classes: int = 1000) -> tuple[nn.Module, list[str]]:
-    """A model from a littlebig checkpoint path, or ``pretrained`` timm weights (needs a hub)."""
-    if weights == "pretrained":
+    """A model from a littlebig checkpoint path, or ``pretrained`` timm weights (needs a hub).
+
+    ``pretrained:FILE`` is timm's pretrained path (its data config, its checkpoint filters) reading a
+    local copy of the hub's weights file instead of downloading it.
+    """
+    if weights == "pretrained" or weights.startswith("pretrained:"):
         if not name:
             raise ValueError("weights='pretrained' needs a timm model name")
-        model = create_classifier(name, num_classes=num_classes, pretrained=True)
+        local = weights.partition(":")[2]
+        if local and not Path(local).is_file():
+            raise FileNotFoundError(f"{local}: no such weights file")
+        model = create_classifier(
+            name, num_classes=num_classes, pretrained=True, pretrained_cfg={"file": local} if local else None
+        )
         from timm.data import ImageNetInfo
 
         return model.eval(), [ImageNetInfo().index_to_description(i) for i in range(num_classes)]

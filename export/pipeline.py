@@ -1,12 +1,16 @@
 """The offline job, step by step, each writing its build output: export -> reference -> calibrate.
 
 export.json is the contract between steps (and with the repository generator and the client):
-service size, class names and, per role, model name, weights, params, MACs, data config, parity.
+service size, class names, the data (folder, --max-images) and, per role, model name, weights, params,
+MACs, data config, parity. The data is Fashion-MNIST, a ``val/ test/`` image folder, or an ImageNet-style
+folder (``littlebig.imagenet``: streamed in batches decoded by worker processes, split in halves).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from littlebig.data import load_split
 
 ROLES = ("little", "big")
 REFERENCE_BATCH = 256
+PARITY_IMAGES = 64
 
 
 def export_dir(build: Path) -> Path:
@@ -39,14 +44,75 @@ def parse_size(text: str) -> tuple[int, int, int]:
     return h, w, c
 
 
+def default_batch_size(service_size: tuple[int, int, int]) -> int:
+    """Rows per onnxruntime call: 256 for small images, fewer for large ones (about 4 Mpixel a batch)."""
+    h, w, _ = service_size
+    return int(max(8, min(REFERENCE_BATCH, 2**22 // (h * w))))
+
+
+def split_batches(
+    split: str,
+    data_dir: str | None,
+    size: tuple[int, int, int],
+    *,
+    max_images: int | None = None,
+    class_ids: list[str] | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    desc: str | None = None,
+) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """(rows, batches of (uint8 images, labels)) of a split at the service size.
+
+    An ImageNet-style folder is streamed (bounded memory, worker processes); Fashion-MNIST and the
+    ``val/ test/`` layout are small and decoded whole, as before. ``max_images`` keeps a seeded sample of
+    that many images in all, half per split.
+    """
+    from littlebig.imagenet import DEFAULT_WORKERS, folder_split, is_imagenet_folder, iter_batches
+
+    batch_size = batch_size or default_batch_size(size)
+    if is_imagenet_folder(data_dir):
+        index = folder_split(data_dir, split, max_images, class_ids)
+        workers = DEFAULT_WORKERS if workers is None else workers
+        return len(index), iter_batches(index, size, batch_size, workers, desc)
+    data = load_split(split, data_dir, size)
+    images, labels = data.images, data.labels
+    if max_images is not None:
+        keep = np.sort(np.random.default_rng(0).permutation(len(labels))[: max(1, max_images // 2)])
+        images, labels = images[keep], labels[keep]
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch", disable=desc is None):
+            yield np.ascontiguousarray(images[i : i + batch_size]), labels[i : i + batch_size]
+
+    return len(labels), batches()
+
+
+def class_ids_of(weights: str, class_names: list[str]) -> list[str]:
+    """The ids an ImageNet-style folder's sub-folders are matched to: timm's synsets for its own
+    ImageNet-1k weights, the class names a littlebig checkpoint was trained on otherwise."""
+    if weights.startswith("pretrained") and len(class_names) == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_label_name(i) for i in range(1000)]
+    return list(class_names)
+
+
 def export_pair(
     build: Path,
     weights: dict[str, str],
     names: dict[str, str | None],
     service_size: tuple[int, int, int] | None,
     data_dir: str | None,
+    max_images: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Load both models, export each with its preprocessing, check parity on real val images, count MACs."""
+    """Load both models, export each with its preprocessing, check parity on real val images, count MACs.
+
+    timm's own weights (``pretrained``) get timm's PIL resize for every resize (``pil_resize``), which is
+    what they were evaluated with; littlebig's checkpoints keep the graph they were trained with, with
+    the antialiased resize only where the service size makes it downscale.
+    """
     from littlebig.export.macs import count_macs, count_params
     from littlebig.export.models import Preprocessed, data_config, load_classifier
     from littlebig.export.onnx_export import check_parity, export_onnx
@@ -61,16 +127,25 @@ def export_pair(
     if service_size is None:  # default: the big model's own resolution
         c, h, w = data_config(models["big"])["input_size"]
         service_size = (h, w, c)
-    images = load_split("val", data_dir, service_size).images
+    class_ids = class_ids_of(weights["big"], class_names["big"])
+    _, batches = split_batches(
+        "val", data_dir, service_size, max_images=max_images, class_ids=class_ids,
+        batch_size=PARITY_IMAGES, workers=min(workers or 2, 2),
+    )
+    images = next(iter(batches))[0]
+    batches.close()
     out_dir = export_dir(build)
     record: dict[str, Any] = {
         "service_size": list(service_size),
         "class_names": class_names["big"],
+        "class_ids": class_ids,
         "data_dir": data_dir,
+        "max_images": max_images,
     }
     for role in tqdm(ROLES, desc="export"):
         model = models[role]
-        net = Preprocessed(model, service_size)
+        pil_resize = weights[role].startswith("pretrained")
+        net = Preprocessed(model, service_size, pil_resize=pil_resize)
         path = export_onnx(net, out_dir / f"{role}.onnx")
         cfg = data_config(model)
         record[role] = {
@@ -79,11 +154,23 @@ def export_pair(
             "params": count_params(model),
             "macs": count_macs(model, tuple(cfg["input_size"])),
             "data_config": cfg,
+            "resize": {"to": list(net.resize_to), "antialias": net.antialias, "pil_resize": pil_resize},
             "onnx": path.name,
-            "parity": check_parity(net, path, images).as_dict(),
+            "parity": check_parity(net, path, images, (1, len(images))).as_dict(),
         }
     (out_dir / "export.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def set_data(build: Path, data_dir: str | None, max_images: int | None) -> dict[str, Any]:
+    """Point later steps (calibrate, report) at other data: rewrites export.json's data fields."""
+    exported = read_export(build)
+    if data_dir is not None:
+        exported["data_dir"] = data_dir
+    if max_images is not None:
+        exported["max_images"] = max_images
+    (export_dir(build) / "export.json").write_text(json.dumps(exported, indent=2))
+    return exported
 
 
 def run_onnx(path: Path, images: np.ndarray, desc: str, batch_size: int = REFERENCE_BATCH) -> np.ndarray:
@@ -98,26 +185,54 @@ def run_onnx(path: Path, images: np.ndarray, desc: str, batch_size: int = REFERE
     return np.concatenate(chunks).astype(np.float32)
 
 
-def reference_logits(build: Path, split: str) -> dict[str, np.ndarray]:
-    """Both models' logits on a split, from the exported ONNX files (cached beside them)."""
+def _source(exported: dict[str, Any]) -> str:
+    """What the cached logits were computed on: a change of data or sample size recomputes them."""
+    return json.dumps(
+        {k: exported.get(k) for k in ("data_dir", "max_images", "service_size", "class_ids")}, sort_keys=True
+    )
+
+
+def reference_logits(
+    build: Path, split: str, *, device: str = "auto", batch_size: int | None = None, workers: int | None = None
+) -> dict[str, np.ndarray]:
+    """Both models' logits on a split, from the exported ONNX files (cached beside them).
+
+    One pass over the data feeds both models, batch by batch, so an ImageNet folder is decoded once
+    and never held whole; ``device`` auto runs onnxruntime's CUDA provider where it is installed.
+    """
+    from littlebig.export.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
+
     exported = read_export(build)
     cache = export_dir(build) / f"logits-{split}.npz"
     onnx_files = [export_dir(build) / exported[r]["onnx"] for r in ROLES]
+    source = _source(exported)
     if cache.exists() and all(cache.stat().st_mtime >= f.stat().st_mtime for f in onnx_files):
         with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
-    data = load_split(split, exported["data_dir"], tuple(exported["service_size"]))
-    result = {"labels": data.labels, "images_sha": np.frombuffer(_sha(data.images), dtype=np.uint8)}
-    for role, path in zip(ROLES, onnx_files, strict=True):
-        result[role] = run_onnx(path, data.images, f"{role} on {split}")
-    np.savez(cache, **result)
+            if "source" in z.files and str(z["source"]) == source:
+                return {k: z[k] for k in z.files if k != "source"}
+    size = tuple(exported["service_size"])
+    rows, batches = split_batches(
+        split, exported["data_dir"], size, max_images=exported.get("max_images"),
+        class_ids=exported.get("class_ids"), batch_size=batch_size, workers=workers,
+        desc=f"little+big on {split}",
+    )
+    sessions = {role: onnx_session(path, device=device) for role, path in zip(ROLES, onnx_files, strict=True)}
+    chunks: dict[str, list[np.ndarray]] = {"labels": [], **{r: [] for r in ROLES}}
+    sha = hashlib.sha256()
+    for images, labels in batches:
+        sha.update(np.ascontiguousarray(images).tobytes())
+        chunks["labels"].append(labels)
+        for role, session in sessions.items():
+            chunks[role].append(session.run([OUTPUT_NAME], {INPUT_NAME: images})[0].astype(np.float32))
+    result = {k: np.concatenate(v) for k, v in chunks.items()}
+    if len(result["labels"]) != rows:
+        raise RuntimeError(f"{split}: expected {rows} images, got {len(result['labels'])}")
+    result["images_sha"] = np.frombuffer(sha.digest(), dtype=np.uint8)
+    partial = cache.with_name(f".{cache.name}.partial")
+    with open(partial, "wb") as f:  # written whole, then renamed: a concurrent reader never sees half
+        np.savez(f, source=np.asarray(source), **result)
+    partial.replace(cache)
     return result
-
-
-def _sha(images: np.ndarray) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).digest()
 
 
 def outputs(build: Path, split: str):

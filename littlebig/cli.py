@@ -83,7 +83,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         size = DEFAULT_SERVICE_SIZE
     try:
         record = export_pair(
-            args.build, {"little": little[1], "big": big[1]}, {"little": little[0], "big": big[0]}, size, args.data_dir
+            args.build, {"little": little[1], "big": big[1]}, {"little": little[0], "big": big[0]}, size, args.data_dir,
+            max_images=args.max_images, workers=args.workers,
         )
     except ParityError as exc:
         print(f"littlebig export: {exc}", file=sys.stderr)
@@ -105,7 +106,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="export the little/big pair to ONNX with preprocessing inside",
         epilog="examples:\n  littlebig export\n"
         "  littlebig export --little deit_tiny_patch16_224 --big deit_base_patch16_384 "
-        "--little-weights pretrained --big-weights pretrained --data-dir my_images/",
+        "--little-weights pretrained --big-weights pretrained --data-dir my_images/\n"
+        "  littlebig export --little efficientnet_b0 --big tf_efficientnet_b7 --little-weights pretrained "
+        "--big-weights pretrained --data-dir ~/imagenet/val --max-images 2000\n"
+        "weights: a littlebig checkpoint, 'pretrained' (timm's hub), or 'pretrained:FILE' (the hub's file, local)\n"
+        "--data-dir: Fashion-MNIST IDX files, a folder with val/ test/ class folders, or an ImageNet-style\n"
+        "folder (one sub-folder per synset, as ILSVRC2012 val): streamed, split in a calibration and a test half",
     )
     for role in ("little", "big"):
         p.add_argument(f"--{role}", default=None, help=f"timm model name of {role} (default: the registry's)")
@@ -119,7 +125,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="served image size HxWxC (default: 28x28x1 for the default pair, else big's size)",
     )
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an image folder with val/ test/")
+    p.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST IDX folder, a folder with val/ test/, or an ImageNet folder"
+    )
+    _add_data_options(p, data_dir=False, compute=False)
     p.add_argument("--build", type=Path, default=BUILD)
     trt = p.add_argument_group("TensorRT (needs a GPU): plans from the exported ONNX files, checked and calibrated")
     trt.add_argument("--tensorrt", action="store_true", help="build TensorRT plans instead of exporting ONNX")
@@ -128,9 +137,36 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _add_data_options(p: argparse.ArgumentParser, data_dir: bool = True, compute: bool = True) -> None:
+    """The data and the logits pass: which images, how many, where they run."""
+    g = p.add_argument_group("data and compute")
+    if data_dir:
+        g.add_argument("--data-dir", default=None, help="use this data from now on (default: what export recorded)")
+    g.add_argument(
+        "--max-images", type=int, default=None, help="a quick run: a seeded sample of N images, half per split"
+    )
+    g.add_argument("--workers", type=int, default=None, help="decoding processes for an ImageNet folder")
+    if compute:
+        g.add_argument(
+            "--device", choices=["auto", "cpu", "cuda"], default="auto",
+            help="onnxruntime provider of the logits pass (auto: CUDA where onnxruntime-gpu is installed)",
+        )
+        g.add_argument("--batch-size", type=int, default=None, help="rows per onnxruntime call")
+
+
+def _logits(args: argparse.Namespace, split: str) -> None:
+    """The logits pass of ``split`` with this command's data and compute options (cached for the step)."""
+    from littlebig.export.pipeline import reference_logits, set_data
+
+    if args.data_dir is not None or args.max_images is not None:
+        set_data(args.build, args.data_dir, args.max_images)
+    reference_logits(args.build, split, device=args.device, batch_size=args.batch_size, workers=args.workers)
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from littlebig.export.pipeline import calibrate_step
 
+    _logits(args, "val")
     record = calibrate_step(args.build, tuple(args.rules), args.serve_rule)
     print(f"val: little {record['little_acc']:.4f}, big {record['big_acc']:.4f} ({record['rows']} images)")
     for rule, r in record["rules"].items():
@@ -148,12 +184,14 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", nargs="+", default=["paper", "guaranteed"], choices=["paper", "guaranteed"])
     p.add_argument("--serve-rule", default="paper", help="the rule whose T the server uses by default")
     p.add_argument("--build", type=Path, default=BUILD)
+    _add_data_options(p)
     p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from littlebig.export.report import build_report, format_table, summary_rows
 
+    _logits(args, "test")
     report = build_report(args.build)
     print(format_table(summary_rows(report)))
     for name, ok in report["targets"].items():
@@ -170,6 +208,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         epilog="example: littlebig report --build build",
     )
     p.add_argument("--build", type=Path, default=BUILD)
+    _add_data_options(p)
     p.set_defaults(func=_cmd_report)
 
 
