@@ -211,3 +211,56 @@ def test_deployment_selects_the_gpu_product_the_plans_were_built_on():
     built = ROOT / "build" / "export" / "tensorrt.json"
     if built.exists():  # plans were built here: the manifest must select their GPU
         assert selector["nvidia.com/gpu.product"] == json.loads(built.read_text())["gpu"]["product_label"]
+
+
+def without_queue_policy(edit):
+    """``edit``, then big's config without its queue policy (what the generator wrote before issue 11)."""
+
+    def both(repo: Path) -> None:
+        edit(repo)
+        config = read_config(repo / "big")
+        config.dynamic_batching.ClearField("default_queue_policy")
+        extra = (repo / "big" / "config.pbtxt").read_text().split("parameters {")[-1]  # hang_big's parameter
+        (repo / "big" / "config.pbtxt").write_text(text_format.MessageToString(config))
+        assert "hang_s" in extra and "hang_s" in (repo / "big" / "config.pbtxt").read_text()
+
+    return both
+
+
+@pytest.mark.parametrize("policy", [True, False], ids=["queue-policy", "without-it"])
+def test_queued_work_of_a_timed_out_bls_call_is_dropped_not_run(build_dir, tmp_path, policy):
+    """On the real server (cpu profile): big busy for 3 s; a second escalated request's call to big waits in
+    big's queue past the BLS timeout (1 s). The queue policy REJECTs it, so big executes once; without the
+    policy (the control) big still runs the abandoned work afterwards, twice in all."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+
+    from littlebig.data import load_split
+    from littlebig.export.pipeline import read_export
+    from tests.test_reliability import hang_big, infer, own_server
+
+    exported = read_export(build_dir)
+    images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:1]
+    edit = hang_big(3) if policy else without_queue_policy(hang_big(3))
+    with own_server(build_dir, tmp_path, ServeOptions(bls_timeout_ms=1000), edit) as server:
+        url = f"127.0.0.1:{server.ports.grpc}"
+        client = grpcclient.InferenceServerClient(url)
+
+        def escalated(delay: float) -> str:
+            time.sleep(delay)
+            try:
+                infer(url, images, 1.0, timeout=10)
+                return "answered"
+            except Exception as exc:  # noqa: BLE001 - the outcome is the message
+                return str(exc)
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:  # A runs on big; B arrives while A runs, so it queues
+            outcomes = list(pool.map(escalated, (0.0, 0.5)))
+        assert all("big" in o and "UNAVAILABLE" in o for o in outcomes), outcomes
+        time.sleep(max(0.0, 7.5 - (time.monotonic() - start)))  # long after A's 3 s, and a second run's
+        stats = client.get_inference_statistics("big").model_stats[0]
+        client.close()
+    assert stats.execution_count == (1 if policy else 2), f"big ran {stats.execution_count} times"
