@@ -338,6 +338,9 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
     from littlebig.model_repository.server import Ports, TritonServer
 
     bundle, report_path = args.bundle, args.build / "gpu-check.json"
+    if int(np.__version__.split(".")[0]) >= 2:  # the 2.51 Python backend corrupts tensors with numpy 2 (FACTS)
+        print(f"numpy {np.__version__} here: the check needs numpy < 2 (make gpu-venv, deploy/README.md)")
+        return 2
     if not (bundle / "bundle.json").exists():
         prepare(args.build, bundle, device=args.device)
     meta, images = read_bundle(bundle)
@@ -434,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build", type=Path, default=Path("build"))
     parser.add_argument("--bundle", type=Path, default=None, help="default: BUILD/gpu-check")
     parser.add_argument("--prepare-only", action="store_true", help="write the bundle (no GPU needed) and stop")
-    parser.add_argument("--perf-analyzer", default=os.environ.get("PERF_ANALYZER"), help="a brought binary")
+    parser.add_argument(
+        "--perf-analyzer", default=os.environ.get("PERF_ANALYZER") or None, help="a brought binary (default .venv-perf)"
+    )
     parser.add_argument("--no-perf", action="store_true", help="check the answers only")
     parser.add_argument("--batch", type=int, default=16, help="perf_analyzer -b")
     parser.add_argument("--concurrency", type=int, default=16)
