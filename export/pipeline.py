@@ -165,6 +165,7 @@ def export_pair(
 def set_data(build: Path, data_dir: str | None, max_images: int | None) -> dict[str, Any]:
     """Point later steps (calibrate, report) at other data: rewrites export.json's data fields."""
     exported = read_export(build)
+    exported.setdefault("class_ids", exported["class_names"])  # marks the record as naming its data
     if data_dir is not None:
         exported["data_dir"] = data_dir
     if max_images is not None:
@@ -208,7 +209,9 @@ def reference_logits(
     source = _source(exported)
     if cache.exists() and all(cache.stat().st_mtime >= f.stat().st_mtime for f in onnx_files):
         with np.load(cache) as z:
-            if "source" in z.files and str(z["source"]) == source:
+            # A cache from before data sources were recorded is valid for an export.json from then too.
+            legacy = "source" not in z.files and "class_ids" not in exported
+            if legacy or ("source" in z.files and str(z["source"]) == source):
                 return {k: z[k] for k in z.files if k != "source"}
     size = tuple(exported["service_size"])
     rows, batches = split_batches(
