@@ -58,6 +58,8 @@ def build_report(build: Path) -> dict[str, Any]:
         "service_size": exported["service_size"],
         "rows": {"val": calibration["rows"], "test": int(len(test.labels))},
         "serve_rule": calibration["serve_rule"],
+        # which images: an ImageNet folder's test half, or a --max-images sample of it
+        "data": {"data_dir": exported.get("data_dir"), "max_images": exported.get("max_images")},
         "parity": {f"{r}_{k}": exported[r]["parity"][k] for r in ROLES for k in ("max_abs", "argmax_agreement")},
         "rules": {},
     }
