@@ -148,12 +148,20 @@ def measure(
     if composing:
         base.append(f"--bls-composing-models={','.join(composing)}")
     stable = True
+    csv_path.unlink(missing_ok=True)
     done = pa.run([*base, f"--stability-percentage={window.stability_pct}"])
     if done.returncode != 0 or not csv_path.exists():
-        stable = False  # perf_analyzer aborts when 3 windows in a row disagree: loosen, and say so
-        done = pa.run([*base, "--stability-percentage=1000"])
+        # perf_analyzer aborts when 3 windows in a row disagree, or when a short window records no request
+        # ("No valid requests recorded"): loosen the bound, double the window, and say so
+        stable = False
+        base[base.index(f"--measurement-interval={window.interval_ms}")] = (
+            f"--measurement-interval={2 * window.interval_ms}"
+        )
+        done = pa.run([*base, "--stability-percentage=100000"])  # on a starved CPU latency can swing 10x
     if done.returncode != 0 or not csv_path.exists():
-        raise PerfAnalyzerError(f"perf_analyzer on {model} b{batch} c{concurrency} failed:\n{done.stdout[-2000:]}")
+        raise PerfAnalyzerError(
+            f"perf_analyzer on {model} b{batch} c{concurrency} failed:\n{done.stdout[-2000:]}\n{done.stderr[-1000:]}"
+        )
     values = parse_csv(csv_path.read_text())
     avg = re.search(r"Avg latency: (\d+) usec", done.stdout)  # the CSV of 2.51 has no average column
     if avg and "avg_us" not in values:

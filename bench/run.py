@@ -1,21 +1,21 @@
-"""`make bench`: offline floor, then little, big and littlebig served, in one run, on real images.
+"""`make bench`: little, big and littlebig each at its best deployment, in one run, on real images.
 
-Why each number is there (GitHub issue 6):
-- the offline floor (onnxruntime alone) says what the server costs on top of compute;
-- little and big alone, measured in the same run, give the ideal cascade rate R* = 1/(1/R_little + p/R_big)
-  for the escalation rate p of the benchmark images at the served threshold;
-- littlebig against big alone is the speed-up the cascade is for; against R* it is the BLS efficiency;
-- the server's per-model statistics (queue vs compute_infer) say where the gap to R* goes.
+Why each number is there (GitHub issues 6 and 12):
+- each model is served at the best deployment a time-budgeted search finds (``bench/search.py``): a speed-up
+  over big on one core while the cascade uses two is no speed-up;
+- little's and big's best rates and the served escalation rate p give the ideal cascade R* = 1/(1/R_little +
+  p/R_big) and the bound R*/R_big = 1/(R_big/R_little + p) that no cascade of this pair can beat;
+- littlebig / big-at-its-best is the speed-up; littlebig / R* how close the serving comes to the bound;
+- Triton's per-model statistics (queue, compute, the BLS model's own time) say where the gap goes;
+- the offline floor (onnxruntime alone) says what the server costs on top of compute.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -26,14 +26,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.perf import PerfAnalyzer, Point, Window, measure, write_input_data
+from bench import search as S
+from bench.perf import PerfAnalyzer, Window, write_input_data
+from bench.search import server_stats  # noqa: F401  (tests read the server's counters through bench.run)
 from littlebig.data import load_split
 from littlebig.decision import cascade
 from littlebig.export.pipeline import ROLES, export_dir, read_export
 
 BLS = "littlebig"
 MODELS = ("little", "big", BLS)
-STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+TARGETS = {"fraction_of_ideal": 0.90, "bls_overhead_mean_ms": 1.0}
 
 
 # ---------------------------------------------------------------- offline ----------------------------------------
@@ -69,210 +71,115 @@ def offline_escalation(build: Path, images: np.ndarray, threshold: float) -> flo
     return float(cascade(logits["little"], logits["big"], threshold)["escalated"].mean())
 
 
-# ---------------------------------------------------------------- served -----------------------------------------
-def server_stats(client, model: str) -> dict[str, int]:
-    """Cumulative counters of one model: rows, executions, and ns/count per stage."""
-    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    out = {"inference_count": int(s.get("inference_count", 0)), "execution_count": int(s.get("execution_count", 0))}
-    for key in STAT_KEYS:
-        stage = s["inference_stats"].get(key, {})
-        out[f"{key}_ns"] = int(stage.get("ns", 0))
-        out[f"{key}_count"] = int(stage.get("count", 0))
-    return out
-
-
-def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
-    """Rows, executions, and per-request average queue / compute_infer (ms) over one measured point."""
-    d = {k: after[k] - before[k] for k in after}
-    requests = max(d["success_count"], 1)
-    return {
-        "rows": d["inference_count"],
-        "executions": d["execution_count"],
-        "requests": d["success_count"],
-        "avg_batch": d["inference_count"] / max(d["execution_count"], 1),
-        "queue_ms": d["queue_ns"] / requests / 1e6,
-        "compute_infer_ms": d["compute_infer_ns"] / requests / 1e6,
-        "request_ms": d["success_ns"] / requests / 1e6,
-    }
-
-
-def warm_up(client, images: np.ndarray, batches: tuple[int, ...]) -> None:
-    """A few requests per model and batch, so no measured window pays for first-call set-up."""
+def warm_up(client, images: np.ndarray, model: str, batches: tuple[int, ...]) -> None:
+    """A few requests per batch size, so no measured window pays for first-call set-up."""
     import tritonclient.grpc as grpcclient
 
-    for model in MODELS:
-        for batch in batches:
-            for start in range(0, 4 * batch, batch):
-                tensor = grpcclient.InferInput("IMAGE", [batch, *images.shape[1:]], "UINT8")
-                tensor.set_data_from_numpy(np.ascontiguousarray(images[start : start + batch]))
-                client.infer(model, [tensor])
-
-
-def sweep(
-    pa: PerfAnalyzer,
-    grpc_port: int,
-    input_data: Path,
-    work: Path,
-    batches: tuple[int, ...],
-    concurrencies: tuple[int, ...],
-    window: Window,
-) -> list[dict[str, Any]]:
-    """perf_analyzer over gRPC for every model x batch x concurrency, with the server's stats deltas."""
-    import tritonclient.grpc as grpcclient
-
-    url = f"127.0.0.1:{grpc_port}"
-    client = grpcclient.InferenceServerClient(url)
-    rows: list[dict[str, Any]] = []
-    # Interleaved: the three models of one (batch, concurrency) are measured back to back, so load from anything
-    # else on the machine hits little, big and littlebig alike and the ratios stay fair.
-    plan = [(m, b, c) for b in batches for c in concurrencies for m in MODELS]
-    last_p99_ms: dict[tuple[str, int], float] = {}
-    for model, batch, conc in tqdm(plan, desc="perf_analyzer", unit="point"):
-        # Windows long enough to hold several requests even when latency is high (big, batch 8, c=32).
-        prev = last_p99_ms.get((model, batch), 0.0)
-        interval = int(min(max(window.interval_ms, 4 * 2 * prev), 6000))
-        before = {m: server_stats(client, m) for m in MODELS}
-        point: Point = measure(
-            pa,
-            url,
-            model,
-            batch,
-            conc,
-            input_data,
-            work,
-            dataclasses.replace(window, interval_ms=interval),
-            composing=["little", "big"] if model == BLS else None,
-        )
-        after = {m: server_stats(client, m) for m in MODELS}
-        last_p99_ms[(model, batch)] = point.p99_us / 1000
-        rows.append({**point.as_dict(), "server": {m: stats_delta(before[m], after[m]) for m in MODELS}})
-    client.close()
-    return rows
-
-
-# ---------------------------------------------------------------- summary ----------------------------------------
-def best(rows: list[dict], model: str, batch: int) -> dict:
-    return max((r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["throughput"])
-
-
-def point(rows: list[dict], model: str, batch: int, conc: int) -> dict:
-    return next(r for r in rows if r["model"] == model and r["batch"] == batch and r["concurrency"] == conc)
-
-
-def summarise(rows: list[dict], p: float, batches: tuple[int, ...]) -> dict[str, Any]:
-    """Per batch: best throughput per model, speed-up vs big, R*, fraction of R*; BLS overhead at c1 b1."""
-    per_batch = {}
     for batch in batches:
-        lit, big, lb = (best(rows, m, batch) for m in MODELS)
-        ideal = 1.0 / (1.0 / lit["throughput"] + p / big["throughput"])
-        per_batch[str(batch)] = {
-            "best": {
-                m: {"throughput": r["throughput"], "concurrency": r["concurrency"]}
-                for m, r in zip(MODELS, (lit, big, lb))
-            },
-            "ideal_throughput": ideal,
-            "speedup_vs_big": lb["throughput"] / big["throughput"],
-            "fraction_of_ideal": lb["throughput"] / ideal,
-        }
-    headline = max(per_batch, key=lambda b: per_batch[b]["best"][BLS]["throughput"])
-    b1 = min(batches)
-    c1 = min(r["concurrency"] for r in rows)
-    p50 = {m: point(rows, m, b1, c1)["p50_us"] / 1000 for m in MODELS}
-    mean = {m: point(rows, m, b1, c1)["avg_us"] / 1000 for m in MODELS}
-    lb_rows = [r for r in rows if r["model"] == BLS]
-    served_rows = sum(r["server"][BLS]["rows"] for r in lb_rows)
-    return {
-        "headline_batch": int(headline),
-        "speedup_vs_big": per_batch[headline]["speedup_vs_big"],
-        "fraction_of_ideal": per_batch[headline]["fraction_of_ideal"],
-        "bls_overhead_ms": p50[BLS] - (p50["little"] + p * p50["big"]),
-        # p50 of a mix of little-only and little+big requests sits on one of the two modes: the mean
-        # version is the robust companion figure.
-        "bls_overhead_mean_ms": mean[BLS] - (mean["little"] + p * mean["big"]),
-        "bls_overhead_point": {"batch": b1, "concurrency": c1, "p50_ms": p50, "mean_ms": mean},
-        "escalation": {
-            "offline": p,
-            "served": sum(r["server"]["big"]["rows"] for r in lb_rows) / max(served_rows, 1),
-            "served_rows": served_rows,
-        },
-        "per_batch": per_batch,
-    }
+        for start in range(0, 4 * batch, batch):
+            tensor = grpcclient.InferInput("IMAGE", [batch, *images.shape[1:]], "UINT8")
+            tensor.set_data_from_numpy(np.ascontiguousarray(images[start : start + batch]))
+            client.infer(model, [tensor])
 
 
-def print_table(offline: list[dict], rows: list[dict], summary: dict) -> None:
-    print(
-        "\noffline floor (onnxruntime alone): "
-        + ", ".join(f"{r['model']} b{r['batch']} {r['throughput']:.0f} img/s" for r in offline)
-    )
-    print(f"\n{'model':<10}{'batch':>6}{'conc':>6}{'img/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}  stable")
-    for r in rows:
+# ---------------------------------------------------------------- output -----------------------------------------
+def _opts(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def print_table(result: dict) -> None:
+    s = result["summary"]
+    print("\nsearch (screen, short windows): candidate, score img/s (geometric mean of the screen points)")
+    for r in result["search"]["screen"]:
+        print(f"  {r['candidate']:<58} {r.get('score', float('nan')):>8.0f}  {r.get('skipped', '')}")
+    print(f"\nfair table: each role's best finalist at every point (p = {s['escalation']['served']:.3f} served)")
+    print(f"{'batch':>5}{'conc':>5}{'little':>9}{'big':>9}{'littlebig':>10}{'R*':>9}{'lb/big':>8}{'of R*':>7}")
+    for r in s["per_point"]:
+        b = r["best"]
         print(
-            f"{r['model']:<10}{r['batch']:>6}{r['concurrency']:>6}{r['throughput']:>10.1f}"
-            f"{r['p50_us'] / 1e3:>9.2f}{r['p95_us'] / 1e3:>9.2f}{r['p99_us'] / 1e3:>9.2f}"
-            f"  {'yes' if r['stable'] else 'NO'}"
+            f"{r['batch']:>5}{r['concurrency']:>5}{b['little']['throughput']:>9.0f}{b['big']['throughput']:>9.0f}"
+            f"{b[BLS]['throughput']:>10.0f}{r['ideal_throughput']:>9.0f}{r['speedup_vs_big_best']:>7.2f}x"
+            f"{100 * r['fraction_of_ideal']:>6.0f}%"
         )
-    esc = summary["escalation"]
-    print(f"\nescalation p: offline {esc['offline']:.3f}, served (big rows / littlebig rows) {esc['served']:.3f}")
-    for batch, s in summary["per_batch"].items():
+    for batch, r in s["per_batch"].items():
         print(
-            f"batch {batch}: littlebig {s['best'][BLS]['throughput']:.0f} img/s, "
-            f"big {s['best']['big']['throughput']:.0f}, "
-            f"R* {s['ideal_throughput']:.0f}: {s['speedup_vs_big']:.2f}x big (target >= 3), "
-            f"{100 * s['fraction_of_ideal']:.0f}% of R* (target >= 85%)"
+            f"batch {batch}: littlebig {r['best'][BLS]['throughput']:.0f} img/s, big at its best "
+            f"{r['best']['big']['throughput']:.0f}, little {r['best']['little']['throughput']:.0f}, R* "
+            f"{r['ideal_throughput']:.0f}: {r['speedup_vs_big_best']:.2f}x big (bound R*/R_big {r['bound']:.2f}x), "
+            f"{100 * r['fraction_of_ideal']:.0f}% of R* (target >= {100 * TARGETS['fraction_of_ideal']:.0f}%)"
         )
+    for role, w in s["winners"].items():
+        print(f"winner {role}: {_opts(w['options'])}")
     print(
-        f"BLS overhead at c1 b1: {summary['bls_overhead_ms']:.2f} ms p50 (target <= 1), "
-        f"{summary['bls_overhead_mean_ms']:.2f} ms on mean latencies"
+        f"BLS overhead at c1 b1 on mean latencies: {s['bls_overhead_mean_ms']:.2f} ms (target <= "
+        f"{TARGETS['bls_overhead_mean_ms']:.0f}); p50 version {s['bls_overhead_p50_ms']:.2f} ms"
     )
+    print("\nwhere the time goes (Triton statistics, ms per request; littlebig per execute: in little / big / own)")
+    for e in result["breakdown"]:
+        for m, st in e["models"].items():
+            print(
+                f"  b{e['batch']} c{e['concurrency']} {m:<58} rows/exec {st['avg_batch']:5.1f}  queue "
+                f"{st['queue_ms']:7.2f}  input {st['compute_input_ms']:5.2f}  infer {st['compute_infer_ms']:7.2f}  "
+                f"output {st['compute_output_ms']:5.2f}"
+            )
+        if "bls" in e:
+            x = e["bls"]
+            print(
+                f"    littlebig execute {x['exec_ms']:.2f} ms = little {x['in_little_ms']:.2f} + big "
+                f"{x['in_big_ms']:.2f} + own {x['own_ms']:.2f}"
+            )
 
 
-def plot(rows: list[dict], summary: dict, batches: tuple[int, ...], path: Path) -> None:
-    """Throughput and p50 latency vs concurrency, one column per batch size, R* as a dashed line."""
+def plot(result: dict, path: Path) -> None:
+    """The search table: screen scores per candidate, then each finalist's throughput vs concurrency, R* dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = plt.subplots(2, len(batches), figsize=(5.5 * len(batches), 8), squeeze=False)
+    s, rows = result["summary"], result["search"]["confirm"]
+    batches = [int(b) for b in s["per_batch"]]
+    screen = [r for r in result["search"]["screen"] if "score" in r]
+    fig = plt.figure(figsize=(6 * len(batches), 5 + 0.22 * len(screen)))
+    grid = fig.add_gridspec(2, len(batches), height_ratios=[0.22 * len(screen) + 1, 5])
+    ax = fig.add_subplot(grid[0, :])
+    colors = {"little": "tab:blue", "big": "tab:orange", BLS: "tab:green"}
+    ax.barh(range(len(screen)), [r["score"] for r in screen], color=[colors[r["role"]] for r in screen])
+    ax.set_yticks(range(len(screen)), [r["candidate"] for r in screen], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="screen score (img/s, geometric mean of the screen points)", title="search: every candidate")
+    ax.grid(alpha=0.3, axis="x")
     for col, batch in enumerate(batches):
-        for model in MODELS:
-            mine = sorted(
-                (r for r in rows if r["model"] == model and r["batch"] == batch), key=lambda r: r["concurrency"]
-            )
-            conc = [r["concurrency"] for r in mine]
-            axes[0][col].plot(conc, [r["throughput"] for r in mine], marker="o", label=model)
-            axes[1][col].plot(conc, [r["p50_us"] / 1e3 for r in mine], marker="o", label=model)
-        ideal = summary["per_batch"][str(batch)]["ideal_throughput"]
-        axes[0][col].axhline(ideal, ls="--", c="gray", label="ideal cascade R*")
-        axes[0][col].set(title=f"batch {batch}", ylabel="images/s")
-        axes[1][col].set(ylabel="p50 latency (ms)", yscale="log")
-        for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted({r["concurrency"] for r in rows}))
-            ax.xaxis.set_major_formatter(ScalarFormatter())
-            ax.yaxis.set_major_formatter(ScalarFormatter())
-            ax.set_xlabel("concurrency (requests in flight)")
-            ax.grid(alpha=0.3)
-            ax.legend()
-    p = summary["escalation"]["offline"]
-    fig.suptitle(f"littlebig on Triton 2.51 (CPU, Python backend): escalation p = {p:.2f}")
+        ax = fig.add_subplot(grid[1, col])
+        for name in dict.fromkeys(r["candidate"] for r in rows if r["role"] != "composing"):
+            mine = [r for r in rows if r["model"] == name and r["batch"] == batch]
+            mine.sort(key=lambda r: r["concurrency"])
+            role = mine[0]["role"]
+            ax.plot([r["concurrency"] for r in mine], [r["throughput"] for r in mine], marker="o",
+                    color=colors[role], alpha=0.9 if name in {w["candidate"] for w in s["winners"].values()} else 0.4,
+                    label=name)  # fmt: skip
+        pts = [r for r in s["per_point"] if r["batch"] == batch]
+        ax.plot([r["concurrency"] for r in pts], [r["ideal_throughput"] for r in pts], ls="--", c="gray",
+                label="R* from the best little and big")  # fmt: skip
+        ax.set(title=f"batch {batch}", ylabel="images/s", xlabel="concurrency (requests in flight)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["concurrency"] for r in pts}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    h = s["per_batch"][str(s["headline_batch"])]
+    fig.suptitle(
+        f"littlebig on Triton 2.51 (CPU), best against best: batch {s['headline_batch']} littlebig "
+        f"{h['speedup_vs_big_best']:.2f}x big at its best, {100 * h['fraction_of_ideal']:.0f}% of R*, "
+        f"bound {h['bound']:.2f}x (p = {h['p']:.2f})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- main -------------------------------------------
-def override_models(repo: Path, bls: Path | None, classifier: Path | None) -> dict[str, str]:
-    """Swap a candidate model.py into the generated repository, to measure a change before proposing it."""
-    done = {}
-    for model, source in ((BLS, bls), ("little", classifier), ("big", classifier)):
-        if source is not None:
-            shutil.copy2(source, repo / model / "1" / "model.py")
-            done[model] = str(source)
-    return done
-
-
 def machine() -> dict[str, Any]:
     """What BENCHMARKS.md must state: cores, memory, CPU model and versions."""
     import onnxruntime
@@ -298,10 +205,78 @@ def machine() -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from littlebig.cli import add_serve_options, serve_options
-    from littlebig.model_repository.generate import generate
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """``8x16,1x16`` -> [(batch 8, concurrency 16), (batch 1, concurrency 16)]."""
+    return [(int(b), int(c)) for b, c in (p.split("x") for p in text.split(","))]
+
+
+def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work: Path, pa: PerfAnalyzer) -> dict:
+    """Screen every candidate, confirm the finalists over the sweep: the search table (bench/search.py)."""
+    import tritonclient.grpc as grpcclient
+
+    from littlebig.model_repository.generate import ServeOptions
     from littlebig.model_repository.server import Ports, TritonServer
+
+    batches = tuple(int(b) for b in args.batches.split(","))
+    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    points = parse_points(args.screen_points)
+    budget = S.Budget(args.budget_s, args.screen_share)
+    repo, scratch = work / "model_repository", work / "generated"
+    for d in (repo, scratch):
+        if d.exists():
+            import shutil
+
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    defaults = {**vars(ServeOptions()), **opts_base}
+    cands = S.grid(defaults)
+    # explicit model control: candidates load and unload on one server, one at a time while screening
+    server = TritonServer(repo, Ports.free(), log_file=work / "tritonserver.log",
+                          extra_args=["--model-control-mode=explicit"], restricted_apis=())  # fmt: skip
+    with server.start():
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
+        search = S.Search(
+            build=args.build, repo=repo, scratch=scratch, pa=pa, client=client, server=server,
+            url=f"127.0.0.1:{server.ports.grpc}", input_data=input_data, work=work,
+            warm=lambda model, b: warm_up(client, images, model, b), base=opts_base,
+        )  # fmt: skip
+        window = Window(args.screen_ms, stability_pct=1000, max_trials=3)  # screening: 3 windows, no retry
+        total = sum(len(v) for v in cands.values()) + 6
+        with tqdm(total=total, desc="screen", unit="candidate") as bar:
+            screened = []
+            # the grid's littlebig first, so its refinements get their share of the screen's budget
+            for role in (BLS, "big", "little"):
+                screened += S.screen(search, cands[role], points, window, budget, batches, bar)
+            leader = S.ranked(screened, BLS)
+            refine = S.refinements(search.installed[leader[0]["candidate"]]) if leader else []
+            bar.total = len(screened) + len(refine)
+            screened += S.screen(search, refine, points, window, budget, batches, bar, keep_first=False)
+        per_finalist = len(batches) * len(concurrencies)
+        k, window_ms = S.confirm_plan(max(budget.left(), 0), per_finalist, len(MODELS), search.overhead_s(),
+                                      max_finalists=args.finalists)  # fmt: skip
+        finalists = [search.installed[r["candidate"]] for role in MODELS for r in S.ranked(screened, role)[:k]]
+        confirm_window = Window(window_ms)
+        rows = S.confirm(search, finalists, batches, concurrencies, confirm_window)
+        client.close()
+    return {
+        "defaults": {k: v for k, v in defaults.items() if k in S.ROLE_FIELDS[BLS]},
+        "budget_s": args.budget_s,
+        "screen_share": args.screen_share,
+        "screen_points": [{"batch": b, "concurrency": c} for b, c in points],
+        "screen_window": window.__dict__,
+        "confirm_window": confirm_window.__dict__,
+        "finalists_per_role": k,
+        "finalists": [c.name for c in finalists],
+        "seconds": round(budget.elapsed(), 1),
+        "screen": screened,
+        "confirm": rows,
+        "repository_summary": search.summaries[finalists[-1].name] if finalists else {},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from littlebig.cli import add_serve_options, given_serve_options
+    from littlebig.model_repository.generate import ServeOptions, served_threshold
 
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--build", type=Path, default=Path("build"))
@@ -310,20 +285,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=512, help="real Fashion-MNIST test images to send")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
-    ap.add_argument("--interval-ms", type=int, default=1500, help="perf_analyzer measurement window (minimum)")
+    ap.add_argument("--headline-batch", type=int, help="batch of the headline figures (default: the largest)")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 900)),
+                    help="time budget of the search, screen + confirm (default $BENCH_BUDGET_S or 900)")  # fmt: skip
+    ap.add_argument("--screen-share", type=float, default=0.4, help="share of the budget for the screen")
+    ap.add_argument("--screen-points", default="8x16,1x16,1x1", help="BATCHxCONCURRENCY points every candidate runs")
+    ap.add_argument("--screen-ms", type=int, default=500, help="perf_analyzer window while screening")
+    ap.add_argument("--finalists", type=int, default=2, help="most finalists per role confirmed over the sweep")
     ap.add_argument("--offline-seconds", type=float, default=1.5)
-    ap.add_argument("--bls-model", type=Path, help="experiment: serve this file as littlebig's model.py")
-    ap.add_argument("--classifier-model", type=Path, help="experiment: serve this file as little's and big's model.py")
-    add_serve_options(ap, build=False)  # the same deployment flags, parsed in one place, as `littlebig serve`
+    add_serve_options(ap, build=False)  # the base every candidate starts from (e.g. --rule)
     args = ap.parse_args(argv)
 
     started = time.monotonic()
     batches = tuple(int(b) for b in args.batches.split(","))
-    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    headline = args.headline_batch or max(batches)
+    if headline not in batches:
+        ap.error(f"--headline-batch {headline} is not among --batches {args.batches}")
     out = args.out or args.build / "bench.json"
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
-    opts = serve_options(args)
+    base = given_serve_options(args)
     pa = PerfAnalyzer(args.perf_venv)
     pa_version = pa.version()
 
@@ -331,50 +312,41 @@ def main(argv: list[str] | None = None) -> int:
     data = load_split("test", exported["data_dir"], tuple(exported["service_size"]))
     images = data.images[: args.images]
     input_data = write_input_data(images, work / "input-data.json")
-    repo = work / "model_repository"
-    summary_repo = generate(args.build, repo, "cpu", opts)
-    overrides = override_models(repo, args.bls_model, args.classifier_model)
-    p = offline_escalation(args.build, images, summary_repo["threshold"])
+    threshold, rule = served_threshold(args.build, ServeOptions(**base))
+    p_offline = offline_escalation(args.build, images, threshold)
     offline = offline_floor(args.build, images, (1, 32), args.offline_seconds)
 
-    server = TritonServer(repo, Ports.free(), log_file=work / "tritonserver.log")
-    with server.start():
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
-        warm_up(client, images, batches)
-        client.close()
-        rows = sweep(pa, server.ports.grpc, input_data, work, batches, concurrencies, Window(args.interval_ms))
-
-    summary = summarise(rows, p, batches)
+    found = run_search(args, base, images, input_data, work, pa)
+    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
+    summary = S.summarise(found["confirm"], batches, concurrencies, headline)
+    summary["escalation"]["offline"] = p_offline
     result = {
-        "speedup_vs_big": summary["speedup_vs_big"],
+        "speedup_vs_big_best": summary["speedup_vs_big_best"],
         "fraction_of_ideal": summary["fraction_of_ideal"],
-        "bls_overhead_ms": summary["bls_overhead_ms"],
-        "escalation_rate": p,
-        "targets": {"speedup_vs_big": 3.0, "fraction_of_ideal": 0.85, "bls_overhead_ms": 1.0},
+        "bound": summary["bound"],
+        "bls_overhead_mean_ms": summary["bls_overhead_mean_ms"],
+        "escalation_rate": summary["escalation"]["served"],
+        "targets": TARGETS,
+        "winners": summary["winners"],
         "summary": summary,
-        "threshold": summary_repo["threshold"],
-        "rule": summary_repo["rule"],
-        "serve_options": summary_repo["options"],
-        "model_overrides": overrides,
+        "breakdown": S.breakdown(found["confirm"], summary),
+        "search": found,
+        "threshold": threshold,
+        "rule": rule,
+        "base_options": base,
         "images": {"split": "test", "count": len(images), "service_size": exported["service_size"]},
         "models": {role: exported[role]["name"] for role in ROLES},
+        "export": {role: {k: exported[role].get(k) for k in ("name", "weights", "onnx")} for role in ROLES},
         "offline_floor": offline,
-        "table": rows,
-        "perf_analyzer": {
-            "version": pa_version,
-            "protocol": "grpc",
-            "window": dataclasses.asdict(Window(args.interval_ms)),
-        },
+        "perf_analyzer": {"version": pa_version, "protocol": "grpc"},
         "machine": machine(),
         "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.monotonic() - started, 1),
     }
     out.write_text(json.dumps(result, indent=2))
-    plot(rows, summary, batches, out.with_suffix(".png"))
-    print_table(offline, rows, summary)
+    plot(result, out.with_suffix(".png"))
+    print_table(result)
     print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['wall_seconds']:.0f} s")
     return 0
 

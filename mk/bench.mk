@@ -1,4 +1,5 @@
-# `make bench`: the real perf_analyzer against the embedded tritonserver (GitHub issue 6).
+# `make bench`: the real perf_analyzer against the embedded tritonserver (GitHub issues 6 and 12): little, big
+# and littlebig each at the best deployment a time-budgeted search finds (bench/search.py), best against best.
 #
 # perf_analyzer comes from the tritonclient 2.51.0 wheel in its own venv: its grpc extra caps protobuf
 # below 5, which the main venv's onnx cannot live with (../shared/FACTS.md). Newer wheels carry a
@@ -6,7 +7,9 @@
 PERF_VENV ?= .venv-perf
 PERF_STAMP := $(PERF_VENV)/.littlebig-perf
 PERF_PACKAGES := 'tritonclient[grpc,http]==2.51.0' 'numpy<2' nvidia-cuda-runtime-cu12
-# The tuned deployment (BENCHMARKS.md, tuning log): a 100 us dynamic-batching delay beat ServeOptions' 500 us.
+# Seconds for the deployment search (screen + confirmation); the whole `make bench` takes about this plus
+# a minute. 900 s: about 16 minutes on the 2-core reference machine.
+BENCH_BUDGET_S ?= 900
 BENCH_ARGS ?=
 
 .PHONY: bench perf-analyzer
@@ -26,4 +29,4 @@ $(PERF_STAMP): mk/bench.mk
 bench: setup
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(MAKE) --no-print-directory perf-analyzer
-	$(BIN)/python -m bench.run --build $(BUILD) --perf-venv $(PERF_VENV) $(BENCH_ARGS)
+	$(BIN)/python -m bench.run --build $(BUILD) --perf-venv $(PERF_VENV) --budget-s $(BENCH_BUDGET_S) $(BENCH_ARGS)
