@@ -61,6 +61,9 @@ class ServeOptions:
     inter_op_threads: int = 1
     bls_timeout_ms: int = 10000  # a hung model holds a BLS instance this long, at most
     on_big_failure: str = "error"
+    #: cpu profile: the BLS model runs little's ONNX itself (onnxruntime, intra/inter_op_threads) instead of a
+    #: BLS call, saving one Python-backend hop per execute; little stays a Triton model for its own clients.
+    little_in_process: bool = False
     rule: str | None = None  # None: calibration's serve_rule
     threshold: float | None = None  # overrides the calibrated T
     #: little/big queue policy: work queued longer than this is REJECTed instead of run. None: the BLS
@@ -182,6 +185,9 @@ def bls_config(
                 "bls_timeout_ms": opts.bls_timeout_ms,
                 "on_big_failure": opts.on_big_failure,
                 "class_names": json.dumps(exported["class_names"]),
+                "little_in_process": str(opts.little_in_process).lower(),
+                "intra_op_threads": opts.intra_op_threads,
+                "inter_op_threads": opts.inter_op_threads,
             }
         ),
     )
@@ -399,6 +405,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if opts.big_max_batch_size < 1 or opts.max_batch_size < 1:
         raise ValueError("max batch sizes must be >= 1")
     check_queue_timeout(opts)
+    if opts.little_in_process and profile != "cpu":
+        raise ValueError("little_in_process runs little with onnxruntime on the CPU: cpu profile only")
     if opts.trt_precision not in TRT_PRECISIONS:
         raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {opts.trt_precision!r}")
     buckets = opts.standin_buckets
@@ -424,6 +432,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
+    if opts.little_in_process:
+        shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
     (bls_dir / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")
     summary = {
         "profile": profile,

@@ -111,6 +111,15 @@ class TritonPythonModel:
         self.fall_back_to_little = params.get("on_big_failure", "error") == "little"
         self.classes = next(o["dims"][0] for o in config["output"] if o["name"] == "PROBS")
         self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        self.little_session = None  # little_in_process (cpu profile): little's ONNX beside this file
+        if params.get("little_in_process", "false") == "true":
+            import onnxruntime as ort  # only here: the default BLS model needs no onnxruntime
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
+            options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
+            path = f"{args['model_repository']}/{args['model_version']}/little.onnx"
+            self.little_session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         # little must answer (no shedding); big's rows are shed to the failure policy while it is slow.
         self.breakers = {
             "little": Breaker("little", self.timeout_us / 1e6, shed=False),
@@ -177,6 +186,11 @@ class TritonPythonModel:
 
         Returns [(start, stop, logits or None, error message or None)] covering every row.
         """
+        if role == "little" and self.little_session is not None:  # in process: no BLS hop, no chunking
+            try:
+                return [(0, len(images), self.little_session.run(["LOGITS"], {"IMAGE": images})[0], None)]
+            except Exception as exc:
+                return [(0, len(images), None, f"little failed: onnxruntime in the BLS model: {exc}")]
         max_batch = self.max_batch[role]
         spans = [(a, min(a + max_batch, len(images))) for a in range(0, len(images), max_batch)]
         breaker = self.breakers[role]
