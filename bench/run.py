@@ -274,6 +274,20 @@ def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work
     }
 
 
+def snapshot(build: Path, dest: Path) -> Path:
+    """A private copy of the pair and its calibration: every candidate serves the same files even if build/ moves."""
+    import shutil
+
+    exported = read_export(build)
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "export").mkdir(parents=True)
+    for name in ("export.json", *(exported[role]["onnx"] for role in ROLES)):
+        shutil.copy2(export_dir(build) / name, dest / "export" / name)
+    shutil.copy2(build / "calibration.json", dest / "calibration.json")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     from littlebig.cli import add_serve_options, given_serve_options
     from littlebig.model_repository.generate import ServeOptions, served_threshold
@@ -308,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     pa = PerfAnalyzer(args.perf_venv)
     pa_version = pa.version()
 
+    args.build = snapshot(args.build, work / "build")
     exported = read_export(args.build)
     data = load_split("test", exported["data_dir"], tuple(exported["service_size"]))
     images = data.images[: args.images]
