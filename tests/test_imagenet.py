@@ -144,7 +144,8 @@ def test_export_calibrate_report_on_an_imagenet_folder(folder, tmp_path):
     assert main(["calibrate", *common, "--max-images", "60"]) == 0
     assert json.loads((build / "calibration.json").read_text())["rows"] == 30
     assert main(["report", *common]) == 0
-    assert json.loads((build / "report.json").read_text())["rows"] == {"val": 30, "test": 30}
+    quick = json.loads((build / "report.json").read_text())
+    assert quick["rows"] == {"val": 30, "test": 30} and quick["data"] == {"data_dir": str(root), "max_images": 60}
 
 
 def test_pretrained_path_with_a_local_file_for_the_download(folder, tmp_path):
