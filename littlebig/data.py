@@ -75,23 +75,44 @@ def load_fashion_mnist(split: str, data_dir: str | Path | None = None) -> Datase
     return Dataset(np.ascontiguousarray(images), labels, FASHION_MNIST_CLASSES)
 
 
-def read_image(path: str | Path, size: tuple[int, int, int]) -> np.ndarray:
-    """Decode one PNG/JPEG to uint8 [H, W, C] at the service size (H, W, C); errors name the file."""
-    from PIL import Image, UnidentifiedImageError
+def fit_to_service(img, size: tuple[int, int, int]) -> np.ndarray:
+    """A decoded PIL image -> uint8 [H, W, C] at the service size, framed as timm's eval transform does:
+    the shorter side resized (PIL bicubic, antialiased) to cover H x W, then the centre crop.
+
+    The one way littlebig brings an image to the service size: the client (files it sends), the folder
+    loaders and the ImageNet stream (the offline reference) all call it, so a served answer equals the
+    offline one for the same file.
+    """
+    from PIL import Image
 
     height, width, channels = size
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"unsupported channel count {channels} (1 or 3)")
+    img = img.convert(mode)
+    w, h = img.size
+    if (w, h) != (width, height):
+        # torchvision's Resize(shorter side) rule: the other side truncated, never below the crop.
+        if height / h >= width / w:
+            new_h, new_w = height, max(width, int(height * w / h))
+        else:
+            new_h, new_w = max(height, int(width * h / w)), width
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
+        img = img.crop((left, top, left + width, top + height))
+    return np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
+
+
+def read_image(path: str | Path, size: tuple[int, int, int]) -> np.ndarray:
+    """Decode one PNG/JPEG to uint8 [H, W, C] at the service size (``fit_to_service``); errors name the file."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.uint8)
+            return fit_to_service(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
-    return array.reshape(height, width, channels)
 
 
 def list_image_folder(root: str | Path) -> tuple[list[Path], list[int], tuple[str, ...]]:
@@ -121,17 +142,14 @@ def load_image_folder(root: str | Path, size: tuple[int, int, int]) -> Dataset:
 
 
 def resize_images(images: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Bring uint8 NHWC images to the service size with Pillow, exactly as the client does for files."""
+    """Bring uint8 NHWC images to the service size exactly as the client does for files (``fit_to_service``)."""
     if images.shape[1:] == tuple(size):
         return images
     from PIL import Image
 
-    height, width, channels = size
-    mode = {1: "L", 3: "RGB"}[channels]
-    out = np.empty((len(images), height, width, channels), dtype=np.uint8)
+    out = np.empty((len(images), *size), dtype=np.uint8)
     for i, img in enumerate(images):
-        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert(mode)
-        out[i] = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR)).reshape(height, width, channels)
+        out[i] = fit_to_service(Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img), size)
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from littlebig.data import IMAGE_SUFFIXES, SPLIT_SEED
+from littlebig.data import IMAGE_SUFFIXES, SPLIT_SEED, read_image
 
 SPLITS = ("val", "test")  # calibration half, test half
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -113,39 +113,10 @@ def folder_split(
     return index.subset(split_rows(len(index), split, max_images))
 
 
-def decode(path: str | Path, size: tuple[int, int, int]) -> np.ndarray:
-    """One image -> uint8 [H, W, C] at the service size: shorter side resized (PIL bicubic, antialiased)
-    to cover H x W, then the centre crop, as timm's eval transform does; errors name the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    height, width, channels = size
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"unsupported channel count {channels} (1 or 3)")
-    try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            w, h = img.size
-            if (w, h) != (width, height):
-                # torchvision's Resize(shorter side) rule: the other side truncated, never below the crop.
-                if height / h >= width / w:
-                    new_h, new_w = height, max(width, int(height * w / h))
-                else:
-                    new_h, new_w = max(height, int(width * h / w)), width
-                if (new_w, new_h) != (w, h):
-                    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-                left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
-                img = img.crop((left, top, left + width, top + height))
-            array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{path}: not a readable image ({exc})") from None
-    return array.reshape(height, width, channels)
-
-
 def _decode_batch(root: str, files: Sequence[str], size: tuple[int, int, int]) -> np.ndarray:
     out = np.empty((len(files), *size), dtype=np.uint8)
     for i, name in enumerate(files):
-        out[i] = decode(os.path.join(root, name), size)
+        out[i] = read_image(os.path.join(root, name), size)
     return out
 
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from littlebig.cli import main
+from littlebig.data import read_image
 from littlebig.export.models import create_classifier, load_classifier, save_checkpoint
-from littlebig.imagenet import decode, folder_split, index_folder, is_imagenet_folder, iter_batches, split_rows
+from littlebig.imagenet import folder_split, index_folder, is_imagenet_folder, iter_batches, split_rows
 from tests.imagenet_fixture import SYNSETS, make_imagenet_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def test_batches_decode_in_workers_equal_in_process(folder):
 
     with Image.open(root / index.files[0]) as img:
         expected = np.asarray(img.convert("RGB").resize((30, 24), Image.Resampling.BICUBIC))[:, 3:27]
-    assert np.array_equal(decode(root / index.files[0], (24, 24, 3)), expected)
+    assert np.array_equal(read_image(root / index.files[0], (24, 24, 3)), expected)
     bad = root / SYNSETS[0] / "broken.JPEG"
     bad.write_bytes(b"not a jpeg")
     try:
