@@ -82,7 +82,7 @@ def screen(r: dict) -> str:
     rows = []
     for x in r["search"]["screen"]:
         if "score" not in x:
-            rows.append([x["role"], x["stage"], _opts(x["options"]), "-", x.get("skipped", "")])
+            rows.append([x["role"], x["stage"], _opts(x["options"]), "-", x.get("skipped", "").splitlines()[0][:160]])
             continue
         per = " / ".join(f"{p['throughput']:.0f}" for p in x["points"])
         rows.append([x["role"], x["stage"], _opts(x["options"]), f"{x['score']:.0f}", per])
