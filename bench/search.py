@@ -358,10 +358,10 @@ def screen(
     keep_first: bool = True,
 ) -> list[dict]:
     """Each candidate alone on the screen points; stops taking candidates when the screen's budget is spent
-    (``keep_first``: the first one always runs, so every role has a finalist)."""
+    (``keep_first``: candidates run until one has measured, so every role has a finalist)."""
     results = []
-    for i, cand in enumerate(cands):
-        if budget.screen_left() <= 0 and (i > 0 or not keep_first):
+    for cand in cands:
+        if budget.screen_left() <= 0 and (any("score" in r for r in results) or not keep_first):
             results.append({"candidate": cand.name, "role": cand.role, "stage": cand.stage,
                             "options": cand.opts(), "skipped": "screen budget spent"})  # fmt: skip
             bar.update(1)

@@ -143,7 +143,7 @@ def test_bench_search_writes_the_fair_table(build_dir, tmp_path):
 
     out = tmp_path / "bench.json"
     argv = ["--build", str(build_dir), "--out", str(out), "--budget-s", "1", "--batches", "1,2", "--concurrency",
-            "1,2", "--screen-points", "2x2", "--screen-ms", "100", "--images", "32", "--offline-seconds", "0.05",
+            "1,2", "--screen-points", "2x2", "--screen-ms", "300", "--images", "32", "--offline-seconds", "0.05",
             "--finalists", "1"]  # fmt: skip
     assert run.main(argv) == 0
     r = json.loads(out.read_text())
