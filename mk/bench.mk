@@ -8,7 +8,7 @@ PERF_VENV ?= .venv-perf
 PERF_STAMP := $(PERF_VENV)/.littlebig-perf
 PERF_PACKAGES := 'tritonclient[grpc,http]==2.51.0' 'numpy<2' nvidia-cuda-runtime-cu12
 # Seconds for the deployment search (screen + confirmation); the whole `make bench` takes about this plus
-# a minute. 900 s: about 16 minutes on the 2-core reference machine.
+# a minute or two. 900 s: 19 minutes on the 2-core reference machine (BENCHMARKS.md).
 BENCH_BUDGET_S ?= 900
 BENCH_ARGS ?=
 
