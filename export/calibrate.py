@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from littlebig.decision import confidence, escalate, softmax
+from littlebig.decision import confidence, confidence_bin_counts, escalate, softmax
 
 EPS, DELTA = 0.005, 0.05
+#: The load governor's default accuracy budget (``littlebig repo --max-accuracy-drop``) and its T steps.
+MAX_ACCURACY_DROP, GOVERNOR_STEPS = 0.005, 4
 
 
 @dataclass(frozen=True)
@@ -117,12 +119,57 @@ def rule_guaranteed(out: Outputs, eps: float = EPS, delta: float = DELTA) -> flo
     return chosen
 
 
+def threshold_floor(out: Outputs, threshold: float, max_drop: float = MAX_ACCURACY_DROP) -> float:
+    """T_min: the lowest T such that *every* T in [T_min, threshold] keeps val accuracy >= acc(threshold) - max_drop.
+
+    Contiguous on purpose: the load governor walks T down in steps, and each step must stay within the
+    budget, not just the last one. Exact: every T that changes a decision is tried (in chunks, so an
+    ImageNet-sized val split needs no n x n matrix).
+    """
+    if not 0.0 <= max_drop < 1.0:
+        raise ValueError(f"max accuracy drop must be in [0, 1), got {max_drop!r}")
+    ts = candidate_thresholds(out.conf)
+    ts = np.unique(np.concatenate([ts[ts <= threshold], [threshold]]))
+    accuracy = np.concatenate([sweep(out, ts[i : i + 256])["accuracy"] for i in range(0, len(ts), 256)])
+    floor = evaluate(out, threshold)["accuracy"] - max_drop
+    below = np.flatnonzero(accuracy < floor - 1e-12)
+    return float(ts[below[-1] + 1] if len(below) else ts[0])
+
+
+def governor_levels(out: Outputs, threshold: float, floor: float, steps: int = GOVERNOR_STEPS) -> list[float]:
+    """The governor's T steps from the calibrated T down to T_min, each shedding about the same share of
+    val rows from big (T is the quantile of little's val confidence at an evenly stepped escalation rate)."""
+    conf = out.conf.astype(np.float64)
+    top, bottom = float((conf < threshold).mean()), float((conf < floor).mean())
+    inner = [float(np.quantile(conf, top - k * (top - bottom) / steps, method="lower")) for k in range(1, steps)]
+    levels = [threshold, *(min(max(t, floor), threshold) for t in inner), floor]
+    return sorted(set(levels), reverse=True)
+
+
+def confidence_shares(out: Outputs) -> list[float]:
+    """Share of val rows in each ``CONFIDENCE_BINS`` bin (the served histogram's reference)."""
+    return (confidence_bin_counts(out.conf) / len(out.labels)).tolist()
+
+
+def drift_reference(out: Outputs, threshold: float) -> dict[str, object]:
+    """What serving traffic looks like if it looks like val: the drift alerts' reference at the served T."""
+    return {
+        "rows": int(len(out.labels)),
+        "escalation_rate": evaluate(out, threshold)["escalation_rate"],
+        "confidence_shares": confidence_shares(out),
+    }
+
+
 RULES: dict[str, Callable[[Outputs], float]] = {"paper": rule_paper, "guaranteed": rule_guaranteed}
 
 
 def calibrate(out: Outputs, rules: tuple[str, ...] = tuple(RULES)) -> dict[str, dict[str, float]]:
-    """Threshold and val figures for each rule."""
+    """Threshold, val figures and the governor's T_min (at ``MAX_ACCURACY_DROP``) for each rule."""
     unknown = set(rules) - set(RULES)
     if unknown:
         raise ValueError(f"unknown rule(s) {sorted(unknown)}; known: {sorted(RULES)}")
-    return {name: evaluate(out, RULES[name](out)) for name in rules}
+    record = {}
+    for name in rules:
+        threshold = RULES[name](out)
+        record[name] = {**evaluate(out, threshold), "t_min": threshold_floor(out, threshold)}
+    return record

@@ -247,7 +247,8 @@ def outputs(build: Path, split: str):
 
 def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict[str, Any]:
     """Thresholds from the val split only; ``serve_rule`` names the one the server uses by default."""
-    from littlebig.export.calibrate import calibrate
+    from littlebig.decision import CONFIDENCE_BINS
+    from littlebig.export.calibrate import MAX_ACCURACY_DROP, calibrate, confidence_shares
 
     if serve_rule not in rules:
         raise ValueError(f"--serve-rule {serve_rule!r} must be one of the calibrated rules {list(rules)}")
@@ -259,6 +260,9 @@ def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict
         "little_acc": float(val.little_correct.mean()),
         "big_acc": float(val.big_correct.mean()),
         "rules": calibrate(val, rules),
+        "max_accuracy_drop": MAX_ACCURACY_DROP,
+        "confidence_bins": list(CONFIDENCE_BINS),
+        "confidence_shares": confidence_shares(val),
     }
     (build / "calibration.json").write_text(json.dumps(record, indent=2))
     return record

@@ -226,6 +226,8 @@ DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "bls_timeout_ms": (int, "timeout of each BLS call to little/big"),
     "queue_timeout_us": (int, "little/big queue policy: reject work queued longer (default: the BLS timeout)"),
     "on_big_failure": (str, "error (default): fail the affected requests; little: answer with little, DEGRADED"),
+    "slo_p99_ms": (float, "load governor: lower T (not below T_min) when big threatens this p99 SLO; off if absent"),
+    "max_accuracy_drop": (float, "load governor: T_min keeps val accuracy at most this far below the served T's"),
     "rule": (str, "calibrated rule whose T is served (default: calibration's serve_rule)"),
     "threshold": (float, "serve this T instead of a calibrated one"),
 }

@@ -11,6 +11,9 @@ import numpy as np
 #: T at or above this always escalates, so T = 1 means "always big" even where little's float32
 #: confidence rounds to exactly 1.0. T = 0 never escalates (no confidence is below 0).
 ALWAYS_BIG = 1.0
+#: Upper edges of little's confidence bins, (lower, upper]: the served histogram metric and calibration's
+#: reference shares (the drift alerts compare the two), so both bin with ``confidence_bin_counts``.
+CONFIDENCE_BINS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,6 +33,11 @@ def escalate(conf: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
     """Rows whose confidence is below T go to big; T >= 1 sends every row."""
     t = np.asarray(threshold, dtype=np.float64)
     return (np.asarray(conf, dtype=np.float64) < t) | (t >= ALWAYS_BIG)
+
+
+def confidence_bin_counts(conf: np.ndarray) -> np.ndarray:
+    """Rows per ``CONFIDENCE_BINS`` bin (lower, upper]."""
+    return np.bincount(np.searchsorted(CONFIDENCE_BINS, conf), minlength=len(CONFIDENCE_BINS))
 
 
 def check_threshold(value: object) -> float:

@@ -55,7 +55,7 @@ class ServeOptions:
     big_max_batch_size: int = 32
     queue_delay_us: int = 100  # 500 -> 100: same throughput, -7.5% latency at concurrency 1 (BENCHMARKS.md)
     little_instances: int = 1
-    big_instances: int = 1  # make bench 2026-11-26 found 2 best (+53%); 1 until the fault tests pin it (BENCHMARKS.md)
+    big_instances: int = 2  # 1 -> 2: make bench's best deployment (littlebig +53% in its screen; BENCHMARKS.md)
     bls_instances: int = 2
     intra_op_threads: int = 1
     inter_op_threads: int = 1
@@ -64,6 +64,12 @@ class ServeOptions:
     #: cpu profile: the BLS model runs little's ONNX itself (onnxruntime, intra/inter_op_threads) instead of a
     #: BLS call, saving one Python-backend hop per execute; little stays a Triton model for its own clients.
     little_in_process: bool = False
+    #: Load governor (the BLS model's ``Governor``): lower T under load to keep p99 latency under this SLO.
+    #: None: off, the calibrated T is always served.
+    slo_p99_ms: float | None = None
+    #: The governor's accuracy budget: it never goes below T_min, the lowest T whose val accuracy (and that of
+    #: every T above it) is at most this far below the calibrated T's (export/calibrate.py threshold_floor).
+    max_accuracy_drop: float = 0.005
     rule: str | None = None  # None: calibration's serve_rule
     threshold: float | None = None  # overrides the calibrated T
     #: little/big queue policy: work queued longer than this is REJECTed instead of run. None: the BLS
@@ -154,9 +160,18 @@ def _params(values: dict[str, Any]) -> dict[str, mc.ModelParameter]:
 
 
 def bls_config(
-    exported: dict[str, Any], threshold: float, rule: str, opts: ServeOptions, preferred: bool = True
+    exported: dict[str, Any],
+    threshold: float,
+    rule: str,
+    opts: ServeOptions,
+    governor: dict[str, Any],
+    preferred: bool = True,
 ) -> mc.ModelConfig:
-    """The cascade: IMAGE -> LABEL, PROBS (with class names), ESCALATED, DEGRADED."""
+    """The cascade: IMAGE -> LABEL, PROBS (with class names), ESCALATED, DEGRADED, REASON.
+
+    ``governor``: ``governor_settings`` (T_min, the T steps and the drift alerts' reference).
+    """
+    reference = governor["reference"]
     h, w, c = exported["service_size"]
     return mc.ModelConfig(
         name=BLS_NAME,
@@ -168,6 +183,7 @@ def bls_config(
             _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [len(exported["class_names"])], label_filename=LABELS_FILE),
             _tensor(mc.ModelOutput, "ESCALATED", mc.TYPE_BOOL, [1]),
             _tensor(mc.ModelOutput, "DEGRADED", mc.TYPE_BOOL, [1]),
+            _tensor(mc.ModelOutput, "REASON", mc.TYPE_STRING, [1]),
         ],
         dynamic_batching=mc.ModelDynamicBatching(
             preferred_batch_size=_preferred(opts.max_batch_size) if preferred else [],
@@ -188,6 +204,13 @@ def bls_config(
                 "little_in_process": str(opts.little_in_process).lower(),
                 "intra_op_threads": opts.intra_op_threads,
                 "inter_op_threads": opts.inter_op_threads,
+                "slo_p99_ms": opts.slo_p99_ms or 0,
+                "max_accuracy_drop": opts.max_accuracy_drop,
+                "t_min": repr(governor["t_min"]),
+                "governor_thresholds": json.dumps(governor["levels"]),
+                "calibration_rows": reference["rows"],
+                "calibrated_escalation_rate": reference["escalation_rate"],
+                "calibrated_confidence_shares": json.dumps(reference["confidence_shares"]),
             }
         ),
     )
@@ -395,6 +418,27 @@ def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tu
     return decision.check_threshold(calibration["rules"][rule]["threshold"]), rule
 
 
+def governor_settings(build: Path, threshold: float, opts: ServeOptions) -> dict[str, Any]:
+    """T_min and the governor's T steps for ``opts.max_accuracy_drop``, and the drift alerts' reference
+    (val's escalation rate at the served T and its confidence-bin shares), all from the val outputs.
+
+    Plans are served with a T calibrated on their own outputs; their reference still comes from the ONNX
+    val outputs, which they match to within the calibration's tolerance (tensorrt.json).
+    """
+    from littlebig.export.calibrate import drift_reference, governor_levels, threshold_floor
+    from littlebig.export.pipeline import outputs
+
+    if opts.slo_p99_ms is not None and not opts.slo_p99_ms > 0:
+        raise ValueError(f"slo_p99_ms must be > 0 (or left out to turn the governor off), got {opts.slo_p99_ms!r}")
+    val = outputs(build, "val")
+    floor = threshold_floor(val, threshold, opts.max_accuracy_drop)
+    return {
+        "t_min": floor,
+        "levels": governor_levels(val, threshold, floor),
+        "reference": drift_reference(val, threshold),
+    }
+
+
 def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | None = None) -> dict[str, Any]:
     """Write the whole repository for ``profile`` into ``out`` (replacing it) and return a summary."""
     opts = opts or ServeOptions()
@@ -423,14 +467,16 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if fp16_accelerator:
         check_fp16_calibration(build)
     threshold, rule = served_threshold(build, opts, plans or fp16_accelerator)
+    governor = governor_settings(build, threshold, opts)
     if out.exists():
         shutil.rmtree(out)
     for role in ROLES:
         PROFILES[profile](role, exported, build, out, opts)
     bls_dir = out / BLS_NAME
-    write_config(bls_config(exported, threshold, rule, opts, profile in PREFERRED_BATCH_PROFILES), bls_dir)
+    write_config(bls_config(exported, threshold, rule, opts, governor, profile in PREFERRED_BATCH_PROFILES), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
+    shutil.copy2(SOURCES / "littlebig" / "control.py", bls_dir / "1" / "control.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
     if opts.little_in_process:
         shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
@@ -445,6 +491,10 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         "class_names": exported["class_names"],
         "options": vars(opts),
         "queue_timeout_us": opts.queue_timeout(),
+        "slo_p99_ms": opts.slo_p99_ms,
+        "t_min": governor["t_min"],
+        "governor_thresholds": governor["levels"],
+        "drift_reference": governor["reference"],
         **extra_summary,
     }
     (out / "littlebig-repository.json").write_text(json.dumps(summary, indent=2))

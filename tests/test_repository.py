@@ -28,15 +28,15 @@ def check_cascade_contract(repo, service_size, classes):
     assert (repo / "littlebig" / outs["PROBS"].label_filename).read_text().splitlines().__len__() == classes
     assert 0.0 <= float(cfg.parameters["threshold"].string_value) <= 1.0
     assert {"little_model", "big_model", "big_max_batch_size"} <= set(cfg.parameters)
-    for f in ("model.py", "decision.py"):  # the BLS model and the one shared decision rule beside it
+    for f in ("model.py", "decision.py", "control.py"):  # the BLS model, the shared rule, its control loop
         assert (repo / "littlebig" / "1" / f).exists()
     # Runs on a stock NGC image: the standard library, numpy, the backend utils and the decision rule at
     # module level; torch (the copy of a GPU tensor) and onnxruntime (little in process) only where used.
     tree = ast.parse((repo / "littlebig" / "1" / "model.py").read_text())
     top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
-    stdlib = {"asyncio", "json", "time", "traceback", "concurrent"}
-    assert top <= stdlib | {"numpy", "triton_python_backend_utils", "decision"}, top
+    stdlib = {"asyncio", "json", "time", "traceback", "concurrent", "typing"}
+    assert top <= stdlib | {"numpy", "triton_python_backend_utils", "decision", "control"}, top
     anywhere = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     anywhere |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert anywhere - top <= {"torch", "onnxruntime"}, anywhere - top

@@ -47,6 +47,8 @@ def assert_matches_reference(result, expected, rows):
     assert np.array_equal(esc, expected["escalated"]), f"ESCALATED differs on rows {rows[esc != expected['escalated']]}"
     np.testing.assert_allclose(result.as_numpy("PROBS"), expected["probs"], atol=1e-5, rtol=0)
     assert not result.as_numpy("DEGRADED").any()
+    reason = np.array([r.decode() for r in result.as_numpy("REASON").reshape(-1)])
+    np.testing.assert_array_equal(reason, np.where(expected["escalated"], "escalated", "confident"))
 
 
 def test_whole_test_split_from_16_concurrent_clients(server, grpc_client, test_split, served_threshold):

@@ -17,7 +17,12 @@ Timeouts never abandon work silently (RELIABILITY.md, "Stalls"):
   One stalled model thus costs one in-flight call per BLS instance, not a growing pile of blocked
   threads and queued executes, and no request waits on a big known to be slow.
 
-Imports only numpy, triton_python_backend_utils and decision, so it runs on a stock NGC image.
+Under load (``slo_p99_ms``), the ``Governor`` lowers T in steps, never below T_min (the accuracy budget
+set at calibration), and raises it back when big is fast again; a request's own ``threshold`` wins. A
+request's ``deadline_ms`` answers with little those escalated rows that big cannot answer in the time
+left. ``REASON`` says, per row, who answered and why.
+
+Imports only numpy, triton_python_backend_utils, decision and control, so it runs on a stock NGC image.
 """
 
 import asyncio
@@ -25,15 +30,18 @@ import json
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from decision import check_threshold, confidence, escalate, softmax
+from control import Breaker, Governor, check_deadline
+from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax
 
-#: Upper edges of the confidence bins counted per execute (the last bin is (0.999, 1]).
-CONFIDENCE_BINS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (../shared/FACTS.md, GPU section).
 NUMPY_MAJOR_SUPPORTED = 1
+#: REASON per row, indexed by its code: who answered, and why little answered a row it was unsure of.
+REASONS = np.array([b"confident", b"escalated", b"load", b"deadline", b"big_failed"], dtype=np.object_)
+CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 
 
 def as_numpy(tensor) -> np.ndarray:
@@ -47,51 +55,11 @@ def as_numpy(tensor) -> np.ndarray:
     return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
-class Breaker:
-    """When littlebig stops sending work to one model, and when it starts again (per BLS instance).
+class Rows(NamedTuple):
+    """Per-row request settings of one execute: own threshold (NaN: the governor's T) and deadline (monotonic s)."""
 
-    - Open while a call is past the timeout and still executing (``overdue``): nothing new is sent.
-    - For big (``shed``): while the last finished call took longer than the timeout, escalated rows
-      go straight to the failure policy, and once per ``probe_s`` one call is sent without waiting
-      for it (a probe). A probe that finishes in time closes the breaker. No request ever waits on
-      a probe, so a slow big costs no latency, and it gets at most one call per second.
-    """
-
-    def __init__(self, role, timeout_s, shed, probe_s=1.0):
-        self.role, self.timeout_s, self.shed, self.probe_s = role, timeout_s, shed, probe_s
-        self.overdue = set()
-        self.last_latency_s = 0.0
-        self.next_probe = 0.0
-
-    def finished(self, future, sent):
-        """Done callback of every call: remember its latency; an abandoned call's error is not news."""
-        self.last_latency_s = time.monotonic() - sent
-        self.overdue.discard(future)
-        if not future.cancelled():
-            future.exception()
-
-    def track(self, calls):
-        self.overdue.update(c for c in calls if not c.done())
-
-    def refusal(self, now):
-        """Why no work goes to the model now, or None."""
-        if self.overdue:
-            return (
-                f"{self.role} timed out: a call to it is still executing past the {self.timeout_s * 1000:.0f} ms "
-                "timeout; no new work goes to it until it answers"
-            )
-        if self.shed and self.last_latency_s > self.timeout_s:
-            return (
-                f"{self.role} timed out: its last call took {self.last_latency_s * 1000:.0f} ms (timeout "
-                f"{self.timeout_s * 1000:.0f} ms); rows go to the failure policy until a probe answers in time"
-            )
-        return None
-
-    def probe_due(self, now):
-        if not self.shed or self.overdue or now < self.next_probe:
-            return False
-        self.next_probe = now + self.probe_s
-        return True
+    own: np.ndarray
+    deadline: np.ndarray
 
 
 class TritonPythonModel:
@@ -104,7 +72,9 @@ class TritonPythonModel:
             )
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.threshold = check_threshold(params["threshold"])
+        self.threshold = check_threshold(params["threshold"])  # the calibrated T
+        levels = [check_threshold(t) for t in json.loads(params.get("governor_thresholds", "[]"))]
+        self.governor = Governor(levels or [self.threshold], float(params.get("slo_p99_ms", "0")) / 1000)
         self.models = {"little": params["little_model"], "big": params["big_model"]}
         self.max_batch = {"little": int(params["little_max_batch_size"]), "big": int(params["big_max_batch_size"])}
         self.timeout_us = int(float(params.get("bls_timeout_ms", "10000")) * 1000)
@@ -149,24 +119,77 @@ class TritonPythonModel:
                 "Requests answered with an error (Triton counts them as successes)",
                 pb_utils.MetricFamily.COUNTER,
             ),
+            "load": pb_utils.MetricFamily(
+                "littlebig_load_rows_total",
+                "Rows answered by little because the governor lowered T under load (REASON load)",
+                pb_utils.MetricFamily.COUNTER,
+            ),
+            "deadline": pb_utils.MetricFamily(
+                "littlebig_deadline_rows_total",
+                "Rows answered by little because big could not answer within the request's deadline_ms",
+                pb_utils.MetricFamily.COUNTER,
+            ),
+            "calibration_escalations": pb_utils.MetricFamily(
+                "littlebig_calibration_escalations_total",
+                "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)",
+                pb_utils.MetricFamily.COUNTER,
+            ),
             "confidence": pb_utils.MetricFamily(
                 "littlebig_little_confidence_rows_total",
                 "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total",
                 pb_utils.MetricFamily.COUNTER,
             ),
+            "threshold": pb_utils.MetricFamily(
+                "littlebig_threshold", "T in force for rows without their own threshold", pb_utils.MetricFamily.GAUGE
+            ),
+            "calibrated_escalation_rate": pb_utils.MetricFamily(
+                "littlebig_calibrated_escalation_rate",
+                "Val escalation rate at the calibrated T (drift alerts' reference)",
+                pb_utils.MetricFamily.GAUGE,
+            ),
+            "calibration_rows": pb_utils.MetricFamily(
+                "littlebig_calibration_rows", "Val rows the calibration was measured on", pb_utils.MetricFamily.GAUGE
+            ),
+            "calibrated_confidence_share": pb_utils.MetricFamily(
+                "littlebig_calibrated_confidence_share",
+                "Val share of each confidence bin (drift alerts' reference)",
+                pb_utils.MetricFamily.GAUGE,
+            ),
         }
-        self.metrics = {k: f.Metric(labels=labels) for k, f in self.families.items() if k != "confidence"}
-        self.confidence_bins = [
-            self.families["confidence"].Metric(labels={**labels, "upper": repr(edge)}) for edge in CONFIDENCE_BINS
-        ]
+        per_bin = ("confidence", "calibrated_confidence_share")
+        single = [k for k in self.families if k not in (*per_bin, "threshold")]
+        self.metrics = {k: self.families[k].Metric(labels=labels) for k in single}
+        self.confidence_bins, self.calibrated_shares = (
+            [self.families[k].Metric(labels={**labels, "upper": repr(edge)}) for edge in CONFIDENCE_BINS]
+            for k in per_bin
+        )
+        for metric, share in zip(self.calibrated_shares, json.loads(params.get("calibrated_confidence_shares", "[]"))):
+            metric.set(share)
+        self.metrics["calibrated_escalation_rate"].set(float(params.get("calibrated_escalation_rate", "-1")))
+        self.metrics["calibration_rows"].set(float(params.get("calibration_rows", "-1")))
+        # One T gauge per instance: each BLS instance (a process) governs its own T.
+        self.threshold_gauge = self.families["threshold"].Metric(
+            labels={**labels, "instance": args.get("model_instance_name", "")}
+        )
+        self.threshold_gauge.set(self.governor.threshold)
 
-    def _threshold(self, request):
+    def _parameters(self, request):
+        """(own threshold or None, deadline in seconds or inf); ValueError names the bad parameter."""
         params = json.loads(request.parameters() or "{}")
-        return self.threshold if "threshold" not in params else check_threshold(params["threshold"])
+        try:
+            own = check_threshold(params["threshold"]) if "threshold" in params else None
+        except ValueError as exc:
+            raise ValueError(f"invalid 'threshold' parameter: {exc}") from None
+        try:
+            deadline = check_deadline(params["deadline_ms"]) if "deadline_ms" in params else float("inf")
+        except ValueError as exc:
+            raise ValueError(f"invalid 'deadline_ms' parameter: {exc}") from None
+        return own, deadline
 
     def _send(self, role, images, spans):
         """One BLS call per span; each call's latency is recorded when it finishes, however late."""
         sent = time.monotonic()
+        breaker = self.breakers[role]
         calls = [
             pb_utils.InferenceRequest(
                 model_name=self.models[role],
@@ -178,7 +201,8 @@ class TritonPythonModel:
             for a, b in spans
         ]
         for call in calls:
-            call.add_done_callback(lambda fut, role=role: self.breakers[role].finished(fut, sent))
+            breaker.sent(call, sent)
+            call.add_done_callback(breaker.finished)
         return calls
 
     async def _run(self, role, images):
@@ -231,23 +255,28 @@ class TritonPythonModel:
 
     async def _execute(self, requests, responses):
         """Parse every request (bad ones answered at once), then run the cascade on the good rows."""
-        images, thresholds, spans = [], [], {}
+        received = time.monotonic()  # deadlines count from here: Triton's queue time is not visible to the model
+        if self.governor.update(self.breakers["big"].predicted_latency_s(received), received):
+            self.threshold_gauge.set(self.governor.threshold)
+        images, own, deadlines, spans = [], [], [], {}
         start = 0
         for i, request in enumerate(requests):
             try:
-                t = self._threshold(request)
+                threshold, deadline = self._parameters(request)
             except ValueError as exc:
-                responses[i] = self._error(f"invalid 'threshold' parameter: {exc}", pb_utils.TritonError.INVALID_ARG)
+                responses[i] = self._error(str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue
             rows = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(rows)
-            thresholds.append(np.full(len(rows), t))
+            own.append(np.full(len(rows), np.nan if threshold is None else threshold))
+            deadlines.append(np.full(len(rows), received + deadline))
             spans[i] = slice(start, start + len(rows))
             start += len(rows)
         if spans:
-            await self._cascade(np.concatenate(images), np.concatenate(thresholds), spans, responses)
+            rows = Rows(np.concatenate(own), np.concatenate(deadlines))
+            await self._cascade(np.concatenate(images), rows, spans, responses)
 
-    async def _cascade(self, images, thresholds, spans, responses):
+    async def _cascade(self, images, rows, spans, responses):
         """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows)."""
         owner = np.repeat(list(spans), [s.stop - s.start for s in spans.values()])  # row -> request
         failed = np.zeros(len(images), dtype=bool)  # rows little could not answer
@@ -260,17 +289,27 @@ class TritonPythonModel:
             else:
                 probs[a:b] = softmax(logits)
         conf = confidence(probs)
+        governed = np.isnan(rows.own)  # rows the governor decides; a request's own threshold wins
+        thresholds = np.where(governed, self.governor.threshold, rows.own)
+        reason = np.full(len(images), CONFIDENT, dtype=np.uint8)
         esc = escalate(conf, thresholds) & ~failed
+        reason[governed & ~failed & ~esc & escalate(conf, self.threshold)] = LOAD
+        now = time.monotonic()
+        late = esc & (rows.deadline - now < self.breakers["big"].predicted_latency_s(now))
+        reason[late] = DEADLINE
+        esc &= ~late
         degraded = np.zeros(len(images), dtype=bool)
-        rows = np.flatnonzero(esc)
-        if len(rows):
-            for a, b, logits, err in await self._run("big", images[rows]):
+        sent = np.flatnonzero(esc)
+        if len(sent):
+            for a, b, logits, err in await self._run("big", images[sent]):
                 if err is None:
-                    probs[rows[a:b]] = softmax(logits)
+                    probs[sent[a:b]] = softmax(logits)
                 elif self.fall_back_to_little:
-                    degraded[rows[a:b]] = True
+                    degraded[sent[a:b]] = True
                 else:
-                    messages.update(dict.fromkeys(np.unique(owner[rows[a:b]]).tolist(), err))
+                    messages.update(dict.fromkeys(np.unique(owner[sent[a:b]]).tolist(), err))
+        reason[esc] = ESCALATED
+        reason[degraded] = BIG_FAILED
         labels = probs.argmax(axis=-1).astype(np.int64).reshape(-1, 1)
         served = np.ones(len(images), dtype=bool)
         for i, s in spans.items():
@@ -284,17 +323,25 @@ class TritonPythonModel:
                     pb_utils.Tensor("PROBS", probs[s]),
                     pb_utils.Tensor("ESCALATED", esc[s].reshape(-1, 1)),
                     pb_utils.Tensor("DEGRADED", degraded[s].reshape(-1, 1)),
+                    pb_utils.Tensor("REASON", REASONS[reason[s]].reshape(-1, 1)),
                 ]
             )
-        self._observe(conf[served], esc[served], degraded[served])
+        self._observe(conf[served], esc[served], reason[served])
 
-    def _observe(self, conf, esc, degraded):
+    def _observe(self, conf, esc, reason):
         """Metrics once per execute: each call is an IPC round trip to the server, so none per row."""
-        self.metrics["rows"].increment(len(conf))
-        self.metrics["escalated"].increment(int(esc.sum()))
-        self.metrics["degraded"].increment(int(degraded.sum()))
-        counts = np.bincount(np.searchsorted(CONFIDENCE_BINS, conf), minlength=len(CONFIDENCE_BINS))
-        for metric, count in zip(self.confidence_bins, counts):
+        counts = {
+            "rows": len(conf),
+            "escalated": int(esc.sum()),
+            "degraded": int((reason == BIG_FAILED).sum()),
+            "load": int((reason == LOAD).sum()),
+            "deadline": int((reason == DEADLINE).sum()),
+            "calibration_escalations": int(escalate(conf, self.threshold).sum()),
+        }
+        for name, count in counts.items():
+            if count:
+                self.metrics[name].increment(count)
+        for metric, count in zip(self.confidence_bins, confidence_bin_counts(conf)):
             if count:
                 metric.increment(int(count))
 

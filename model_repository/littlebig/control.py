@@ -1,0 +1,137 @@
+"""The BLS model's control loop, apart from Triton: when to stop calling a model (``Breaker``), which T
+is in force under load (``Governor``), and a request's deadline. Stdlib and numpy only, so the tests
+exercise the same code the server runs (the generator copies this file beside model.py).
+"""
+
+import time
+
+import numpy as np
+
+
+def check_deadline(value: object) -> float:
+    """A request's ``deadline_ms`` (a number or numeric string, > 0) in seconds; ValueError names the problem."""
+    try:
+        ms = float(value) if not isinstance(value, bool) else float("nan")  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        ms = float("nan")
+    if not np.isfinite(ms) or ms <= 0:
+        raise ValueError(f"deadline_ms must be a number of milliseconds > 0, got {value!r}")
+    return ms / 1000
+
+
+class Breaker:
+    """When littlebig stops sending work to one model, and when it starts again (per BLS instance).
+
+    - Open while a call is past the timeout and still executing (``overdue``): nothing new is sent.
+    - For big (``shed``): while the last finished call took longer than the timeout, escalated rows
+      go straight to the failure policy, and once per ``probe_s`` one call is sent without waiting
+      for it (a probe). A probe that finishes in time closes the breaker. No request ever waits on
+      a probe, so a slow big costs no latency, and it gets at most one call per second.
+
+    It also predicts what a call sent now would take (``predicted_latency_s``), for the governor and
+    for deadlines.
+    """
+
+    #: Weight of the newest call in the latency average; a result older than ``stale_s`` no longer counts.
+    alpha, stale_s = 0.3, 2.0
+
+    def __init__(self, role, timeout_s, shed, probe_s=1.0):
+        self.role, self.timeout_s, self.shed, self.probe_s = role, timeout_s, shed, probe_s
+        self.overdue = set()
+        self.in_flight = {}  # call -> when it was sent
+        self.last_latency_s = self.mean_latency_s = 0.0
+        self.last_done = -float("inf")
+        self.next_probe = 0.0
+
+    def sent(self, future, when):
+        self.in_flight[future] = when
+
+    def finished(self, future):
+        """Done callback of every call: remember its latency; an abandoned call's error is not news."""
+        self.last_done = time.monotonic()
+        self.last_latency_s = self.last_done - self.in_flight.pop(future, self.last_done)
+        self.mean_latency_s += self.alpha * (self.last_latency_s - self.mean_latency_s)
+        self.overdue.discard(future)
+        if not future.cancelled():
+            future.exception()
+
+    def predicted_latency_s(self, now):
+        """What a call sent now would wait (queue + compute): the recent average, or the age of the oldest
+        call still in flight where that is longer (a growing queue shows there before any call returns)."""
+        recent = self.mean_latency_s if now - self.last_done < self.stale_s else 0.0
+        oldest = min(self.in_flight.values(), default=now)
+        return max(recent, now - oldest)
+
+    def track(self, calls):
+        self.overdue.update(c for c in calls if not c.done())
+
+    def refusal(self, now):
+        """Why no work goes to the model now, or None."""
+        if self.overdue:
+            return (
+                f"{self.role} timed out: a call to it is still executing past the {self.timeout_s * 1000:.0f} ms "
+                "timeout; no new work goes to it until it answers"
+            )
+        if self.shed and self.last_latency_s > self.timeout_s:
+            return (
+                f"{self.role} timed out: its last call took {self.last_latency_s * 1000:.0f} ms (timeout "
+                f"{self.timeout_s * 1000:.0f} ms); rows go to the failure policy until a probe answers in time"
+            )
+        return None
+
+    def probe_due(self, now):
+        if not self.shed or self.overdue or now < self.next_probe:
+            return False
+        self.next_probe = now + self.probe_s
+        return True
+
+
+class Governor:
+    """The T in force for rows without their own threshold: the calibrated T, lowered under load.
+
+    ``levels`` runs from the calibrated T down to T_min, each step shedding about the same share of val rows
+    from big; every level keeps val accuracy within ``max_accuracy_drop`` of the calibrated T's, so the cost
+    of any load is bounded and known. The signal is big's predicted latency (``Breaker.predicted_latency_s``):
+    what a row escalated now would wait for big, queue included.
+
+    - Above ``high`` (by default half the SLO; the rest is littlebig's own queue and little): one step
+      down, at most once per ``settle_s``, so a step's effect reaches the signal before the next step.
+    - Below ``low`` (a quarter of the SLO) for ``hold_s`` in a row: one step up toward the calibrated T.
+    - In between: no change.
+    The band between ``low`` and ``high`` and the slow way up (``hold_s`` >> ``settle_s``) are the
+    hysteresis: T falls fast when big's queue grows and climbs back one step at a time when it has drained,
+    so it does not oscillate with every burst. Without an SLO there is one level: T never moves.
+    """
+
+    def __init__(self, levels, slo_s, high=0.5, low=0.25, settle_s=0.5, hold_s=3.0):
+        self.levels = list(levels) if slo_s else list(levels)[:1]
+        self.high_s, self.low_s = high * slo_s, low * slo_s
+        self.settle_s, self.hold_s = settle_s, hold_s
+        self.level = 0
+        self.changed = self.calm_since = -float("inf")
+
+    @property
+    def threshold(self):
+        return self.levels[self.level]
+
+    @property
+    def calibrated(self):
+        return self.levels[0]
+
+    def update(self, signal_s, now):
+        """Move T for a predicted big latency of ``signal_s``; True when T changed."""
+        if signal_s > self.high_s:
+            self.calm_since = -float("inf")
+            if self.level + 1 < len(self.levels) and now - self.changed >= self.settle_s:
+                self.level, self.changed = self.level + 1, now
+                return True
+            return False
+        if signal_s >= self.low_s:
+            self.calm_since = -float("inf")
+            return False
+        if self.calm_since == -float("inf"):
+            self.calm_since = now
+        if self.level > 0 and now - max(self.calm_since, self.changed) >= self.hold_s:
+            self.level, self.changed = self.level - 1, now
+            return True
+        return False

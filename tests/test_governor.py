@@ -1,0 +1,244 @@
+"""Issue 16: the load governor (T under load, within the accuracy budget) and per-request deadlines.
+
+The controller is unit-tested on the file the server runs (``control.py``, stdlib + numpy); the served
+behaviour on the real tritonserver: answers equal the offline reference at the T in force, REASON says who
+answered and why, the counters and the T gauge move exactly, and T climbs back once big is fast again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from littlebig.decision import confidence, escalate, softmax
+from littlebig.export.calibrate import Outputs, evaluate, governor_levels, sweep, threshold_floor
+from tests.conftest import offline_reference
+from tests.test_serving import metric_sums, rows_of, scrape
+
+CONTROL = Path(__file__).resolve().parents[1] / "model_repository" / "littlebig" / "control.py"
+
+
+def load_control():
+    spec = importlib.util.spec_from_file_location("littlebig_control", CONTROL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+control = load_control()
+LEVELS = [0.99, 0.97, 0.9, 0.8]
+
+
+def test_governor_steps_down_fast_and_up_slowly_within_its_levels():
+    gov = control.Governor(LEVELS, slo_s=0.1)  # high 50 ms, low 25 ms, settle 0.5 s, hold 3 s
+    assert gov.threshold == 0.99
+    assert gov.update(0.06, now=0.0) and gov.threshold == 0.97
+    assert not gov.update(0.06, now=0.3)  # settling: one step per 0.5 s
+    assert gov.update(0.06, now=0.6) and gov.update(0.2, now=1.2) and gov.threshold == 0.8
+    assert not gov.update(1.0, now=5.0) and gov.threshold == 0.8  # never below T_min
+    assert not gov.update(0.04, now=6.0)  # in the band: no change, and the calm clock does not run
+    assert not gov.update(0.01, now=7.0) and not gov.update(0.01, now=9.9)
+    assert gov.update(0.01, now=10.0) and gov.threshold == 0.9  # 3 s calm: one step up
+    assert not gov.update(0.01, now=12.9) and gov.update(0.01, now=13.0) and gov.threshold == 0.97
+    assert not gov.update(0.03, now=14.0)  # the band resets the calm clock
+    assert not gov.update(0.01, now=15.0) and not gov.update(0.01, now=17.9)
+    assert gov.update(0.01, now=18.0) and gov.threshold == gov.calibrated == 0.99
+    assert not gov.update(0.0, now=100.0)  # nothing above the calibrated T
+
+
+def test_without_an_slo_the_governor_never_moves():
+    gov = control.Governor(LEVELS, slo_s=0.0)
+    assert [gov.update(s, now=t) for t, s in enumerate([10.0, 10.0, 0.0, 0.0])] == [False] * 4
+    assert gov.threshold == 0.99 and gov.levels == [0.99]
+
+
+def test_breaker_predicts_from_recent_calls_and_the_oldest_in_flight():
+    class Call:
+        def cancelled(self):
+            return False
+
+        def exception(self):
+            return None
+
+    breaker = control.Breaker("big", timeout_s=1.0, shed=True)
+    now = time.monotonic()
+    assert breaker.predicted_latency_s(now) == 0.0
+    call = Call()
+    breaker.sent(call, now - 0.2)
+    assert breaker.predicted_latency_s(now) == pytest.approx(0.2)  # in flight for 0.2 s
+    breaker.finished(call)
+    assert breaker.mean_latency_s == pytest.approx(0.3 * 0.2, rel=0.05)
+    assert breaker.predicted_latency_s(time.monotonic() + 3.0) == 0.0  # older than stale_s: no longer counts
+
+
+@pytest.mark.parametrize("value", ["abc", 0, -1, "nan", "inf", True, None, ""])
+def test_bad_deadlines_are_refused_with_the_parameter_named(value):
+    with pytest.raises(ValueError, match="deadline_ms"):
+        control.check_deadline(value)
+    assert control.check_deadline("250") == control.check_deadline(250.0) == 0.25
+
+
+@pytest.fixture(scope="module")
+def val(build_dir) -> Outputs:
+    from littlebig.export.pipeline import outputs
+
+    return outputs(build_dir, "val")
+
+
+@pytest.mark.parametrize("rule", ["paper", "guaranteed"])
+@pytest.mark.parametrize("eps", [0.0, 0.002, 0.005, 0.02])
+def test_t_min_is_the_lowest_t_whose_whole_range_keeps_the_budget(build_dir, val, rule, eps):
+    """Brute force over every distinct val confidence: no lower T qualifies, and every T above it does."""
+    t_cal = json.loads((build_dir / "calibration.json").read_text())["rules"][rule]["threshold"]
+    floor = threshold_floor(val, t_cal, eps)
+    budget = evaluate(val, t_cal)["accuracy"] - eps - 1e-12
+    ts = np.unique(np.concatenate([val.conf, [0.0, t_cal]]))
+    ts = ts[ts <= t_cal]
+    ok = sweep(val, ts)["accuracy"] >= budget
+    assert ok[ts >= floor].all()
+    below = ts[ts < floor]
+    assert len(below) == 0 or not ok[ts < floor][-1]  # the next T down breaks the budget
+    levels = governor_levels(val, t_cal, floor)
+    assert levels[0] == t_cal and levels[-1] == floor and levels == sorted(levels, reverse=True)
+    if eps == 0.0:
+        return
+    rates = [float(escalate(val.conf, t).mean()) for t in levels]
+    assert len(levels) == 5 and np.all(np.diff(rates) < 0)  # each step sheds rows from big
+
+
+def test_calibration_records_t_min_and_the_drift_reference(build_dir, val):
+    calibration = json.loads((build_dir / "calibration.json").read_text())
+    for rule in calibration["rules"].values():
+        assert rule["t_min"] == threshold_floor(val, rule["threshold"], calibration["max_accuracy_drop"])
+    assert sum(calibration["confidence_shares"]) == pytest.approx(1.0)
+
+
+# --- the real server -----------------------------------------------------------------------------------------
+
+
+def send(client, images, params=None):
+    inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    return client.infer("littlebig", [inp], parameters=params)
+
+
+def reasons(result) -> np.ndarray:
+    return np.array([r.decode() for r in result.as_numpy("REASON").reshape(-1)])
+
+
+def test_a_past_deadline_answers_escalated_rows_with_little(server, grpc_client, test_split, served_threshold):
+    """deadline_ms shorter than little takes: every row big would answer comes back from little, flagged."""
+    data, logits = test_split
+    rows = np.arange(4000, 4064)
+    expected = offline_reference(logits, rows, served_threshold)
+    would = expected["escalated"]
+    assert would.any() and not would.all()
+    names = ("littlebig_deadline_rows_total", "littlebig_escalated_rows_total")
+    before, big_before = metric_sums(server, names), rows_of(grpc_client, "big")
+    result = send(grpc_client, data.images[rows], {"deadline_ms": "0.001"})
+    little_probs = softmax(logits["little"][rows])
+    assert not result.as_numpy("ESCALATED").any() and rows_of(grpc_client, "big") == big_before
+    np.testing.assert_array_equal(result.as_numpy("LABEL").reshape(-1), little_probs.argmax(-1))
+    np.testing.assert_allclose(result.as_numpy("PROBS"), little_probs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(reasons(result), np.where(would, "deadline", "confident"))
+    after = metric_sums(server, names)
+    assert after["littlebig_deadline_rows_total"] - before["littlebig_deadline_rows_total"] == would.sum()
+    assert after["littlebig_escalated_rows_total"] == before["littlebig_escalated_rows_total"]
+    # A generous deadline changes nothing: the answer is the offline cascade's.
+    result = send(grpc_client, data.images[rows], {"deadline_ms": 60000})
+    np.testing.assert_array_equal(result.as_numpy("LABEL").reshape(-1), expected["label"])
+    np.testing.assert_array_equal(reasons(result), np.where(would, "escalated", "confident"))
+
+
+@pytest.mark.parametrize("value", ["abc", 0, -5, "nan", ""])
+def test_a_bad_deadline_is_invalid_argument_naming_it(grpc_client, test_split, value):
+    data, _ = test_split
+    with pytest.raises(InferenceServerException) as err:
+        send(grpc_client, data.images[:2], {"deadline_ms": value})
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "deadline_ms" in err.value.message()
+
+
+@pytest.fixture(scope="module")
+def governed(build_dir, tmp_path_factory):
+    """One BLS instance whose SLO (1 us) every big call breaches: the governor walks T down to T_min."""
+    from littlebig.model_repository.generate import ServeOptions
+    from tests.test_reliability import own_server
+
+    opts = ServeOptions(bls_instances=1, slo_p99_ms=0.001)
+    with own_server(build_dir, tmp_path_factory.mktemp("governed"), opts) as s:
+        yield s
+
+
+def threshold_gauge(server) -> float:
+    (value,) = scrape(server, "littlebig_threshold").values()
+    return value
+
+
+def test_the_governor_lowers_t_to_t_min_and_answers_equal_the_reference_at_t_in_force(governed, test_split):
+    data, logits = test_split
+    summary = json.loads((governed.repository / "littlebig-repository.json").read_text())
+    levels, t_cal = summary["governor_thresholds"], summary["threshold"]
+    assert levels[0] == t_cal and levels[-1] == summary["t_min"] < t_cal
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{governed.ports.grpc}")
+    try:
+        assert threshold_gauge(governed) == t_cal
+        before, seen, load_rows = metric_sums(governed, ("littlebig_load_rows_total",)), [], 0
+        for k in range(2 * len(levels)):
+            rows = np.arange(5000 + 64 * k, 5064 + 64 * k)
+            result = send(client, data.images[rows])
+            why = reasons(result)
+            conf = confidence(softmax(logits["little"][rows]))
+            # the T in force is one of the levels: the answer is the offline cascade's at that T, and the rows
+            # between it and the calibrated T are flagged "load"
+            matches = [
+                t
+                for t in levels
+                if np.array_equal(result.as_numpy("LABEL").reshape(-1), offline_reference(logits, rows, t)["label"])
+                and np.array_equal(why == "escalated", escalate(conf, t))
+                and np.array_equal(why == "load", escalate(conf, t_cal) & ~escalate(conf, t))
+            ]
+            assert matches, f"request {k}: no governor level explains the answer"
+            seen.append(min(matches))
+            load_rows += int((why == "load").sum())
+            time.sleep(0.6)  # longer than the governor's settle time: one step down per request
+        assert seen[-1] == levels[-1] and threshold_gauge(governed) == levels[-1]
+        assert seen == sorted(seen, reverse=True) and len(set(seen)) == len(levels)
+        after = metric_sums(governed, ("littlebig_load_rows_total",))
+        assert after["littlebig_load_rows_total"] - before["littlebig_load_rows_total"] == load_rows > 0
+        # A request's own threshold wins over the governor.
+        rows = np.arange(6000, 6064)
+        result = send(client, data.images[rows], {"threshold": 1})
+        assert result.as_numpy("ESCALATED").all() and set(reasons(result)) == {"escalated"}
+    finally:
+        client.close()
+
+
+def test_t_climbs_back_to_the_calibrated_value_once_big_is_fast(governed, test_split):
+    """At T_min, traffic that never needs big lets the signal go stale (calm): one step up per hold time."""
+    data, logits = test_split
+    summary = json.loads((governed.repository / "littlebig-repository.json").read_text())
+    levels = summary["governor_thresholds"]
+    conf = confidence(softmax(logits["little"]))
+    confident = np.flatnonzero(conf >= levels[0])[:200]
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{governed.ports.grpc}")
+    try:
+        assert threshold_gauge(governed) == levels[-1]  # left there by the test before
+        start = time.monotonic()
+        while threshold_gauge(governed) != levels[0] and time.monotonic() - start < 30:
+            result = send(client, data.images[confident[:8]])
+            assert set(reasons(result)) == {"confident"}
+            time.sleep(0.25)
+        took = time.monotonic() - start
+    finally:
+        client.close()
+    assert threshold_gauge(governed) == levels[0], "T did not return to the calibrated value within 30 s"
+    # stale after 2 s, then 3 s of calm per step
+    assert took < 2 + 3 * (len(levels) - 1) + 3
