@@ -72,7 +72,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 # perf_analyzer (its own venv, mk/bench.mk) too: the suite checks it sends our real images.
-test: setup perf-analyzer
+test: setup perf-analyzer alert-rules
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

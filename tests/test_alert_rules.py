@@ -1,0 +1,246 @@
+"""The drift alert rules (deploy/prometheus/, issue 16): promtool checks them and runs their unit tests, and the
+whole loop runs on the real server: replayed images -> littlebig's metrics -> the rules -> alerts or none.
+
+promtool comes from Debian's prometheus package (apt-packages.txt; `make setup` installs it as root, CI does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
+RULES = RULES_DIR / "littlebig.rules.yml"
+RULE_TESTS = RULES_DIR / "littlebig.rules.test.yml"
+MODEL_PY = RULES_DIR.parent.parent / "model_repository" / "littlebig" / "model.py"
+#: The alerts' thresholds, as written in the rules (test_thresholds_are_the_documented_ones checks).
+Z_MAX, PSI_MAX, MIN_ROWS, SHARE_FLOOR = 4.0, 0.2, 500, 0.001
+DRIFT_ALERTS = ("LittlebigEscalationRateDrift", "LittlebigConfidenceShift")
+REPLAY_ROWS = 3000
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail(
+            "promtool not found: it comes from Debian's prometheus package, listed in apt-packages.txt "
+            "(`make setup` as root installs it; or `apt-get install prometheus`)"
+        )
+    return path
+
+
+def run_promtool(*args: str | Path) -> str:
+    proc = subprocess.run([promtool(), *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"promtool {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def rules() -> dict[str, dict]:
+    """Every rule of the rules file by its record or alert name."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {r.get("record") or r["alert"]: r for g in groups for r in g["rules"]}
+
+
+def test_promtool_checks_the_rules():
+    out = run_promtool("check", "rules", RULES)
+    assert "SUCCESS" in out
+
+
+def test_promtool_unit_tests_on_synthetic_series():
+    """In-distribution noise fires nothing, a shifted rate or histogram fires its alert, too few rows fire
+    nothing, a replica restart fires nothing, a missing reference says so (littlebig.rules.test.yml)."""
+    out = run_promtool("test", "rules", RULE_TESTS)
+    assert "SUCCESS" in out
+
+
+def test_thresholds_are_the_documented_ones():
+    by_name = rules()
+    rate, shift = (by_name[a]["expr"] for a in DRIFT_ALERTS)
+    assert f"> {Z_MAX:g}" in rate and f">= {MIN_ROWS}" in rate
+    assert f"> {PSI_MAX:g}" in shift and f">= {MIN_ROWS}" in shift
+    assert by_name["model:littlebig_confidence_psi:10m"]["expr"].count(f"{SHARE_FLOOR:g})") == 4
+    assert all(by_name[a].get("for") for a in DRIFT_ALERTS)
+
+
+def test_rules_read_metrics_the_model_exports():
+    """Every raw littlebig_* series the rules read is a metric family of the served BLS model, and the synthetic
+    tests' bins are the served ones (the upper edge written as model.py labels it, repr of the edge)."""
+    from littlebig.decision import CONFIDENCE_BINS
+
+    read = set()
+    for rule in rules().values():
+        read |= set(re.findall(r"(?<![\w:])(littlebig_[a-z_]+)(?![\w:])", rule["expr"]))  # raw, not recorded
+    source = MODEL_PY.read_text()
+    assert read and all(f'"{name}"' in source for name in read), sorted(n for n in read if f'"{n}"' not in source)
+    uppers = set(re.findall(r'upper="([^"]+)"', RULE_TESTS.read_text()))
+    assert uppers == {repr(edge) for edge in CONFIDENCE_BINS}
+
+
+# --- the whole loop on the real server ------------------------------------------------------------------------
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(server) -> list[tuple[str, dict[str, str], float]]:
+    """Every littlebig_* sample on the metrics port: (name, labels, value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = []
+    for line in text.splitlines():
+        m = SAMPLE.match(line)
+        if m and m.group(1).startswith("littlebig_"):
+            out.append((m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return out
+
+
+def series_key(name: str, labels: dict[str, str]) -> str:
+    return name + "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+COUNTERS = ("littlebig_rows_total", "littlebig_calibration_escalations_total", "littlebig_little_confidence_rows_total")
+GAUGES = ("littlebig_calibrated_escalation_rate", "littlebig_calibration_rows", "littlebig_calibrated_confidence_share")
+
+
+def replay(server, images: np.ndarray, batch: int = 64, clients: int = 4) -> None:
+    import tritonclient.grpc as grpcclient
+
+    def send(start):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
+        try:
+            chunk = images[start : start + batch]
+            inp = grpcclient.InferInput("IMAGE", list(chunk.shape), "UINT8")
+            inp.set_data_from_numpy(chunk)
+            assert not client.infer("littlebig", [inp]).as_numpy("DEGRADED").any()
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(send, range(0, len(images), batch)))
+
+
+def observe(server, images: np.ndarray) -> dict:
+    """Replay ``images`` and return the littlebig counters' deltas and the calibration gauges, per series."""
+    before = {series_key(n, labels): v for n, labels, v in scrape(server) if n in COUNTERS}
+    replay(server, images)
+    after = scrape(server)
+    counters = {series_key(n, lab): v - before.get(series_key(n, lab), 0.0) for n, lab, v in after if n in COUNTERS}
+    gauges: dict[str, float] = {}
+    for n, lab, v in after:  # one sample per BLS instance process, identical labels: max, as the rules take it
+        if n in GAUGES:
+            key = series_key(n, lab)
+            gauges[key] = max(v, gauges.get(key, -math.inf))
+    return {"counters": counters, "gauges": gauges}
+
+
+def drift_statistics(observed: dict) -> dict[str, float]:
+    """r, z and PSI from the deltas and gauges, by the formulas the rules document (independently of PromQL)."""
+
+    def total(name):
+        return sum(v for k, v in observed["counters"].items() if k.startswith(name + "{"))
+
+    def gauge(name):
+        return max(v for k, v in observed["gauges"].items() if k.startswith(name + "{"))
+
+    def per_bin(values, name):
+        return {re.search(r'upper="([^"]+)"', k).group(1): v for k, v in values.items() if k.startswith(name + "{")}
+
+    n, esc = total("littlebig_rows_total"), total("littlebig_calibration_escalations_total")
+    p, n_val = gauge("littlebig_calibrated_escalation_rate"), gauge("littlebig_calibration_rows")
+    live = per_bin(observed["counters"], "littlebig_little_confidence_rows_total")
+    ref = per_bin(observed["gauges"], "littlebig_calibrated_confidence_share")
+    assert set(live) == set(ref) and len(ref) == 12
+    rows_in_bins = sum(live.values())
+    psi = 0.0
+    for upper, e in ref.items():
+        a, e = max(live[upper] / rows_in_bins, SHARE_FLOOR), max(e, SHARE_FLOOR)
+        psi += (a - e) * math.log(a / e)
+    r = esc / n
+    z = (r - p) / math.sqrt(p * (1 - p) * (1 / n + 1 / n_val))
+    return {"n": n, "r": r, "p": p, "n_val": n_val, "z": z, "psi": psi}
+
+
+def promtool_replay_test(observed: dict, stats: dict, fire: bool, tmp_path: Path) -> Path:
+    """A promtool test file on the real rules: each counter grows linearly by its scraped delta every 10 minutes
+    for 20 minutes (the replay, as a steady 10m window), gauges constant; the alerts must (not) fire at 20m,
+    and the recorded z and PSI must equal ``stats``."""
+    target = {"job": "triton", "instance": "replay:8002"}
+    series = []
+    for key, delta in observed["counters"].items():
+        series.append(
+            {
+                "series": key[:-1] + ", " + ", ".join(f'{k}="{v}"' for k, v in target.items()) + "}",
+                "values": f"0+{delta / 10!r}x20",
+            }
+        )
+    for key, value in observed["gauges"].items():
+        series.append(
+            {
+                "series": key[:-1] + ", " + ", ".join(f'{k}="{v}"' for k, v in target.items()) + "}",
+                "values": f"{value!r}+0x20",
+            }
+        )
+    by_name = rules()
+    alerts = []
+    for name in DRIFT_ALERTS:
+        expected = []
+        if fire:
+            labels = {**by_name[name]["labels"], "model": "littlebig"}
+            expected = [{"exp_labels": labels, "exp_annotations": by_name[name]["annotations"]}]
+        alerts.append({"eval_time": "20m", "alertname": name, "exp_alerts": expected})
+    alerts.append({"eval_time": "20m", "alertname": "LittlebigDriftReferenceMissing", "exp_alerts": []})
+    exprs = [
+        {
+            "expr": f"count(abs(model:littlebig_calibration_escalation_rate:z10m - {stats['z']!r}) < 1e-6)",
+            "eval_time": "20m",
+            "exp_samples": [{"labels": "{}", "value": 1}],
+        },
+        {
+            "expr": f"count(abs(model:littlebig_confidence_psi:10m - {stats['psi']!r}) < 1e-6)",
+            "eval_time": "20m",
+            "exp_samples": [{"labels": "{}", "value": 1}],
+        },
+    ]
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": alerts, "promql_expr_test": exprs}],
+    }
+    path = tmp_path / f"{'shifted' if fire else 'in-distribution'}.test.yml"
+    path.write_text(json.dumps(test, indent=1))  # JSON is YAML
+    return path
+
+
+def test_replayed_traffic_fires_only_when_shifted(server, test_split, served_threshold, tmp_path):
+    """The whole loop: 3,000 Fashion-MNIST test images replayed through the served cascade must not fire the
+    drift alerts; the same images inverted (255 - x) must fire both. The scraped deltas and gauges go through
+    the real rules file in promtool, which must also record the z and PSI computed here from the formulas."""
+    from littlebig.decision import confidence, escalate, softmax
+
+    data, logits = test_split
+    images = data.images[:REPLAY_ROWS]
+    measured = {}
+    for name, stream, shifted in (("in-distribution", images, False), ("inverted", 255 - images, True)):
+        observed = observe(server, stream)
+        stats = measured[name] = drift_statistics(observed)
+        assert stats["n"] == REPLAY_ROWS, f"{name}: the rows counter moved by {stats['n']}, not {REPLAY_ROWS}"
+        if not shifted:  # the drift counter counts exactly the rows below the calibrated T
+            conf = confidence(softmax(logits["little"][:REPLAY_ROWS]))
+            assert stats["r"] * REPLAY_ROWS == pytest.approx(int(escalate(conf, served_threshold).sum()), abs=1e-6)
+        # the stream means what the test says it means, by the documented formulas
+        if shifted:
+            assert abs(stats["z"]) > Z_MAX and stats["psi"] > PSI_MAX, stats
+        else:
+            assert abs(stats["z"]) < Z_MAX and stats["psi"] < PSI_MAX, stats
+        run_promtool("test", "rules", promtool_replay_test(observed, stats, shifted, tmp_path))
+    print("drift replay:", json.dumps({k: {s: round(v, 4) for s, v in st.items()} for k, st in measured.items()}))
