@@ -18,6 +18,7 @@ from littlebig.client.client import (
     as_batch,
     chunks,
     parse_response,
+    request_parameters,
 )
 
 
@@ -76,24 +77,29 @@ class AsyncLittleBigClient(_ClientBase):
             self._service = Service.from_server(meta, config["config"])
         return self._service
 
-    async def infer_batch(self, images: np.ndarray, threshold: float | str | None = None) -> Classification:
+    async def infer_batch(
+        self, images: np.ndarray, threshold: float | str | None = None, deadline_ms: float | None = None
+    ) -> Classification:
         service = await self.service()
         inp = self._grpc.InferInput(service.input_name, list(images.shape), service.dtype)
         inp.set_data_from_numpy(images)
-        params = None if threshold is None else {"threshold": threshold}
+        params = request_parameters(threshold, deadline_ms)
         async with self._slots:
             result = await self._call(self._client.infer, service.model, [inp], parameters=params)
         return parse_response(service, result)
 
     async def classify(
-        self, images: np.ndarray | str | Path | Iterable[str | Path], threshold: float | str | None = None
+        self,
+        images: np.ndarray | str | Path | Iterable[str | Path],
+        threshold: float | str | None = None,
+        deadline_ms: float | None = None,
     ) -> Classification:
         """Like LittleBigClient.classify, with every max_batch_size chunk in flight at once."""
         service = await self.service()
         # Pillow decodes and resizes files in a worker thread: the event loop keeps serving other requests.
         batch, files = await asyncio.to_thread(as_batch, images, service)
         parts = await asyncio.gather(
-            *(self.infer_batch(batch[s], threshold) for s in chunks(len(batch), service.max_batch_size))
+            *(self.infer_batch(batch[s], threshold, deadline_ms) for s in chunks(len(batch), service.max_batch_size))
         )
         result = Classification.concat(list(parts), service.class_names)
         result.files = files

@@ -102,6 +102,8 @@ class Classification:
     escalated: np.ndarray
     class_names: tuple[str, ...]
     degraded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: REASON per row (confident, escalated, load, deadline, big_failed); empty from a server without it.
+    reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
     files: list[str] = field(default_factory=list)
 
     @property
@@ -139,6 +141,8 @@ class Classification:
                 rec = {"file": self.files[i], **rec}
             if degraded[i]:
                 rec["degraded"] = True
+            if len(self.reasons):
+                rec["reason"] = str(self.reasons[i])
             if tops is not None:
                 rec["top_k"] = [{"name": n, "prob": p} for n, p in tops[i]]
             out.append(rec)
@@ -160,6 +164,7 @@ class Classification:
             np.concatenate([p.escalated for p in parts]),
             class_names,
             np.concatenate([p.degraded for p in parts]),
+            np.concatenate([p.reasons for p in parts]),
         )
 
 
@@ -167,6 +172,7 @@ def parse_response(service: Service, result: Any) -> Classification:
     """The cascade's LABEL/PROBS/ESCALATED, or a plain classifier's LOGITS read the same way."""
     if service.is_cascade:
         degraded = result.as_numpy("DEGRADED") if "DEGRADED" in service.outputs else None
+        reasons = result.as_numpy("REASON") if "REASON" in service.outputs else None
         probs = result.as_numpy("PROBS")
         return Classification(
             result.as_numpy("LABEL").reshape(-1).astype(np.int64),
@@ -174,6 +180,7 @@ def parse_response(service: Service, result: Any) -> Classification:
             result.as_numpy("ESCALATED").reshape(-1).astype(bool),
             service.class_names,
             np.zeros(len(probs), bool) if degraded is None else degraded.reshape(-1).astype(bool),
+            np.zeros(0, str) if reasons is None else np.array([r.decode() for r in reasons.reshape(-1)]),
         )
     probs = softmax(result.as_numpy("LOGITS"))
     return Classification(
@@ -183,6 +190,12 @@ def parse_response(service: Service, result: Any) -> Classification:
         service.class_names,
         np.zeros(len(probs), bool),
     )
+
+
+def request_parameters(threshold: float | str | None, deadline_ms: float | None) -> dict[str, Any] | None:
+    """The cascade's per-request parameters; the server validates them (INVALID_ARGUMENT names the bad one)."""
+    params = {"threshold": threshold, "deadline_ms": deadline_ms}
+    return {k: v for k, v in params.items() if v is not None} or None
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -345,21 +358,29 @@ class LittleBigClient(_ClientBase):
             self._service = Service.from_server(meta, config)
         return self._service
 
-    def infer_batch(self, images: np.ndarray, threshold: float | str | None = None) -> Classification:
-        """One request of at most max_batch_size rows."""
+    def infer_batch(
+        self, images: np.ndarray, threshold: float | str | None = None, deadline_ms: float | None = None
+    ) -> Classification:
+        """One request of at most max_batch_size rows; ``deadline_ms``: rows big cannot answer in time come
+        back from little (REASON deadline)."""
         service = self.service
         inp = self._grpc.InferInput(service.input_name, list(images.shape), service.dtype)
         inp.set_data_from_numpy(images)
-        params = None if threshold is None else {"threshold": threshold}
+        params = request_parameters(threshold, deadline_ms)
         result = self._call(self._client.infer, service.model, [inp], parameters=params)
         return parse_response(service, result)
 
     def classify(
-        self, images: np.ndarray | str | Path | Iterable[str | Path], threshold: float | str | None = None
+        self,
+        images: np.ndarray | str | Path | Iterable[str | Path],
+        threshold: float | str | None = None,
+        deadline_ms: float | None = None,
     ) -> Classification:
         """Classify a uint8 batch [N, H, W, C], one image, image files, or folders of them."""
         batch, files = as_batch(images, self.service)
-        parts = [self.infer_batch(batch[s], threshold) for s in chunks(len(batch), self.service.max_batch_size)]
+        parts = [
+            self.infer_batch(batch[s], threshold, deadline_ms) for s in chunks(len(batch), self.service.max_batch_size)
+        ]
         result = Classification.concat(parts, self.service.class_names)
         result.files = files
         return result

@@ -439,18 +439,18 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     from littlebig.client import LittleBigClient
 
     with LittleBigClient(args.url, args.model, timeout_s=args.timeout) as client:
-        result = client.classify(args.paths, threshold=args.threshold)
+        result = client.classify(args.paths, threshold=args.threshold, deadline_ms=args.deadline_ms)
     records = result.records(top_k=args.top_k)
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
     width = max([len(r["file"]) for r in records] + [4])
-    print(f"{'file':{width}s}  {'label':14s}  confidence  escalated")
+    print(f"{'file':{width}s}  {'label':14s}  confidence  escalated  reason")
     for r in records:
         top = "" if args.top_k <= 1 else "  " + ", ".join(f"{t['name']} {t['prob']:.3f}" for t in r["top_k"])
         print(
             f"{r['file']:{width}s}  {r['name']:14s}  {r['confidence']:10.4f}  {'yes' if r['escalated'] else 'no':9s}"
-            + top
+            f"  {r.get('reason', '-'):10s}" + top
         )
     return 0
 
@@ -467,6 +467,12 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", help="PNG/JPEG files or folders (walked recursively)")
     p.add_argument("--json", action="store_true", help="one JSON record per image")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
+    p.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=None,
+        help="time you will wait: rows big cannot answer within it come back from little (REASON deadline)",
+    )
     _add_client_options(p)
     p.set_defaults(func=_client_errors(_cmd_classify))
 

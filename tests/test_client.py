@@ -61,6 +61,21 @@ def test_numpy_batch_larger_than_max_batch_is_split(client, test_split, served_t
     assert single.labels.tolist() == result.labels[:1].tolist()
 
 
+def test_deadline_and_reason_reach_the_client(client, test_split, served_threshold):
+    """A past deadline: the rows big would answer come back from little, each record saying why."""
+    data, logits = test_split
+    rows = np.arange(700, 764)
+    expected = offline_reference(logits, rows, served_threshold)
+    result = client.classify(data.images[rows], deadline_ms=0.001)
+    assert not result.escalated.any()
+    assert result.reasons.tolist() == np.where(expected["escalated"], "deadline", "confident").tolist()
+    assert [r["reason"] for r in result.records()] == result.reasons.tolist()
+    on_time = client.classify(data.images[rows], deadline_ms=60_000)
+    assert_same(on_time, expected)
+    with pytest.raises(InputError, match="deadline_ms"):
+        client.classify(data.images[:2], deadline_ms=-1)
+
+
 def test_files_folder_and_per_request_threshold(client, test_split, build_dir, tmp_path):
     data, _ = test_split
     for i in range(12):

@@ -169,7 +169,7 @@ class TritonPythonModel:
         self.metrics["calibration_rows"].set(float(params.get("calibration_rows", "-1")))
         # One T gauge per instance: each BLS instance (a process) governs its own T.
         self.threshold_gauge = self.families["threshold"].Metric(
-            labels={**labels, "instance": args.get("model_instance_name", "")}
+            labels={**labels, "bls_instance": args.get("model_instance_name", "")}
         )
         self.threshold_gauge.set(self.governor.threshold)
 
