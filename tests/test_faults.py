@@ -110,7 +110,8 @@ def test_a_stalled_big_answers_by_policy_and_the_server_answers_again_after(buil
     settings, is the last line of defence. The contract holds either way."""
     data, logits = test_split
     t = spaced_thresholds(logits["little"], (0.5,))[0]  # about half the rows escalate
-    opts = ServeOptions(on_big_failure="little", bls_timeout_ms=1000)
+    # big_instances=1: the test stops the one big stub (a second instance would keep answering)
+    opts = ServeOptions(on_big_failure="little", bls_timeout_ms=1000, big_instances=1)
     with own_server(build_dir, tmp_path, opts) as server:
         supervisor = Supervisor(server).start()  # production settings: probe every 10 s, restart on exit
         try:

@@ -244,7 +244,8 @@ def test_queued_work_of_a_timed_out_bls_call_is_dropped_not_run(build_dir, tmp_p
     exported = read_export(build_dir)
     images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:1]
     edit = hang_big(3) if policy else without_queue_policy(hang_big(3))
-    with own_server(build_dir, tmp_path, ServeOptions(bls_timeout_ms=1000), edit) as server:
+    # big_instances=1: B must queue behind A on the one big instance (a second would run it at once)
+    with own_server(build_dir, tmp_path, ServeOptions(bls_timeout_ms=1000, big_instances=1), edit) as server:
         url = f"127.0.0.1:{server.ports.grpc}"
         client = grpcclient.InferenceServerClient(url)
 

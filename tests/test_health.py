@@ -23,7 +23,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_degraded_answer_fails_readiness_everywhere(build_dir, tmp_path, test_split):
     data, _ = test_split
-    with own_server(build_dir, tmp_path, ServeOptions(on_big_failure="little")) as server:
+    # big_instances=1: the test kills the one big stub (a second instance would keep answering)
+    with own_server(build_dir, tmp_path, ServeOptions(on_big_failure="little", big_instances=1)) as server:
         url = f"127.0.0.1:{server.ports.http}"
         assert run(sys.executable, str(ROOT / "model_repository" / "health.py"), "ready", "--url", url).returncode == 0
         kill_stub(server, "big")

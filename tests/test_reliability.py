@@ -146,7 +146,8 @@ def test_big_dies_mid_load_answers_follow_the_policy(policy, build_dir, tmp_path
     t = spaced_thresholds(logits["little"], (0.5,))[0]  # about half the rows escalate
     rng = np.random.default_rng(3)
     batches = [rng.choice(len(data), size=int(rng.integers(1, 17)), replace=False) for _ in range(120)]
-    with own_server(build_dir, tmp_path, ServeOptions(on_big_failure=policy)) as server:
+    # big_instances=1: the test kills the one big stub (a second instance would keep answering)
+    with own_server(build_dir, tmp_path, ServeOptions(on_big_failure=policy, big_instances=1)) as server:
         url = grpc_url(server)
         degraded_before = metric(server, "littlebig_degraded_rows_total")
 
@@ -231,7 +232,8 @@ def wait_for_answer(url: str, images: np.ndarray, limit: float) -> float:
 def test_supervisor_restarts_the_server_when_bigs_stub_dies(build_dir, tmp_path, test_split):
     data, logits = test_split
     images = data.images[:8]
-    with own_server(build_dir, tmp_path) as server:
+    # big_instances=1: the test kills the one big stub (a second instance would keep the probe passing)
+    with own_server(build_dir, tmp_path, ServeOptions(big_instances=1)) as server:
         url = grpc_url(server)
         supervisor = Supervisor(server, interval=1.0, failures=1).start()
         try:
@@ -254,7 +256,8 @@ def test_littlebig_serve_supervises_and_stops_cleanly(build_dir, tmp_path, test_
     """The CLI path: ``littlebig serve --health-interval 1`` restarts after big's stub is killed."""
     data, _ = test_split
     repo = tmp_path / "model_repository"
-    generate(build_dir, repo, "cpu")
+    # big_instances=1: the test kills the one big stub (a second instance would keep the probe passing)
+    generate(build_dir, repo, "cpu", ServeOptions(big_instances=1))
     ports = Ports.free()
     cmd = [
         str(Path(sys.executable).parent / "littlebig"),
