@@ -80,5 +80,5 @@ test: setup perf-analyzer alert-rules
 clean:
 	rm -rf $(BUILD)
 
-# Role-specific targets (bench, deploy checks, soak) live beside this file.
+# Role-specific targets (bench, overload, deploy checks, soak, alert rules) live beside this file, in mk/*.mk.
 include $(wildcard mk/*.mk)
