@@ -122,7 +122,8 @@ def refinements(leader: Candidate) -> list[Candidate]:
         {"big_max_batch_size": 2 * o["big_max_batch_size"]},
         {"big_max_batch_size": max(1, o["big_max_batch_size"] // 2)},
         {"bls_instances": o["bls_instances"] + 1},
-        {"little_in_process": True},  # little inside the BLS process: one Python-backend hop less per execute
+        # little as its own Triton model (one Python-backend hop more per execute) against the default, in process
+        {"little_in_process": not o.get("little_in_process", True)},
     ]
     return [candidate(BLS, "refine", **{**o, **c}) for c in changes if any(o.get(k) != v for k, v in c.items())]
 
@@ -303,7 +304,8 @@ class Search:
         before = {m: server_stats(self.client, m) for m in watched}
         t0 = time.monotonic()
         composing = list(cand.composing()) if cand.role == BLS and model is None else None
-        if composing and cand.opts().get("little_in_process"):  # perf_analyzer fails on a model never called
+        # perf_analyzer fails on a model never called: little in process (the cpu default) is never called
+        if composing and cand.opts().get("little_in_process", True):
             composing = composing[1:]
         p = measure(self.pa, self.url, target, batch, conc, self.input_data, self.work, window, composing=composing)
         self.point_seconds.append((time.monotonic() - t0, window.interval_ms / 1000))

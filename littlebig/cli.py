@@ -212,6 +212,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+def parse_bool(text: str) -> bool:
+    """A flag's true/false (also yes/no, 1/0); argparse reports anything else as an invalid value."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
 #: The deployment flags of ``littlebig repo`` and ``littlebig serve`` (and ``python -m bench.run``):
 #: ServeOptions field -> (type, help). Parsed here only, so the CLI and the benchmark cannot drift apart.
 DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
@@ -224,6 +232,10 @@ DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "intra_op_threads": (int, "onnxruntime threads per cpu-profile instance"),
     "inter_op_threads": (int, "onnxruntime inter-op threads per cpu-profile instance"),
     "bls_timeout_ms": (int, "timeout of each BLS call to little/big"),
+    "little_in_process": (
+        parse_bool,
+        "true: littlebig runs little's ONNX itself (cpu default); false: through the little model",
+    ),
     "queue_timeout_us": (int, "little/big queue policy: reject work queued longer (default: the BLS timeout)"),
     "on_big_failure": (str, "error (default): fail the affected requests; little: answer with little, DEGRADED"),
     "slo_p99_ms": (float, "load governor: lower T (not below T_min) when big threatens this p99 SLO; off if absent"),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,9 @@ class ServeOptions:
     on_big_failure: str = "error"
     #: cpu profile: the BLS model runs little's ONNX itself (onnxruntime, intra/inter_op_threads) instead of a
     #: BLS call, saving one Python-backend hop per execute; little stays a Triton model for its own clients.
-    little_in_process: bool = False
+    #: None: yes on the cpu profile (make bench 2026-11-26 14:11: 1.02-1.28x at every point of the sweep,
+    #: BENCHMARKS.md), no on the GPU profiles, where little runs on the GPU.
+    little_in_process: bool | None = None
     #: Load governor (the BLS model's ``Governor``): lower T under load to keep p99 latency under this SLO.
     #: None: off, the calibrated T is always served.
     slo_p99_ms: float | None = None
@@ -449,6 +451,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if opts.big_max_batch_size < 1 or opts.max_batch_size < 1:
         raise ValueError("max batch sizes must be >= 1")
     check_queue_timeout(opts)
+    if opts.little_in_process is None:
+        opts = replace(opts, little_in_process=profile == "cpu")
     if opts.little_in_process and profile != "cpu":
         raise ValueError("little_in_process runs little with onnxruntime on the CPU: cpu profile only")
     if opts.trt_precision not in TRT_PRECISIONS:

@@ -159,8 +159,10 @@ def test_bench_search_writes_the_fair_table(build_dir, tmp_path):
     assert "### Where the time goes" in report.render(r)
 
 
-def test_little_in_process_serves_the_same_answers(build_dir, tmp_path):
-    """ServeOptions.little_in_process: littlebig runs little itself and answers exactly like the reference."""
+@pytest.mark.parametrize("in_process", [True, False])
+def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_process):
+    """ServeOptions.little_in_process (the cpu default): littlebig runs little itself, or calls the little
+    model, and answers exactly like the reference either way."""
     import tritonclient.grpc as grpcclient
 
     from littlebig.data import load_split
@@ -170,8 +172,8 @@ def test_little_in_process_serves_the_same_answers(build_dir, tmp_path):
     from littlebig.model_repository.server import Ports, TritonServer
 
     repo = tmp_path / "repo"
-    summary = generate(build_dir, repo, "cpu", ServeOptions(little_in_process=True))
-    assert (repo / "littlebig" / "1" / "little.onnx").exists()
+    summary = generate(build_dir, repo, "cpu", ServeOptions(little_in_process=in_process))
+    assert (repo / "littlebig" / "1" / "little.onnx").exists() == in_process
     exported = read_export(build_dir)
     images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:96]
     logits = {
@@ -193,4 +195,4 @@ def test_little_in_process_serves_the_same_answers(build_dir, tmp_path):
         client.close()
     assert np.array_equal(np.concatenate(labels), expected["label"])
     assert np.array_equal(np.concatenate(escalated), expected["escalated"])
-    assert int(after) == int(before)  # no BLS call to the little model
+    assert int(after) - int(before) == (0 if in_process else len(images))  # BLS calls to the little model

@@ -206,7 +206,8 @@ def test_an_unexpected_exception_costs_its_requests_an_error_not_the_batch(build
     def edit(repo):
         (repo / "little" / "1" / "model.py").write_text(WRONG_WIDTH_LITTLE)
 
-    with own_server(build_dir, tmp_path, ServeOptions(), edit) as server:
+    # little as a Triton model: the BLS model must call the broken one (in process it would run the good ONNX)
+    with own_server(build_dir, tmp_path, ServeOptions(little_in_process=False), edit) as server:
         url = grpc_url(server)
         errors = []
         with ThreadPoolExecutor(4) as pool:
