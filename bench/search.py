@@ -202,7 +202,8 @@ def bls_own(stats: dict[str, dict[str, float]], little: str, big: str, bls: str)
     request per execute. big's chunks of one execute are sent together and run in parallel, so the wait on big
     is one chunk's request time times the share of executes that escalated anything (at most one chunk per
     execute is counted). The rest is the BLS model's own work: parsing, the rule, merging, responses, metrics,
-    and the IPC of its calls and of its own execute.
+    and the IPC of its calls and of its own execute; with little in process (the cpu default), little's own
+    onnxruntime run too (the wait on the little model is then 0).
     """
     n = max(stats[bls]["executions"], 1)
     exec_ms = stats[bls]["exec_total_ms"] / n
