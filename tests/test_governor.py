@@ -37,20 +37,32 @@ LEVELS = [0.99, 0.97, 0.9, 0.8]
 
 
 def test_governor_steps_down_fast_and_up_slowly_within_its_levels():
-    gov = control.Governor(LEVELS, slo_s=0.1)  # high 50 ms, low 25 ms, settle 0.5 s, hold 3 s
+    gov = control.Governor(LEVELS, slo_s=0.1)  # high 80 ms, low 40 ms, settle 0.5 s, hold 3 s
     assert gov.threshold == 0.99
-    assert gov.update(0.06, now=0.0) and gov.threshold == 0.97
-    assert not gov.update(0.06, now=0.3)  # settling: one step per 0.5 s
-    assert gov.update(0.06, now=0.6) and gov.update(0.2, now=1.2) and gov.threshold == 0.8
+    assert gov.update(0.09, now=0.0) and gov.threshold == 0.97
+    assert not gov.update(0.09, now=0.3)  # settling: one step per 0.5 s
+    assert gov.update(0.09, now=0.6) and gov.update(0.2, now=1.2) and gov.threshold == 0.8
     assert not gov.update(1.0, now=5.0) and gov.threshold == 0.8  # never below T_min
-    assert not gov.update(0.04, now=6.0)  # in the band: no change, and the calm clock does not run
+    assert not gov.update(0.06, now=6.0)  # in the band: no change, and the calm clock does not run
     assert not gov.update(0.01, now=7.0) and not gov.update(0.01, now=9.9)
     assert gov.update(0.01, now=10.0) and gov.threshold == 0.9  # 3 s calm: one step up
     assert not gov.update(0.01, now=12.9) and gov.update(0.01, now=13.0) and gov.threshold == 0.97
-    assert not gov.update(0.03, now=14.0)  # the band resets the calm clock
+    assert not gov.update(0.05, now=14.0)  # the band resets the calm clock
     assert not gov.update(0.01, now=15.0) and not gov.update(0.01, now=17.9)
     assert gov.update(0.01, now=18.0) and gov.threshold == gov.calibrated == 0.99
     assert not gov.update(0.0, now=100.0)  # nothing above the calibrated T
+
+
+def test_predicted_p99_is_twice_the_slowest_recent_execute():
+    gov = control.Governor(LEVELS, slo_s=0.1)
+    assert gov.predicted_p99_s(now=0.0) == 0.0
+    gov.executed(0.03, now=1.0)
+    gov.executed(0.05, now=1.5)
+    gov.executed(0.01, now=1.8)
+    assert gov.predicted_p99_s(now=2.0) == pytest.approx(0.10)  # a request may wait one execute, then run one
+    assert gov.predicted_p99_s(now=2.0, big_in_flight_s=0.2) == pytest.approx(0.4)  # a stalled big call
+    assert gov.predicted_p99_s(now=2.7) == pytest.approx(0.02)  # the 50 ms execute left the 1 s window
+    assert gov.predicted_p99_s(now=10.0) == 0.0  # idle
 
 
 def test_without_an_slo_the_governor_never_moves():
@@ -168,7 +180,7 @@ def test_a_bad_deadline_is_invalid_argument_naming_it(grpc_client, test_split, v
 
 @pytest.fixture(scope="module")
 def governed(build_dir, tmp_path_factory):
-    """One BLS instance whose SLO (1 us) every big call breaches: the governor walks T down to T_min."""
+    """One BLS instance whose SLO (1 us) every execute breaches: the governor walks T down to T_min."""
     from littlebig.model_repository.generate import ServeOptions
     from tests.test_reliability import own_server
 
@@ -221,8 +233,8 @@ def test_the_governor_lowers_t_to_t_min_and_answers_equal_the_reference_at_t_in_
         client.close()
 
 
-def test_t_climbs_back_to_the_calibrated_value_once_big_is_fast(governed, test_split):
-    """At T_min, traffic that never needs big lets the signal go stale (calm): one step up per hold time."""
+def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, test_split):
+    """Once no execute ran for a second (the signal window), T climbs one step per hold time (3 s)."""
     data, logits = test_split
     summary = json.loads((governed.repository / "littlebig-repository.json").read_text())
     levels = summary["governor_thresholds"]
@@ -235,10 +247,10 @@ def test_t_climbs_back_to_the_calibrated_value_once_big_is_fast(governed, test_s
         while threshold_gauge(governed) != levels[0] and time.monotonic() - start < 30:
             result = send(client, data.images[confident[:8]])
             assert set(reasons(result)) == {"confident"}
-            time.sleep(0.25)
+            time.sleep(1.1)  # longer than the signal's window: each execute finds no recent one (calm)
         took = time.monotonic() - start
     finally:
         client.close()
     assert threshold_gauge(governed) == levels[0], "T did not return to the calibrated value within 30 s"
-    # stale after 2 s, then 3 s of calm per step
-    assert took < 2 + 3 * (len(levels) - 1) + 3
+    # 3 s of calm per step, seen at the next request (every 1.1 s)
+    assert took < (3 + 1.1) * (len(levels) - 1) + 2

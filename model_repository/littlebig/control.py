@@ -4,6 +4,7 @@ exercise the same code the server runs (the generator copies this file beside mo
 """
 
 import time
+from collections import deque
 
 import numpy as np
 
@@ -55,6 +56,10 @@ class Breaker:
         if not future.cancelled():
             future.exception()
 
+    def in_flight_s(self, now):
+        """Age of the oldest call still in flight (0 if none)."""
+        return now - min(self.in_flight.values(), default=now)
+
     def predicted_latency_s(self, now):
         """What a call sent now would wait (queue + compute): the recent average, or the age of the oldest
         call still in flight where that is longer (a growing queue shows there before any call returns)."""
@@ -91,24 +96,38 @@ class Governor:
 
     ``levels`` runs from the calibrated T down to T_min, each step shedding about the same share of val rows
     from big; every level keeps val accuracy within ``max_accuracy_drop`` of the calibrated T's, so the cost
-    of any load is bounded and known. The signal is big's predicted latency (``Breaker.predicted_latency_s``):
-    what a row escalated now would wait for big, queue included.
+    of any load is bounded and known. The signal is a predicted p99 latency (``predicted_p99_s``): twice the
+    slowest execute of this BLS instance in the last second (a request that arrives while one execute runs
+    waits for it in littlebig's queue, then runs in the next), or twice the age of a big call still in flight
+    when that is longer (a stalled big shows there before any execute ends). littlebig's queue time is not
+    visible to a Python model; this bounds it. ``make overload`` measured that big's call latency alone misses
+    the overload: at 2x, requests waited in littlebig's queue while big's calls stayed short.
 
-    - Above ``high`` (by default half the SLO; the rest is littlebig's own queue and little): one step
-      down, at most once per ``settle_s``, so a step's effect reaches the signal before the next step.
-    - Below ``low`` (a quarter of the SLO) for ``hold_s`` in a row: one step up toward the calibrated T.
+    - Above ``high`` (by default 0.8 x the SLO): one step down, at most once per ``settle_s``.
+    - Below ``low`` (0.4 x the SLO) for ``hold_s`` in a row: one step up toward the calibrated T.
     - In between: no change.
     The band between ``low`` and ``high`` and the slow way up (``hold_s`` >> ``settle_s``) are the
-    hysteresis: T falls fast when big's queue grows and climbs back one step at a time when it has drained,
+    hysteresis: T falls fast when the queue grows and climbs back one step at a time when it has drained,
     so it does not oscillate with every burst. Without an SLO there is one level: T never moves.
     """
 
-    def __init__(self, levels, slo_s, high=0.5, low=0.25, settle_s=0.5, hold_s=3.0):
+    def __init__(self, levels, slo_s, high=0.8, low=0.4, settle_s=0.5, hold_s=3.0, window_s=1.0):
         self.levels = list(levels) if slo_s else list(levels)[:1]
         self.high_s, self.low_s = high * slo_s, low * slo_s
-        self.settle_s, self.hold_s = settle_s, hold_s
+        self.settle_s, self.hold_s, self.window_s = settle_s, hold_s, window_s
         self.level = 0
         self.changed = self.calm_since = -float("inf")
+        self.executes = deque()  # (finished, seconds) of this instance's recent executes
+
+    def executed(self, seconds, now):
+        """Record one execute's wall time (its requests' time in the model)."""
+        self.executes.append((now, seconds))
+
+    def predicted_p99_s(self, now, big_in_flight_s=0.0):
+        """2 x the slowest execute of the last ``window_s`` (or of a big call in flight); 0 when idle."""
+        while self.executes and now - self.executes[0][0] > self.window_s:
+            self.executes.popleft()
+        return 2 * max(max((d for _, d in self.executes), default=0.0), big_in_flight_s)
 
     @property
     def threshold(self):
@@ -119,7 +138,7 @@ class Governor:
         return self.levels[0]
 
     def update(self, signal_s, now):
-        """Move T for a predicted big latency of ``signal_s``; True when T changed."""
+        """Move T for a predicted p99 latency of ``signal_s``; True when T changed."""
         if signal_s > self.high_s:
             self.calm_since = -float("inf")
             if self.level + 1 < len(self.levels) and now - self.changed >= self.settle_s:

@@ -256,7 +256,8 @@ class TritonPythonModel:
     async def _execute(self, requests, responses):
         """Parse every request (bad ones answered at once), then run the cascade on the good rows."""
         received = time.monotonic()  # deadlines count from here: Triton's queue time is not visible to the model
-        if self.governor.update(self.breakers["big"].predicted_latency_s(received), received):
+        signal = self.governor.predicted_p99_s(received, self.breakers["big"].in_flight_s(received))
+        if self.governor.update(signal, received):
             self.threshold_gauge.set(self.governor.threshold)
         images, own, deadlines, spans = [], [], [], {}
         start = 0
@@ -275,6 +276,8 @@ class TritonPythonModel:
         if spans:
             rows = Rows(np.concatenate(own), np.concatenate(deadlines))
             await self._cascade(np.concatenate(images), rows, spans, responses)
+        done = time.monotonic()
+        self.governor.executed(done - received, done)
 
     async def _cascade(self, images, rows, spans, responses):
         """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows)."""
