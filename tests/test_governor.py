@@ -37,17 +37,17 @@ LEVELS = [0.99, 0.97, 0.9, 0.8]
 
 
 def test_governor_steps_down_fast_and_up_slowly_within_its_levels():
-    gov = control.Governor(LEVELS, slo_s=0.1)  # high 80 ms, low 40 ms, settle 0.5 s, hold 3 s
+    gov = control.Governor(LEVELS, slo_s=0.1)  # high 100 ms, low 60 ms, settle 0.5 s, hold 3 s
     assert gov.threshold == 0.99
-    assert gov.update(0.09, now=0.0) and gov.threshold == 0.97
-    assert not gov.update(0.09, now=0.3)  # settling: one step per 0.5 s
-    assert gov.update(0.09, now=0.6) and gov.update(0.2, now=1.2) and gov.threshold == 0.8
+    assert gov.update(0.11, now=0.0) and gov.threshold == 0.97
+    assert not gov.update(0.11, now=0.3)  # settling: one step per 0.5 s
+    assert gov.update(0.11, now=0.6) and gov.update(0.2, now=1.2) and gov.threshold == 0.8
     assert not gov.update(1.0, now=5.0) and gov.threshold == 0.8  # never below T_min
-    assert not gov.update(0.06, now=6.0)  # in the band: no change, and the calm clock does not run
+    assert not gov.update(0.08, now=6.0)  # in the band: no change, and the calm clock does not run
     assert not gov.update(0.01, now=7.0) and not gov.update(0.01, now=9.9)
     assert gov.update(0.01, now=10.0) and gov.threshold == 0.9  # 3 s calm: one step up
     assert not gov.update(0.01, now=12.9) and gov.update(0.01, now=13.0) and gov.threshold == 0.97
-    assert not gov.update(0.05, now=14.0)  # the band resets the calm clock
+    assert not gov.update(0.07, now=14.0)  # the band resets the calm clock
     assert not gov.update(0.01, now=15.0) and not gov.update(0.01, now=17.9)
     assert gov.update(0.01, now=18.0) and gov.threshold == gov.calibrated == 0.99
     assert not gov.update(0.0, now=100.0)  # nothing above the calibrated T

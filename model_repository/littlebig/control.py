@@ -103,15 +103,15 @@ class Governor:
     visible to a Python model; this bounds it. ``make overload`` measured that big's call latency alone misses
     the overload: at 2x, requests waited in littlebig's queue while big's calls stayed short.
 
-    - Above ``high`` (by default 0.8 x the SLO): one step down, at most once per ``settle_s``.
-    - Below ``low`` (0.4 x the SLO) for ``hold_s`` in a row: one step up toward the calibrated T.
+    - Above ``high`` (by default the SLO itself): one step down, at most once per ``settle_s``.
+    - Below ``low`` (0.6 x the SLO) for ``hold_s`` in a row: one step up toward the calibrated T.
     - In between: no change.
     The band between ``low`` and ``high`` and the slow way up (``hold_s`` >> ``settle_s``) are the
     hysteresis: T falls fast when the queue grows and climbs back one step at a time when it has drained,
     so it does not oscillate with every burst. Without an SLO there is one level: T never moves.
     """
 
-    def __init__(self, levels, slo_s, high=0.8, low=0.4, settle_s=0.5, hold_s=3.0, window_s=1.0):
+    def __init__(self, levels, slo_s, high=1.0, low=0.6, settle_s=0.5, hold_s=3.0, window_s=1.0):
         self.levels = list(levels) if slo_s else list(levels)[:1]
         self.high_s, self.low_s = high * slo_s, low * slo_s
         self.settle_s, self.hold_s, self.window_s = settle_s, hold_s, window_s
