@@ -62,7 +62,7 @@ METRICS = {
     "littlebig_deadline_rows_total": "deadline",
 }
 #: Triton's own cumulative per-model counters (us, requests): where a request's time goes, per model. littlebig's
-#: queue time is the part its BLS model cannot see (its governor watches big's latency only).
+#: queue time is the part its Python BLS model cannot see.
 TRITON = {
     "nv_inference_request_success": "success",
     "nv_inference_request_duration_us": "request_us",
@@ -571,11 +571,12 @@ def plot(result: dict, path: Path) -> None:
     for mode, run in runs.items():
         s = [x for x in run["threshold_series"] if "big_request_ms" in x]
         ts = [x["t"] for x in s]
+        ax.plot(ts, [x["littlebig_request_ms"] for x in s], color=colors.get(mode), lw=2,
+                label=f"governor {mode}: littlebig, whole request in the server")  # fmt: skip
         ax.plot(ts, [x["littlebig_queue_ms"] for x in s], color=colors.get(mode), ls="--",
-                label=f"governor {mode}: littlebig's queue (its BLS model cannot see it)")  # fmt: skip
-        ax.plot(ts, [x["big_request_ms"] for x in s], color=colors.get(mode),
-                label=f"governor {mode}: big's queue + compute (the governor's signal)")  # fmt: skip
-    ax.axhline(result["slo_p99_ms"] / 2, ls=":", c="k", label="SLO / 2: the governor steps T down above it")
+                label=f"governor {mode}: littlebig's queue (its Python model cannot see it)")  # fmt: skip
+        ax.plot(ts, [x["big_request_ms"] for x in s], color=colors.get(mode), ls=":",
+                label=f"governor {mode}: big, queue + compute")  # fmt: skip
     ax.set(yscale="log", ylabel="mean ms per request (Triton, 1 s)", xlabel="seconds since the step load began")
     for ax in axes:
         for p in result["phases"]:
@@ -677,6 +678,22 @@ def measure_saturation(args, url: str, input_data: Path, work: Path) -> dict:
     return {"rate": best["throughput"], "concurrency": best["concurrency"], "points": points, "unloaded": unloaded}
 
 
+def source() -> dict[str, Any]:
+    """Which code was served: the commit, the BLS model's files that differ from it, and their hashes."""
+    import hashlib
+
+    def git(*a: str) -> str:
+        done = subprocess.run(["git", *a], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    bls = Path(__file__).resolve().parent.parent / "model_repository" / "littlebig"
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted": git("status", "--porcelain", "--", "model_repository", "littlebig", "export").splitlines(),
+        "sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in sorted(bls.glob("*.py"))},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.run import machine
     from littlebig.cli import add_serve_options, given_serve_options
@@ -715,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_accuracy_drop = args.max_accuracy_drop if args.max_accuracy_drop is not None else DEFAULT_EPS
 
     started = time.monotonic()
+    served_source = source()  # before the repositories are generated from the working tree
     out = args.out or args.build / "overload.json"
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
@@ -765,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": {role: exported[role]["name"] for role in ROLES},
         "perf_analyzer": {"version": pa_version, "protocol": "grpc", "mode": "async, --request-intervals"},
         "machine": machine(),
+        "source": served_source,
         "command": " ".join(["python -m bench.overload", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(time.monotonic() - started, 1),
