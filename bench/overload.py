@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -38,9 +37,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.perf import PerfAnalyzer, PerfAnalyzerError, Window, measure, write_input_data
+from bench.perf import PerfAnalyzer, PerfAnalyzerError, Window, measure
 from littlebig.decision import cascade, confidence, escalate, softmax
-from littlebig.export.pipeline import ROLES, export_dir, read_export
+from littlebig.export.pipeline import ROLES
 
 BLS = "littlebig"
 #: Default SLO on littlebig's p99 latency (ms), --slo-p99-ms: on the 2-core reference machine about 10x its unloaded
@@ -599,20 +598,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- main -------------------------------------------
-def snapshot(build: Path, dest: Path) -> Path:
-    """The pair, its calibration and the cached val/test logits: the run's own copy (build/ may be re-exported)."""
-    exported = read_export(build)
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "export").mkdir(parents=True)
-    names = ["export.json", *(exported[role]["onnx"] for role in ROLES)]
-    names += [n for n in ("logits-val.npz", "logits-test.npz") if (export_dir(build) / n).exists()]
-    for name in names:  # copy2 keeps mtimes: the logits caches stay newer than the ONNX files
-        shutil.copy2(export_dir(build) / name, dest / "export" / name)
-    shutil.copy2(build / "calibration.json", dest / "calibration.json")
-    return dest
-
-
 def warm(url: str, images: np.ndarray) -> None:
     import tritonclient.grpc as grpcclient
 
@@ -695,9 +680,8 @@ def source() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import machine
+    from bench.run import load_test_images, machine, snapshot
     from littlebig.cli import add_serve_options, given_serve_options
-    from littlebig.data import load_split
     from littlebig.model_repository.generate import ServeOptions, governor_settings, served_threshold
 
     ap = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.splitlines()[0])
@@ -741,10 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     pa = PerfAnalyzer(args.perf_venv)
     pa_version = pa.version()
     args.build = snapshot(args.build, work / "build")
-    exported = read_export(args.build)
-    data = load_split("test", exported["data_dir"], tuple(exported["service_size"]))
-    images = data.images[: args.images]
-    input_data = write_input_data(images, work / "input-data.json")
+    exported, images, input_data = load_test_images(args.build, work, args.images)
     t_cal, rule = served_threshold(args.build, ServeOptions(**base))
     t_min = governor_settings(args.build, t_cal, ServeOptions(**base))["t_min"]
     ref = reference(args.build, len(images), t_cal, t_min)

@@ -275,17 +275,28 @@ def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work
 
 
 def snapshot(build: Path, dest: Path) -> Path:
-    """A private copy of the pair and its calibration: every candidate serves the same files even if build/ moves."""
+    """A private copy of the pair, its calibration and its cached val/test logits: every candidate serves the
+    same files even if build/ moves, and the generator's val figures (governor, drift reference) come from the
+    cache instead of a new pass over val."""
     import shutil
 
     exported = read_export(build)
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "export").mkdir(parents=True)
-    for name in ("export.json", *(exported[role]["onnx"] for role in ROLES)):
+    names = ["export.json", *(exported[role]["onnx"] for role in ROLES)]
+    names += [n for n in ("logits-val.npz", "logits-test.npz") if (export_dir(build) / n).exists()]
+    for name in names:  # copy2 keeps mtimes: the logits caches stay newer than the ONNX files
         shutil.copy2(export_dir(build) / name, dest / "export" / name)
     shutil.copy2(build / "calibration.json", dest / "calibration.json")
     return dest
+
+
+def load_test_images(build: Path, work: Path, count: int) -> tuple[dict[str, Any], np.ndarray, Path]:
+    """The pair's export record, the first ``count`` real test images, and perf_analyzer's --input-data of them."""
+    exported = read_export(build)
+    images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:count]
+    return exported, images, write_input_data(images, work / "input-data.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,10 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     pa_version = pa.version()
 
     args.build = snapshot(args.build, work / "build")
-    exported = read_export(args.build)
-    data = load_split("test", exported["data_dir"], tuple(exported["service_size"]))
-    images = data.images[: args.images]
-    input_data = write_input_data(images, work / "input-data.json")
+    exported, images, input_data = load_test_images(args.build, work, args.images)
     threshold, rule = served_threshold(args.build, ServeOptions(**base))
     p_offline = offline_escalation(args.build, images, threshold)
     offline = offline_floor(args.build, images, (1, 32), args.offline_seconds)

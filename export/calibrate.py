@@ -140,7 +140,7 @@ def governor_levels(out: Outputs, threshold: float, floor: float, steps: int = G
     """The governor's T steps from the calibrated T down to T_min, each shedding about the same share of
     val rows from big (T is the quantile of little's val confidence at an evenly stepped escalation rate)."""
     conf = out.conf.astype(np.float64)
-    top, bottom = float((conf < threshold).mean()), float((conf < floor).mean())
+    top, bottom = float(escalate(conf, threshold).mean()), float(escalate(conf, floor).mean())
     inner = [float(np.quantile(conf, top - k * (top - bottom) / steps, method="lower")) for k in range(1, steps)]
     levels = [threshold, *(min(max(t, floor), threshold) for t in inner), floor]
     return sorted(set(levels), reverse=True)

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from littlebig.decision import confidence, escalate, softmax
 from littlebig.export.calibrate import Outputs, evaluate, governor_levels, sweep, threshold_floor
 from tests.conftest import offline_reference
-from tests.test_serving import metric_sums, rows_of, scrape
+from tests.test_serving import infer, metric_sums, reasons, rows_of, scrape
 
 CONTROL = Path(__file__).resolve().parents[1] / "model_repository" / "littlebig" / "control.py"
 
@@ -135,16 +135,6 @@ def test_calibration_records_t_min_and_the_drift_reference(build_dir, val):
 # --- the real server -----------------------------------------------------------------------------------------
 
 
-def send(client, images, params=None):
-    inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-    inp.set_data_from_numpy(images)
-    return client.infer("littlebig", [inp], parameters=params)
-
-
-def reasons(result) -> np.ndarray:
-    return np.array([r.decode() for r in result.as_numpy("REASON").reshape(-1)])
-
-
 def test_a_past_deadline_answers_escalated_rows_with_little(server, grpc_client, test_split, served_threshold):
     """deadline_ms shorter than little takes: every row big would answer comes back from little, flagged."""
     data, logits = test_split
@@ -154,7 +144,7 @@ def test_a_past_deadline_answers_escalated_rows_with_little(server, grpc_client,
     assert would.any() and not would.all()
     names = ("littlebig_deadline_rows_total", "littlebig_escalated_rows_total")
     before, big_before = metric_sums(server, names), rows_of(grpc_client, "big")
-    result = send(grpc_client, data.images[rows], {"deadline_ms": "0.001"})
+    result = infer(grpc_client, data.images[rows], parameters={"deadline_ms": "0.001"})
     little_probs = softmax(logits["little"][rows])
     assert not result.as_numpy("ESCALATED").any() and rows_of(grpc_client, "big") == big_before
     np.testing.assert_array_equal(result.as_numpy("LABEL").reshape(-1), little_probs.argmax(-1))
@@ -164,7 +154,7 @@ def test_a_past_deadline_answers_escalated_rows_with_little(server, grpc_client,
     assert after["littlebig_deadline_rows_total"] - before["littlebig_deadline_rows_total"] == would.sum()
     assert after["littlebig_escalated_rows_total"] == before["littlebig_escalated_rows_total"]
     # A generous deadline changes nothing: the answer is the offline cascade's.
-    result = send(grpc_client, data.images[rows], {"deadline_ms": 60000})
+    result = infer(grpc_client, data.images[rows], parameters={"deadline_ms": 60000})
     np.testing.assert_array_equal(result.as_numpy("LABEL").reshape(-1), expected["label"])
     np.testing.assert_array_equal(reasons(result), np.where(would, "escalated", "confident"))
 
@@ -173,7 +163,7 @@ def test_a_past_deadline_answers_escalated_rows_with_little(server, grpc_client,
 def test_a_bad_deadline_is_invalid_argument_naming_it(grpc_client, test_split, value):
     data, _ = test_split
     with pytest.raises(InferenceServerException) as err:
-        send(grpc_client, data.images[:2], {"deadline_ms": value})
+        infer(grpc_client, data.images[:2], parameters={"deadline_ms": value})
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "deadline_ms" in err.value.message()
 
@@ -205,7 +195,7 @@ def test_the_governor_lowers_t_to_t_min_and_answers_equal_the_reference_at_t_in_
         before, seen, load_rows = metric_sums(governed, ("littlebig_load_rows_total",)), [], 0
         for k in range(2 * len(levels)):
             rows = np.arange(5000 + 64 * k, 5064 + 64 * k)
-            result = send(client, data.images[rows])
+            result = infer(client, data.images[rows])
             why = reasons(result)
             conf = confidence(softmax(logits["little"][rows]))
             # the T in force is one of the levels: the answer is the offline cascade's at that T, and the rows
@@ -227,7 +217,7 @@ def test_the_governor_lowers_t_to_t_min_and_answers_equal_the_reference_at_t_in_
         assert after["littlebig_load_rows_total"] - before["littlebig_load_rows_total"] == load_rows > 0
         # A request's own threshold wins over the governor.
         rows = np.arange(6000, 6064)
-        result = send(client, data.images[rows], {"threshold": 1})
+        result = infer(client, data.images[rows], threshold=1)
         assert result.as_numpy("ESCALATED").all() and set(reasons(result)) == {"escalated"}
     finally:
         client.close()
@@ -245,7 +235,7 @@ def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, t
         assert threshold_gauge(governed) == levels[-1]  # left there by the test before
         start = time.monotonic()
         while threshold_gauge(governed) != levels[0] and time.monotonic() - start < 30:
-            result = send(client, data.images[confident[:8]])
+            result = infer(client, data.images[confident[:8]])
             assert set(reasons(result)) == {"confident"}
             time.sleep(1.1)  # longer than the signal's window: each execute finds no recent one (calm)
         took = time.monotonic() - start

@@ -20,11 +20,17 @@ from tests.conftest import offline_reference
 BATCH_SIZES = (1, 7, 64, 3, 32, 16, 50, 2, 8, 64, 5, 24)
 
 
-def infer(client, images, threshold=None, model="littlebig", outputs=None):
+def infer(client, images, threshold=None, model="littlebig", outputs=None, parameters=None):
+    """``parameters``: other request parameters (e.g. deadline_ms), beside ``threshold``."""
     inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images)
-    params = None if threshold is None else {"threshold": threshold}
-    return client.infer(model, [inp], parameters=params, outputs=outputs)
+    params = {**(parameters or {}), **({} if threshold is None else {"threshold": threshold})}
+    return client.infer(model, [inp], parameters=params or None, outputs=outputs)
+
+
+def reasons(result) -> np.ndarray:
+    """The REASON output as strings, one per row."""
+    return np.array([r.decode() for r in result.as_numpy("REASON").reshape(-1)])
 
 
 def rows_of(client, model: str) -> int:
@@ -47,8 +53,7 @@ def assert_matches_reference(result, expected, rows):
     assert np.array_equal(esc, expected["escalated"]), f"ESCALATED differs on rows {rows[esc != expected['escalated']]}"
     np.testing.assert_allclose(result.as_numpy("PROBS"), expected["probs"], atol=1e-5, rtol=0)
     assert not result.as_numpy("DEGRADED").any()
-    reason = np.array([r.decode() for r in result.as_numpy("REASON").reshape(-1)])
-    np.testing.assert_array_equal(reason, np.where(expected["escalated"], "escalated", "confident"))
+    np.testing.assert_array_equal(reasons(result), np.where(expected["escalated"], "escalated", "confident"))
 
 
 def test_whole_test_split_from_16_concurrent_clients(server, grpc_client, test_split, served_threshold):

@@ -64,8 +64,7 @@ class Breaker:
         """What a call sent now would wait (queue + compute): the recent average, or the age of the oldest
         call still in flight where that is longer (a growing queue shows there before any call returns)."""
         recent = self.mean_latency_s if now - self.last_done < self.stale_s else 0.0
-        oldest = min(self.in_flight.values(), default=now)
-        return max(recent, now - oldest)
+        return max(recent, self.in_flight_s(now))
 
     def track(self, calls):
         self.overdue.update(c for c in calls if not c.done())

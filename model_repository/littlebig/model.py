@@ -296,7 +296,8 @@ class TritonPythonModel:
         thresholds = np.where(governed, self.governor.threshold, rows.own)
         reason = np.full(len(images), CONFIDENT, dtype=np.uint8)
         esc = escalate(conf, thresholds) & ~failed
-        reason[governed & ~failed & ~esc & escalate(conf, self.threshold)] = LOAD
+        below_calibrated = escalate(conf, self.threshold)  # also the drift signal (_observe)
+        reason[governed & ~failed & ~esc & below_calibrated] = LOAD
         now = time.monotonic()
         late = esc & (rows.deadline - now < self.breakers["big"].predicted_latency_s(now))
         reason[late] = DEADLINE
@@ -329,9 +330,9 @@ class TritonPythonModel:
                     pb_utils.Tensor("REASON", REASONS[reason[s]].reshape(-1, 1)),
                 ]
             )
-        self._observe(conf[served], esc[served], reason[served])
+        self._observe(conf[served], esc[served], reason[served], below_calibrated[served])
 
-    def _observe(self, conf, esc, reason):
+    def _observe(self, conf, esc, reason, below_calibrated):
         """Metrics once per execute: each call is an IPC round trip to the server, so none per row."""
         counts = {
             "rows": len(conf),
@@ -339,7 +340,7 @@ class TritonPythonModel:
             "degraded": int((reason == BIG_FAILED).sum()),
             "load": int((reason == LOAD).sum()),
             "deadline": int((reason == DEADLINE).sum()),
-            "calibration_escalations": int(escalate(conf, self.threshold).sum()),
+            "calibration_escalations": int(below_calibrated.sum()),
         }
         for name, count in counts.items():
             if count:
