@@ -1,17 +1,25 @@
 """Choose the threshold T on the val split only, with the shared decision rule.
 
-Rules (a registry, each a function of val logits/labels):
+Rules (a registry, each a function of val logits/labels); ``SERVE_RULE`` is the one served by default.
 
 * ``paper`` - the T that minimises expected MACs subject to cascade val accuracy >= big's val
-  accuracy (Liu et al.). Expected MACs grow with T, so this is the smallest feasible T.
-* ``guaranteed`` - Learn-then-Test (Angelopoulos et al., 2021) on the 0/1 loss
-  ``L_i(T) = 1{conf_i >= T and little_i != big_i}``: the cascade can only lose accuracy against big on
-  rows it keeps and where little disagrees with big, so ``acc(big) - acc(cascade) <= E[L(T)]``.
-  For each T the null ``E[L(T)] > eps`` is tested with the exact binomial tail
-  ``P(Binomial(n, eps) <= sum L_i)`` (valid and sharper than Hoeffding-Bentkus because L is 0/1),
-  walking a fixed, data-independent grid from the most conservative T = 1 downwards and stopping at
-  the first T whose p-value exceeds delta (fixed-sequence testing, no multiplicity correction needed).
-  With probability >= 1 - delta the chosen T loses at most eps accuracy against big.
+  accuracy (Liu et al.). Expected MACs grow with T, so this is the smallest feasible T. It promises
+  nothing beyond val: when little is close to big, val noise decides where the curve first touches big's.
+* ``bounded`` (served by default) - Learn-then-Test (Angelopoulos et al., 2021) on the *harm*
+  ``H_i(T) = 1{conf_i >= T and little_i wrong and big_i right}``. Per row, the cascade's answer differs
+  from big's correctness only where it keeps little's answer, so
+  ``acc(big) - acc(cascade) = E[H(T)] - E[G(T)] <= E[H(T)]`` with ``G`` the rows little gets right and
+  big wrong. For each T of a fixed, data-independent grid, walked from T = 1 down, the null
+  ``E[H(T)] > eps`` is tested with the exact binomial tail ``P(Binomial(n, eps) <= sum H_i)`` (H is
+  0/1 and i.i.d. over val rows, so the p-value is exact and valid; sharper than Hoeffding-Bentkus); the
+  walk stops at the first T not rejected at level delta. ``E[H(T)]`` only grows as T falls, so this
+  fixed-sequence test needs no multiplicity correction and loses nothing to it. **Promise:** with
+  probability >= 1 - delta over the draw of val, the served T loses at most eps accuracy against big
+  (on traffic drawn like val).
+* ``guaranteed`` - the same test on the *disagreement* ``L_i(T) = 1{conf_i >= T and little_i != big_i}``,
+  which also bounds the loss (``H <= L``) and needs no labels (big's answer is its own reference, as in
+  shadow traffic), but is looser: it also counts rows where both are wrong, or only big is. Same promise,
+  a higher T.
 """
 
 from __future__ import annotations
@@ -52,6 +60,15 @@ class Outputs:
     @property
     def disagree(self) -> np.ndarray:
         return self.little_logits.argmax(-1) != self.big_logits.argmax(-1)
+
+    @property
+    def harm(self) -> np.ndarray:
+        """Rows where keeping little's answer costs accuracy against big: little wrong, big right."""
+        return self.big_correct & ~self.little_correct
+
+    def resample(self, rows: np.ndarray) -> Outputs:
+        """The same split restricted to (or resampled at) ``rows``."""
+        return Outputs(self.little_logits[rows], self.big_logits[rows], self.labels[rows])
 
 
 def evaluate(out: Outputs, threshold: float) -> dict[str, float]:
@@ -106,17 +123,27 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     return float(min(1.0, math.exp(top) * np.exp(log_pmf - top).sum()))
 
 
-def rule_guaranteed(out: Outputs, eps: float = EPS, delta: float = DELTA) -> float:
-    """Learn-then-Test fixed-sequence threshold: accuracy loss vs big <= eps w.p. >= 1 - delta."""
-    n = len(out.labels)
-    conf, disagree = out.conf, out.disagree
+def learn_then_test(conf: np.ndarray, at_risk: np.ndarray, eps: float = EPS, delta: float = DELTA) -> float:
+    """Fixed-sequence Learn-then-Test: the lowest grid T, walking down from 1, before the first T at which
+    ``E[1{conf >= T and at_risk}] > eps`` cannot be rejected at level delta (exact binomial tail)."""
+    n = len(conf)
     chosen = 1.0
     for t in ltt_grid():
-        losses = int((~escalate(conf, t) & disagree).sum())
+        losses = int((~escalate(conf, t) & at_risk).sum())
         if binomial_cdf(losses, n, eps) > delta:
             break
         chosen = float(t)
     return chosen
+
+
+def rule_bounded(out: Outputs, eps: float = EPS, delta: float = DELTA) -> float:
+    """Learn-then-Test on harm (little wrong, big right): accuracy loss vs big <= eps w.p. >= 1 - delta."""
+    return learn_then_test(out.conf, out.harm, eps, delta)
+
+
+def rule_guaranteed(out: Outputs, eps: float = EPS, delta: float = DELTA) -> float:
+    """Learn-then-Test on disagreement (label-free, looser): accuracy loss vs big <= eps w.p. >= 1 - delta."""
+    return learn_then_test(out.conf, out.disagree, eps, delta)
 
 
 def threshold_floor(out: Outputs, threshold: float, max_drop: float = MAX_ACCURACY_DROP) -> float:
@@ -160,7 +187,33 @@ def drift_reference(out: Outputs, threshold: float) -> dict[str, object]:
     }
 
 
-RULES: dict[str, Callable[[Outputs], float]] = {"paper": rule_paper, "guaranteed": rule_guaranteed}
+RULES: dict[str, Callable[[Outputs], float]] = {
+    "paper": rule_paper,
+    "bounded": rule_bounded,
+    "guaranteed": rule_guaranteed,
+}
+#: The rule whose T is served unless another is named: it states its promise and is the least sensitive
+#: to val noise of the three (``threshold_spread``; README, "Calibration").
+SERVE_RULE = "bounded"
+#: Rules that promise "accuracy loss against big <= EPS with probability >= 1 - DELTA".
+PROMISING_RULES = ("bounded", "guaranteed")
+SPREAD_DRAWS = 200
+
+
+def threshold_spread(out: Outputs, rule: str, draws: int = SPREAD_DRAWS, seed: int = 0) -> dict[str, object]:
+    """How much ``rule``'s T moves when val is resampled: the rule rerun on ``draws`` bootstrap resamples
+    of the rows, each resampled T then applied to the whole split (so the spread of the escalation rate is
+    what a different val draw would have served here). Quantiles p5 / p50 / p95 and the p5-p95 width."""
+    rng = np.random.default_rng(seed)
+    n = len(out.labels)
+    ts = np.array([RULES[rule](out.resample(rng.integers(0, n, n))) for _ in range(draws)])
+    esc = escalate(out.conf[None, :], ts[:, None]).mean(1)
+
+    def quantiles(values: np.ndarray) -> dict[str, float]:
+        p5, p50, p95 = np.quantile(values, [0.05, 0.5, 0.95])
+        return {"p5": float(p5), "p50": float(p50), "p95": float(p95), "width": float(p95 - p5)}
+
+    return {"draws": draws, "seed": seed, "threshold": quantiles(ts), "escalation_rate": quantiles(esc)}
 
 
 def calibrate(out: Outputs, rules: tuple[str, ...] = tuple(RULES)) -> dict[str, dict[str, float]]:

@@ -248,7 +248,7 @@ def outputs(build: Path, split: str):
 def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict[str, Any]:
     """Thresholds from the val split only; ``serve_rule`` names the one the server uses by default."""
     from littlebig.decision import CONFIDENCE_BINS
-    from littlebig.export.calibrate import MAX_ACCURACY_DROP, calibrate, confidence_shares
+    from littlebig.export.calibrate import DELTA, EPS, MAX_ACCURACY_DROP, calibrate, confidence_shares
 
     if serve_rule not in rules:
         raise ValueError(f"--serve-rule {serve_rule!r} must be one of the calibrated rules {list(rules)}")
@@ -260,6 +260,8 @@ def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict
         "little_acc": float(val.little_correct.mean()),
         "big_acc": float(val.big_correct.mean()),
         "rules": calibrate(val, rules),
+        "eps": EPS,  # what bounded and guaranteed promise: loss vs big <= eps with probability >= 1 - delta
+        "delta": DELTA,
         "max_accuracy_drop": MAX_ACCURACY_DROP,
         "confidence_bins": list(CONFIDENCE_BINS),
         "confidence_shares": confidence_shares(val),

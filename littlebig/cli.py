@@ -179,10 +179,13 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         sub,
         "calibrate",
         help="choose the threshold T on the val split",
-        epilog="example: littlebig calibrate --rules paper guaranteed --serve-rule paper",
+        epilog="example: littlebig calibrate --rules paper bounded guaranteed --serve-rule bounded\n"
+        "rules: export/calibrate.py (README, Calibration); bounded promises accuracy loss vs big <= eps w.p. 1-delta",
     )
-    p.add_argument("--rules", nargs="+", default=["paper", "guaranteed"], choices=["paper", "guaranteed"])
-    p.add_argument("--serve-rule", default="paper", help="the rule whose T the server uses by default")
+    from littlebig.export.calibrate import RULES, SERVE_RULE  # numpy only
+
+    p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    p.add_argument("--serve-rule", default=SERVE_RULE, choices=list(RULES), help="the rule whose T is served")
     p.add_argument("--build", type=Path, default=BUILD)
     _add_data_options(p)
     p.set_defaults(func=_cmd_calibrate)

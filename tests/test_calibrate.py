@@ -1,6 +1,7 @@
-"""Both calibration rules on synthetic data whose answer is known."""
+"""The calibration rules on synthetic data whose answer is known."""
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,8 +11,11 @@ from littlebig.export.calibrate import (
     binomial_cdf,
     calibrate,
     evaluate,
+    ltt_grid,
+    rule_bounded,
     rule_guaranteed,
     rule_paper,
+    threshold_spread,
 )
 
 
@@ -113,3 +117,68 @@ def test_paired_difference_ci_is_the_paired_bootstrap():
     lo, hi = paired_difference_ci(worse, big)
     assert hi < 0 and verdict((lo, hi)).startswith("loss")
     assert paired_difference_ci(np.stack([worse, big]), np.stack([big, big])).shape == (2, 2)
+
+
+def mixed(n: int, seed: int) -> tuple[Outputs, np.ndarray, np.ndarray, np.ndarray]:
+    """little right with probability conf; big right 92% of the time, independently: rows where both are
+    wrong, or only big, or only little is right all occur, so harm and disagreement differ."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    conf = rng.uniform(0.5, 1.0, n)
+    little_right, big_right = rng.random(n) < conf, rng.random(n) < 0.92
+    out = Outputs(
+        logits_for(conf, np.where(little_right, labels, 1 - labels)),
+        logits_for(np.full(n, 0.9), np.where(big_right, labels, 1 - labels)),
+        labels,
+    )
+    return out, conf, little_right, big_right
+
+
+def exact_tail_above(k: int, n: int, eps: float, delta: float) -> bool:
+    """P(Binomial(n, eps) <= k) > delta in rational arithmetic (no lgamma, no floats)."""
+    e, d = Fraction(eps).limit_denominator(10**6), Fraction(delta).limit_denominator(10**6)
+    return sum(Fraction(math.comb(n, i)) * e**i * (1 - e) ** (n - i) for i in range(k + 1)) > d
+
+
+def test_bounded_rule_is_the_walk_on_harm_written_here():
+    """The T equals an independent walk: harm counted from the rows' own right/wrong, exact rational tails."""
+    out, conf, little_right, big_right = mixed(2000, seed=3)
+    eps, delta = 0.02, 0.05
+    chosen = 1.0
+    for t in ltt_grid():
+        kept = (conf >= t) & (t < 1.0)
+        if exact_tail_above(int((kept & big_right & ~little_right).sum()), 2000, eps, delta):
+            break
+        chosen = float(t)
+    assert rule_bounded(out, eps=eps, delta=delta) == pytest.approx(chosen, abs=1e-12)
+    assert chosen < 1.0
+    # Harm is a subset of disagreement: the same promise from the looser loss needs a T at least as high.
+    assert rule_guaranteed(out, eps=eps, delta=delta) >= chosen
+
+
+def test_bounded_rule_holds_its_promise_over_many_draws():
+    """The true accuracy loss against big at the chosen T exceeds eps in at most delta of val draws."""
+    eps, delta, trials, failures = 0.02, 0.1, 60, 0
+    for trial in range(trials):
+        out, *_ = mixed(600, seed=100 + trial)
+        t = rule_bounded(out, eps=eps, delta=delta)
+        # Loss vs big of keeping rows with conf >= t: P(kept) * E[P(little wrong) * P(big right) - P(little
+        # right) * P(big wrong) | kept], conf uniform on [0.5, 1]: integral over [t, 1] of the density 2.
+        lo = max(t, 0.5)
+        harm = 0.92 * (1 - lo) ** 2  # int_lo^1 2 (1 - c) dc * 0.92
+        gain = 0.08 * (1 - lo**2)  # int_lo^1 2 c dc * 0.08
+        failures += harm - gain > eps
+    assert failures / trials <= delta
+
+
+def test_the_spread_of_t_shrinks_with_more_val_rows():
+    """Bootstrap resampling moves T less on a larger val split; it is seeded, and reports its quantiles."""
+    small, *_ = mixed(1000, seed=5)
+    large, *_ = mixed(16000, seed=5)
+    a, b = threshold_spread(small, "bounded", draws=60), threshold_spread(large, "bounded", draws=60)
+    assert a == threshold_spread(small, "bounded", draws=60)  # seeded: the same figures twice
+    for s in (a, b):
+        q = s["threshold"]
+        assert q["p5"] <= q["p50"] <= q["p95"] and q["width"] == pytest.approx(q["p95"] - q["p5"])
+    assert b["threshold"]["width"] < a["threshold"]["width"]
+    assert b["escalation_rate"]["width"] < a["escalation_rate"]["width"]

@@ -124,7 +124,10 @@ def test_export_calibrate_report_on_an_imagenet_folder(folder, tmp_path):
     assert main(["report", *common]) == 0
     report = json.loads((build / "report.json").read_text())
     assert report["rows"] == {"val": 150, "test": 150}
-    assert {"paper", "guaranteed"} <= set(report["rules"])
+    assert set(report["rules"]) == {"paper", "bounded", "guaranteed"} and report["serve_rule"] == "bounded"
+    for r in report["rules"].values():  # the resampling spread of T is reported for every rule
+        t = r["val_resampling"]["threshold"]
+        assert t["p5"] <= t["p50"] <= t["p95"] and t["width"] == pytest.approx(t["p95"] - t["p5"])
     for rule in report["rules"].values():
         assert 0 <= rule["escalation_rate"] <= 1 and 0 <= rule["threshold"] <= 1
         assert rule["expected_macs"] == pytest.approx(
@@ -140,7 +143,8 @@ def test_export_calibrate_report_on_an_imagenet_folder(folder, tmp_path):
     for role in ("little", "big"):
         got = onnx_session(build / "export" / f"{role}.onnx").run(None, {"IMAGE": images})[0]
         assert np.abs(got - cache[role]).max() < 1e-5
-    assert (build / "report.md").exists() and (build / "tradeoff.png").exists()
+    assert (build / "tradeoff.png").exists() and (build / "threshold-spread.png").exists()
+    assert "## T over val resamples" in (build / "report.md").read_text()
     # A quick run on a sample: recorded, and the cached logits follow it.
     assert main(["calibrate", *common, "--max-images", "60"]) == 0
     assert json.loads((build / "calibration.json").read_text())["rows"] == 30
