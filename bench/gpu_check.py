@@ -15,6 +15,11 @@ backends do. The littlebig BLS model is the one every profile serves.
    fraction of R* = 1 / (1/R_little + p/R_big) that littlebig reaches (p: escalated fraction of the
    images sent).
 
+Also fails when any little/big output reached the BLS model in GPU memory (the served metric
+``littlebig_gpu_memory_outputs_total``): the answers alone cannot show it, since the BLS model copies such a
+tensor through torch when torch is there, as it is here. The stand-ins are pinned to GPU 0 (``gpus: [0]``,
+where the reference runs) and the report records how many GPUs the host has.
+
 Writes ``BUILD/gpu-check.json``; exits 1 if any answer differs. Without a CUDA device it prints exactly
 ``skipped: no CUDA device`` and exits 0.
 
@@ -55,6 +60,7 @@ CLIENT_BATCH = 8
 INSTANCE_COUNTS = (1, 2)
 DATATYPES = {"UINT8": np.uint8, "INT64": np.int64, "FP32": np.float32, "BOOL": np.bool_}
 OUTPUTS = ("LABEL", "PROBS", "ESCALATED", "DEGRADED")
+GPU_OUTPUTS_METRIC = "littlebig_gpu_memory_outputs_total"
 
 
 def cuda_device() -> str | None:
@@ -103,6 +109,7 @@ def prepare(
         "rule": summary["rule"],
         "service_size": summary["service_size"],
         "buckets": {role: standin_buckets(opts, role) for role in ROLES},
+        "gpus": list(opts.standin_gpus) if device == "cuda" else [],
         "max_batch_size": {role: opts.role_max_batch(role) for role in ROLES},
         "rows": int(len(images)),
     }
@@ -178,6 +185,12 @@ def compare(reference: Reference, rows: np.ndarray, served: dict[str, np.ndarray
 # --- a KServe v2 HTTP client with the binary-data extension (urllib only) -----------------------
 
 
+def metric_sum(text: str, name: str) -> float | None:
+    """Sum of one family's samples in Prometheus text; None when it has none (the family is not exported)."""
+    samples = [line for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in samples) if samples else None
+
+
 class HttpClient:
     """Just enough of KServe v2 over HTTP: infer with binary tensors, model statistics."""
 
@@ -210,10 +223,36 @@ class HttpClient:
             offset += size
         return result
 
+    def metric_total(self, metrics_url: str, name: str) -> float | None:
+        """Sum of a metric family's samples on Triton's metrics port; None when the family is not exported."""
+        with urllib.request.urlopen(f"{metrics_url.rstrip('/')}/metrics", timeout=self.timeout) as response:
+            return metric_sum(response.read().decode(), name)
+
     def inference_count(self, model: str) -> int:
         """Rows the model has inferred (Triton's inference_count counts rows)."""
         with urllib.request.urlopen(f"{self.url}/v2/models/{model}/stats", timeout=self.timeout) as response:
             return int(json.loads(response.read())["model_stats"][0]["inference_count"])
+
+
+def gpu_memory_outputs(count: float | None) -> dict[str, Any]:
+    """The served count of little/big outputs that reached the BLS model in GPU memory: it must be 0."""
+    return {
+        "metric": GPU_OUTPUTS_METRIC,
+        "count": count,
+        "ok": count == 0,  # None: the served BLS model does not export it, so nothing proves the memory path
+    }
+
+
+def gpu_inventory() -> dict[str, Any]:
+    """The GPUs this process sees (count, names) and CUDA_VISIBLE_DEVICES: instance counts hold on GPU 0 only."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        names = [torch.cuda.get_device_name(i) for i in range(count)]
+    except ImportError:
+        count, names = 0, []
+    return {"count": count, "names": names, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def check_answers(
@@ -342,6 +381,13 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
         print(f"numpy {np.__version__} here: the check needs numpy < 2 (make gpu-venv, deploy/README.md)")
         return 2
     if not (bundle / "bundle.json").exists():
+        missing = [f for f in ("export/export.json", "calibration.json") if not (args.build / f).exists()]
+        if missing:  # a fresh clone: say what to run instead of a FileNotFoundError from deep inside (issue 21)
+            print(
+                f"no bundle at {bundle}, and {args.build} has no {' or '.join(missing)} to prepare one from: run "
+                "`make gpu-check-bundle` first (it exports and calibrates; deploy/README.md), or bring build/gpu-check/"
+            )
+            return 2
         prepare(args.build, bundle, device=args.device)
     meta, images = read_bundle(bundle)
     if meta["device"] != args.device:
@@ -355,6 +401,8 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
         torch.cuda.empty_cache()  # the served stand-ins get the memory back
     report: dict[str, Any] = {
         "gpu": gpu,
+        # the stand-ins run on meta["gpus"] only (KIND_GPU without gpus would put every count on each GPU)
+        "gpus": {**gpu_inventory(), "standin_gpus": meta.get("gpus", [])},
         "stand_in": "little/big are Python-backend torch models on KIND_GPU (LOGITS in GPU memory), standing in "
         "for Triton's onnxruntime/TensorRT backends; littlebig is the served BLS model",
         "threshold": meta["threshold"],
@@ -377,9 +425,13 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
                 if n == meta["instance_counts"][0]:
                     report["answers"] = check_answers(client, images, reference)
                     a = report["answers"]
+                    metrics = f"http://127.0.0.1:{server.ports.metrics}"
+                    a["gpu_memory_outputs"] = gpu_memory_outputs(client.metric_total(metrics, GPU_OUTPUTS_METRIC))
+                    a["ok"] = a["ok"] and a["gpu_memory_outputs"]["ok"]
                     print(
                         f"answers: {a['rows_checked']} rows, {a['rows_differing']} differ; big rows "
-                        f"{a['big_inference_count_delta']} = escalated {a['escalated_rows']}: {a['big_rows_match']}"
+                        f"{a['big_inference_count_delta']} = escalated {a['escalated_rows']}: {a['big_rows_match']}; "
+                        f"outputs in GPU memory: {a['gpu_memory_outputs']['count']}"
                     )
                 if pa is not None:
                     grpc = f"127.0.0.1:{server.ports.grpc}"
@@ -420,7 +472,11 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
     report_path.write_text(json.dumps(report, indent=2, default=str))
     ok = report["answers"]["ok"]
     if not ok:
-        print(f"FAILED: served answers differ from the reference; wrote {report_path}")
+        a, gpu_outputs = report["answers"], report["answers"]["gpu_memory_outputs"]
+        why = [] if not a["rows_differing"] and a["big_rows_match"] else ["served answers differ from the reference"]
+        if not gpu_outputs["ok"]:
+            why.append(f"{gpu_outputs['metric']} is {gpu_outputs['count']} (must be 0: CPU memory was asked for)")
+        print(f"FAILED: {'; '.join(why)}; wrote {report_path}")
         return 1
     if pa is None and not args.no_perf:
         print(

@@ -73,7 +73,7 @@ class PlanParity:
     max_abs: float
     argmax_agreement: float
     rows: int
-    batch_invariance_max_abs: float  # same rows at batch 1 vs at max batch
+    batch_invariance_max_abs: float  # the same max-batch rows run at batch 1 vs in one batch of the profile's max
 
 
 def check_args(precision: str, max_batch_size: int) -> None:
@@ -272,10 +272,9 @@ def build_plan(
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if precision == "fp16":
-        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in TensorRT 10
-            raise RuntimeError("this GPU has no fast FP16: build with --precision fp32")
-        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp16" and not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in TensorRT 10
+        raise RuntimeError("this GPU has no fast FP16: build with --precision fp32")
+    set_precision_flags(config, precision, trt.BuilderFlag)
     profile = builder.create_optimization_profile()
     lo, opt, hi = profile_shapes(service_size, max_batch, opt_batch)
     profile.set_shape(INPUT_NAME, lo, opt, hi)
@@ -286,6 +285,22 @@ def build_plan(
     plan_path.write_bytes(bytes(serialized))
     _check_io(_engine(plan_path))
     return plan_path
+
+
+def set_precision_flags(config: Any, precision: str, flags: Any) -> None:
+    """FP16: the FP16 flag (TF32 stays on, as TensorRT sets it). FP32: clear TF32 as well.
+
+    TensorRT's builder config starts with ``BuilderFlag.TF32`` set ("TF32 ... is enabled by default",
+    TensorRT 10 API docs, ``BuilderFlag.TF32``), so on Ampere and later an "fp32" plan would run its
+    convolutions and matrix products with 10-bit mantissas and likely miss fp32's parity limit (1e-3 max abs
+    logit difference vs onnxruntime; GitHub issue 21, item 6). ``flags`` is ``tensorrt.BuilderFlag``.
+    """
+    if precision == "fp16":
+        config.set_flag(flags.FP16)
+    elif precision == "fp32":
+        config.clear_flag(flags.TF32)
+    else:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def _engine(plan: Path):
@@ -352,16 +367,31 @@ def plan_logits(build: Path, role: str, images: np.ndarray) -> np.ndarray:
     return _run_engine(engine, images, plan_max_batch(engine))
 
 
+def cached_plan_logits(build: Path, split: str) -> dict[str, np.ndarray]:
+    """The plans' logits on a split as the plan build cached them (no GPU needed to read them).
+
+    FileNotFoundError when there is no cache, or one older than a plan (it would not be the plans' logits).
+    """
+    cache = export_dir(build) / f"logits-plan-{split}.npz"
+    plans = [plan_path(build, r) for r in ROLES]
+    if not cache.exists() or not all(p.exists() and cache.stat().st_mtime >= p.stat().st_mtime for p in plans):
+        raise FileNotFoundError(
+            f"{cache} is missing or older than the plans: rebuild them (`make tensorrt`), which caches their logits"
+        )
+    with np.load(cache) as z:
+        return {k: z[k] for k in z.files}
+
+
 def plan_split_logits(build: Path, split: str) -> dict[str, np.ndarray]:
     """Both plans' logits on a split (cached beside the plans, like the ONNX reference logits)."""
     from littlebig.data import load_split
 
+    try:
+        return cached_plan_logits(build, split)
+    except FileNotFoundError:
+        pass
     exported = read_export(build)
     cache = export_dir(build) / f"logits-plan-{split}.npz"
-    plans = [plan_path(build, r) for r in ROLES]
-    if cache.exists() and all(p.exists() and cache.stat().st_mtime >= p.stat().st_mtime for p in plans):
-        with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
     data = load_split(split, exported["data_dir"], tuple(exported["service_size"]))
     result = {"labels": data.labels, **{role: plan_logits(build, role, data.images) for role in ROLES}}
     np.savez(cache, **result)
@@ -377,10 +407,26 @@ def compare(reference: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return float(np.abs(reference - got).max()), float((reference.argmax(-1) == got.argmax(-1)).mean())
 
 
+def batch_invariance(run: Any, images: np.ndarray, max_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(batch-1 logits, max-batch logits) of the same ``max_batch`` rows: ``run(images, batch_size)``.
+
+    The rows are the first ``max_batch`` images, repeated when there are fewer, so the batched run really is
+    one batch of the profile's max (before issue 21, 8 rows were compared: batch 1 vs batch 8).
+    """
+    if len(images) == 0:
+        raise ValueError("no images for the batch invariance check")
+    rows = np.resize(np.arange(len(images)), max_batch)  # 0..n-1 repeated up to max_batch rows
+    sample = np.ascontiguousarray(images[rows])
+    return run(sample, 1), run(sample, max_batch)
+
+
 def check_plan_parity(
     reference: np.ndarray, plan: np.ndarray, precision: str, batch1: np.ndarray, batched: np.ndarray
 ) -> PlanParity:
-    """Plan vs onnxruntime on the same rows; raise PlanParityError past the precision's limits."""
+    """Plan vs onnxruntime on the same rows; raise PlanParityError past the precision's limits.
+
+    ``batch1`` / ``batched``: the same rows at batch 1 and in one batch of the plan's max (:func:`batch_invariance`).
+    """
     max_abs, agreement = compare(reference, plan)
     invariance, _ = compare(batched, batch1)
     parity = PlanParity(max_abs, agreement, len(reference), invariance)
@@ -388,7 +434,7 @@ def check_plan_parity(
     if max_abs > limit_abs or agreement < limit_agree or invariance > limit_abs:
         raise PlanParityError(
             f"{precision} plan differs from onnxruntime: max abs {max_abs:.2e} (limit {limit_abs:.0e}), "
-            f"argmax agreement {agreement:.4f} (limit {limit_agree}), batch-1 vs batched {invariance:.2e}"
+            f"argmax agreement {agreement:.4f} (limit {limit_agree}), batch-1 vs batch-{len(batched)} {invariance:.2e}"
         )
     return parity
 
@@ -469,17 +515,14 @@ def build_plans(
         opt, hi = batches[role]
         build_plan(prepare_onnx(build, role), plan_path(build, role), size, precision, hi, opt)
     reference, plans = reference_logits(build, "val"), plan_split_logits(build, "val")
-    few = load_split("val", exported["data_dir"], size).images[:8]
+    val_images = load_split("val", exported["data_dir"], size).images
     for role in ROLES:
         opt, hi = batches[role]
         engine = _engine(plan_path(build, role))
-        parity = check_plan_parity(
-            reference[role],
-            plans[role],
-            precision,
-            _run_engine(engine, few, 1),
-            _run_engine(engine, few, hi),
+        batch1, batched = batch_invariance(
+            lambda images, batch, engine=engine: _run_engine(engine, images, batch), val_images[:hi], hi
         )
+        parity = check_plan_parity(reference[role], plans[role], precision, batch1, batched)
         size_bytes = plan_path(build, role).stat().st_size
         record[role] = {
             "plan": plan_path(build, role).name,

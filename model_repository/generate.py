@@ -20,9 +20,23 @@ Sources each GPU setting rests on (Triton 24.10 = 2.51; read in the r24.10 branc
 * TensorRT plans: tensorrt_backend src/model_state.cc checks ``max_batch_size`` against the engine's
   profiles only inside ``AutoCompleteConfigHelper``, which ``--disable-auto-complete-config`` skips.
 * onnxruntime: onnxruntime_backend src/onnxruntime.cc accepts the TensorRT accelerator parameters
-  ``precision_mode``, ``max_workspace_size_bytes``, ``trt_engine_cache_enable``/``_path``,
-  ``trt_profile_min_shapes``/``_opt_shapes``/``_max_shapes`` ("input:d1xd2...") and the model parameter
-  ``cudnn_conv_algo_search`` (0 EXHAUSTIVE, the default, 1 HEURISTIC, 2 DEFAULT).
+  ``precision_mode``, ``max_workspace_size_bytes``, ``trt_engine_cache_enable``/``_path``/``_prefix``
+  (r24.10 lines 520-535; any other key is refused, lines 677-683), ``trt_profile_min_shapes``/``_opt_shapes``/
+  ``_max_shapes`` ("input:d1xd2...") and the model parameter ``cudnn_conv_algo_search`` (0 EXHAUSTIVE,
+  the default, 1 HEURISTIC, 2 DEFAULT).
+* TensorRT accelerator engine cache (GitHub issue 21, item 1): Triton 24.10 runs onnxruntime 1.19.2
+  (server r24.10 build.py line 76), whose TensorRT EP constructor (microsoft/onnxruntime rel-1.19.2,
+  onnxruntime/core/providers/tensorrt/tensorrt_execution_provider.cc, ``TensorrtExecutionProvider::
+  TensorrtExecutionProvider``: ``if (!cache_path_.empty() && !fs::is_directory(cache_path_)) { if
+  (!fs::create_directory(cache_path_)) throw std::runtime_error("Failed to create directory " ...``)
+  creates only the last level of ``trt_engine_cache_path`` and throws when that fails: a missing parent
+  fails the load, and two instances that both find no directory race (``create_directory`` returns false
+  for the loser, which throws). So the path is one directory that exists before Triton starts (a volume
+  in deploy/docker-compose.yml and deploy/k8s/deployment.yaml), shared by little and big, and the roles'
+  engines are told apart by ``trt_engine_cache_prefix``.
+* instance placement: model_configuration.md "Multiple Model Instances" (r24.10 lines 701-707): KIND_GPU without
+  ``gpus`` places ``count`` instances on *each* visible GPU, so the gpu-standin instances are pinned to
+  ``standin_gpus`` (GPU 0, where gpu-check's reference runs).
 """
 
 from __future__ import annotations
@@ -82,14 +96,19 @@ class ServeOptions:
     #: The accelerator's precision: fp16 only with a T calibrated on FP16 TensorRT outputs (fp16 plans'
     #: tensorrt.json); fp32 serves the ONNX-calibrated T.
     trt_precision: str = "fp32"
-    #: Engine cache of the accelerator: a writable path in the container (the repository is read-only).
-    trt_cache_dir: str = "/tmp/littlebig-trt-cache"
+    #: Engine cache of the accelerator: a directory that exists and is writable in the container before Triton
+    #: starts (the repository is read-only; onnxruntime creates only the last level of this path, racily):
+    #: the ``trt-cache`` volume of deploy/docker-compose.yml and deploy/k8s/deployment.yaml. little and big
+    #: share it; ``trt_engine_cache_prefix`` (the role) tells their engines apart.
+    trt_cache_dir: str = "/trt-cache"
     #: onnxruntime's CUDA EP: 1 = HEURISTIC. The backend default, EXHAUSTIVE, benchmarks cuDNN algorithms
     #: for every new input shape, i.e. on every new batch size the dynamic batcher forms.
     cudnn_conv_algo_search: int = 1
     #: gpu-standin: the torch device of the stand-ins, and the batch buckets they pad to and warm up.
     standin_device: str = "cuda"
     standin_buckets: tuple[int, ...] = (1, 4, 16, 64)
+    #: gpu-standin on CUDA: the GPUs the instances go on (KIND_GPU without ``gpus`` puts ``count`` on every GPU).
+    standin_gpus: tuple[int, ...] = (0,)
 
     def queue_timeout(self) -> int:
         """little's and big's default queue timeout in microseconds."""
@@ -293,9 +312,12 @@ def gpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
                 "trt_profile_min_shapes": lbtrt.shapes_option(lo),
                 "trt_profile_opt_shapes": lbtrt.shapes_option(mid),
                 "trt_profile_max_shapes": lbtrt.shapes_option(hi),
-                # the repository is mounted read-only: engines are cached on a writable path
+                # the repository is mounted read-only: engines go to a volume that exists before Triton
+                # starts (onnxruntime would create only its last level, racing between instances); the
+                # roles share it and are told apart by the prefix (module docstring)
                 "trt_engine_cache_enable": "true",
-                "trt_engine_cache_path": f"{opts.trt_cache_dir.rstrip('/')}/{role}",
+                "trt_engine_cache_path": opts.trt_cache_dir.rstrip("/") or "/",
+                "trt_engine_cache_prefix": role,
             }
         )
     else:
@@ -323,6 +345,8 @@ def standin_classifier(role: str, exported: dict[str, Any], build: Path, out: Pa
     cuda = opts.standin_device.startswith("cuda")
     kind = mc.ModelInstanceGroup.KIND_GPU if cuda else mc.ModelInstanceGroup.KIND_CPU
     config = classifier_config(role, exported, opts, kind, preferred=False)
+    if cuda:  # count instances on these GPUs only, not on every GPU of the host
+        config.instance_group[0].gpus.extend(opts.standin_gpus)
     config.backend = "python"
     model_dir = out / role
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
@@ -420,24 +444,48 @@ def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tu
     return decision.check_threshold(calibration["rules"][rule]["threshold"]), rule
 
 
-def governor_settings(build: Path, threshold: float, opts: ServeOptions) -> dict[str, Any]:
-    """T_min and the governor's T steps for ``opts.max_accuracy_drop``, and the drift alerts' reference
-    (val's escalation rate at the served T and its confidence-bin shares), all from the val outputs.
-
-    Plans are served with a T calibrated on their own outputs; their reference still comes from the ONNX
-    val outputs, which they match to within the calibration's tolerance (tensorrt.json).
-    """
-    from littlebig.export.calibrate import drift_reference, governor_levels, threshold_floor
+def served_val_outputs(build: Path, tensorrt: bool):
+    """The val outputs of the precision that is served: TensorRT's (plans, or the FP16 accelerator, whose T
+    comes from the plans) from the plan build's cache ``logits-plan-val.npz``, else the ONNX ones."""
+    from littlebig.export.calibrate import Outputs
     from littlebig.export.pipeline import outputs
+    from littlebig.export.tensorrt import cached_plan_logits
+
+    if not tensorrt:
+        return outputs(build, "val")
+    logits = cached_plan_logits(build, "val")
+    return Outputs(logits["little"], logits["big"], logits["labels"])
+
+
+def governor_settings(
+    build: Path, threshold: float, opts: ServeOptions, rule: str | None = None, tensorrt: bool = False
+) -> dict[str, Any]:
+    """T_min and the governor's T steps for ``opts.max_accuracy_drop``, and the drift alerts' reference
+    (val's escalation rate at the served T and its confidence-bin shares), all from the val outputs of the
+    precision that is served (``tensorrt``: the plans' val logits, whose T is served; GitHub issue 21, item 3).
+
+    With TensorRT outputs, a T_min that ``tensorrt.json`` recorded for ``rule`` at the same T and budget must
+    be the one found here: a stale logits cache is refused rather than served.
+    """
+    from littlebig.export.calibrate import MAX_ACCURACY_DROP, drift_reference, governor_levels, threshold_floor
 
     if opts.slo_p99_ms is not None and not opts.slo_p99_ms > 0:
         raise ValueError(f"slo_p99_ms must be > 0 (or left out to turn the governor off), got {opts.slo_p99_ms!r}")
-    val = outputs(build, "val")
+    val = served_val_outputs(build, tensorrt)
     floor = threshold_floor(val, threshold, opts.max_accuracy_drop)
+    if tensorrt and rule is not None and opts.max_accuracy_drop == MAX_ACCURACY_DROP:
+        recorded = json.loads((export_dir(build) / "tensorrt.json").read_text())["calibration"]["rules"].get(rule, {})
+        if recorded.get("threshold") == threshold and "t_min" in recorded and recorded["t_min"] != floor:
+            raise ValueError(
+                f"T_min {floor!r} from {export_dir(build) / 'logits-plan-val.npz'} differs from the "
+                f"{recorded['t_min']!r} tensorrt.json recorded for rule {rule!r}: the cached plan logits are not "
+                "the plans' (rebuild them: make tensorrt)"
+            )
     return {
         "t_min": floor,
         "levels": governor_levels(val, threshold, floor),
         "reference": drift_reference(val, threshold),
+        "val_logits": "tensorrt" if tensorrt else "onnx",
     }
 
 
@@ -471,7 +519,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if fp16_accelerator:
         check_fp16_calibration(build)
     threshold, rule = served_threshold(build, opts, plans or fp16_accelerator)
-    governor = governor_settings(build, threshold, opts)
+    # T_min, the governor's steps and the drift reference from the same outputs as T (issue 21, item 3)
+    governor = governor_settings(build, threshold, opts, rule, tensorrt=plans or fp16_accelerator)
     if out.exists():
         shutil.rmtree(out)
     for role in ROLES:
@@ -499,6 +548,7 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         "t_min": governor["t_min"],
         "governor_thresholds": governor["levels"],
         "drift_reference": governor["reference"],
+        "val_logits": governor["val_logits"],
         **extra_summary,
     }
     (out / "littlebig-repository.json").write_text(json.dumps(summary, indent=2))

@@ -116,6 +116,47 @@ def test_standin_cascade_served_equals_the_reference(bundle, tmp_path, capsys):
     assert result["big_inference_count_delta"] == result["escalated_rows"]
     assert report["speed"] == "not measured: --no-perf" and "dry run" in report["gpu"]
     assert "answers: " in out and "passed" in out
+    # read from the real server's metrics port: the family exists and no output arrived in GPU memory
+    assert result["gpu_memory_outputs"] == {"metric": gpu_check.GPU_OUTPUTS_METRIC, "count": 0, "ok": True}
+    import torch
+
+    gpus = report["gpus"]  # how many GPUs the host has (instance counts hold on GPU 0 only)
+    assert gpus["count"] == torch.cuda.device_count() and len(gpus["names"]) == gpus["count"]
+    assert gpus["standin_gpus"] == [] and "cuda_visible_devices" in gpus  # device cpu: no GPU pinned
+
+
+def test_a_cuda_bundle_pins_the_standins_to_gpu_0(build_dir, tmp_path):
+    """KIND_GPU without gpus puts `count` instances on every GPU (Triton model_configuration.md, r24.10 lines
+    701-707): on an 8-GPU host "1 and 2 instances" would be 8 and 16. The bundle pins them to GPU 0."""
+    record = gpu_check.prepare(build_dir, tmp_path, device="cuda", instance_counts=(1, 2), rows=8)
+    assert record["gpus"] == [0]
+    for n in (1, 2):
+        for role in ("little", "big"):
+            text = (gpu_check.repo_dir(tmp_path, n) / role / "config.pbtxt").read_text()
+            cfg = text_format.Parse(text, mc.ModelConfig())
+            (group,) = cfg.instance_group
+            assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0] and group.count == n
+
+
+def test_without_a_bundle_or_a_build_it_says_what_to_run(tmp_path, capsys):
+    """A fresh clone on a GPU machine: `make gpu-check` found no bundle and no build, and died with a
+    FileNotFoundError from read_export (issue 21, item 7). Now it names `make gpu-check-bundle` and exits 2
+    (run here through the CPU dry run, the same code path past the CUDA check)."""
+    rc = gpu_check.main(["--build", str(tmp_path / "build"), "--device", "cpu", "--no-perf"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "make gpu-check-bundle" in out and "export/export.json or calibration.json" in out
+    assert not (tmp_path / "build").exists()
+
+
+def test_the_documented_recipe_builds_the_bundle_before_the_check():
+    """deploy/README.md's one-line recipe for a GPU machine with a registry names the targets in the order that
+    works from a fresh clone (the bundle needs `make setup`; the check needs the bundle)."""
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if "make setup perf-analyzer" in x and "make gpu-check" in x]
+    recipe = line[line.index("make setup") :].split("`")[0].split()
+    assert recipe == ["make", "setup", "perf-analyzer", "gpu-check-bundle", "&&", "make", "gpu-check"]
+    makefiles = (ROOT / "Makefile").read_text() + (ROOT / "mk" / "gpu.mk").read_text()
+    assert "\ngpu-check-bundle: setup\n" in makefiles and "\nperf-analyzer:" in (ROOT / "mk" / "bench.mk").read_text()
 
 
 def test_r_star():
@@ -146,3 +187,109 @@ def test_gpu_venv_maps_the_package_layout_ahead_of_the_bare_littlebig_folder(tmp
     export, standin = done.stdout.split()
     assert export == str(ROOT / "export" / "__init__.py")
     assert standin == str(ROOT / "model_repository" / "torch_standin.py")
+
+
+# --- issue 21, item 2: outputs in GPU memory are counted, and an unreadable output fails its chunk only ------
+
+NO_LOGITS_BIG = '''"""big that answers without its LOGITS output: the BLS model cannot read that chunk's logits."""
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse(output_tensors=[]) for _ in requests]
+'''
+
+
+def bls_module(tmp_path, build_dir, monkeypatch):
+    """The served BLS model.py imported outside Triton (its repository folder: control.py, decision.py)."""
+    import importlib.util
+
+    from littlebig.model_repository.generate import generate
+    from littlebig.model_repository.server import triton_home
+
+    generate(build_dir, tmp_path / "repo", "cpu")
+    monkeypatch.syspath_prepend(str(triton_home() / "backends" / "python"))  # triton_python_backend_utils.py
+    folder = tmp_path / "repo" / "littlebig" / "1"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("littlebig_bls_model", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class GpuTensor:
+    """MOCK of a GPU tensor (no GPU here): what a KIND_GPU backend's LOGITS are when preferred_memory is ignored."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def is_cpu(self) -> bool:
+        return False
+
+    def name(self) -> str:
+        return "LOGITS"
+
+    def to_dlpack(self):
+        import torch
+
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(self.values))
+
+
+def test_an_output_in_gpu_memory_is_counted_and_fails_cleanly_without_torch(tmp_path, build_dir, monkeypatch):
+    model = bls_module(tmp_path, build_dir, monkeypatch)
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    seen = []
+    got = model.as_numpy(GpuTensor(values), lambda: seen.append(1))
+    assert np.array_equal(got, values) and seen == [1]  # copied through torch, but counted: gpu-check sees it
+    monkeypatch.setitem(sys.modules, "torch.utils.dlpack", None)  # the NGC image: no torch
+    with pytest.raises(RuntimeError, match="in GPU memory and torch is not installed"):
+        model.as_numpy(GpuTensor(values), lambda: seen.append(1))
+    assert seen == [1, 1]
+    with pytest.raises(RuntimeError, match="no LOGITS"):
+        model.as_numpy(None)
+
+
+@pytest.mark.parametrize("policy", ["little", "error"])
+def test_unreadable_big_logits_fail_their_chunk_through_the_policy(build_dir, tmp_path, test_split, policy):
+    """On the real server: big answers without LOGITS (as a GPU tensor with no torch to copy it would fail).
+    The chunk fails alone, through on_big_failure: DEGRADED answers by little, or UNAVAILABLE naming big; never
+    an INTERNAL error for the whole execute (before issue 21 the conversion raised out of _run)."""
+    from tritonclient.utils import InferenceServerException
+
+    from littlebig.model_repository.generate import ServeOptions
+    from tests.test_reliability import infer, metric, own_server
+
+    data, logits = test_split
+
+    def edit(repo: Path) -> None:
+        (repo / "big" / "1" / "model.py").write_text(NO_LOGITS_BIG)
+
+    with own_server(build_dir, tmp_path, ServeOptions(on_big_failure=policy, big_instances=1), edit) as server:
+        url = f"127.0.0.1:{server.ports.grpc}"
+        confident = infer(url, data.images[:4], 0.0)  # T = 0: nothing escalates, big is never asked
+        assert not confident.as_numpy("ESCALATED").any()
+        if policy == "little":
+            answer = infer(url, data.images[:4], 1.0)
+            assert answer.as_numpy("DEGRADED").all()
+            assert np.array_equal(answer.as_numpy("LABEL").reshape(-1), logits["little"][:4].argmax(-1))
+            assert metric(server, "littlebig_degraded_rows_total") == 4
+        else:
+            with pytest.raises(InferenceServerException) as exc:
+                infer(url, data.images[:4], 1.0)
+            assert exc.value.status() == "StatusCode.UNAVAILABLE"
+            assert "big failed: its LOGITS could not be read" in exc.value.message()
+        assert metric(server, "littlebig_gpu_memory_outputs_total") == 0  # CPU tensors here: nothing counted
+
+
+def test_the_check_fails_on_outputs_in_gpu_memory():
+    """The served counter is summed over roles: 0 passes; a count, or no such family (an older BLS model), fails."""
+    name = gpu_check.GPU_OUTPUTS_METRIC
+    text = (f'# TYPE {name} counter\n{name}{{model="littlebig",version="1",role="little"}} 0\n'
+            f'{name}{{model="littlebig",version="1",role="big"}} 0\n'
+            'littlebig_rows_total{model="littlebig"} 9\n')  # fmt: skip
+    assert gpu_check.metric_sum(text, name) == 0 and gpu_check.gpu_memory_outputs(0.0)["ok"]
+    three = text.replace('role="big"} 0', 'role="big"} 3')
+    assert gpu_check.metric_sum(three, name) == 3 and not gpu_check.gpu_memory_outputs(3.0)["ok"]
+    assert gpu_check.metric_sum("littlebig_rows_total 1\n", name) is None
+    assert not gpu_check.gpu_memory_outputs(None)["ok"]

@@ -25,6 +25,7 @@ from littlebig.model_repository.generate import PROFILES, ServeOptions, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 ROLES = ("little", "big")
+TRT_CACHE_VOLUME = "/trt-cache"  # where deploy/docker-compose.yml and deploy/k8s/deployment.yaml mount it
 
 
 def read_config(path: Path) -> mc.ModelConfig:
@@ -38,20 +39,41 @@ def build(build_dir, tmp_path) -> Path:
     (dst / "export").mkdir(parents=True)
     shutil.copy2(build_dir / "calibration.json", dst / "calibration.json")
     for f in (build_dir / "export").iterdir():
-        if f.suffix in (".json", ".onnx", ".data"):
+        if f.suffix in (".json", ".onnx", ".data") or (f.name.startswith("logits-") and "plan" not in f.name):
             shutil.copy2(f, dst / "export" / f.name)
     return dst
 
 
+def fake_plan_logits(build: Path, split: str) -> dict[str, np.ndarray]:
+    """What FP16 plans might give on a split: ONNX's logits, little's flattened (less confident), both jittered.
+
+    Different enough that every figure derived from val (T, T_min, governor steps, drift reference) moves."""
+    from littlebig.export.pipeline import reference_logits
+
+    onnx_logits = reference_logits(build, split)
+    rng = np.random.default_rng(21)
+    return {
+        "labels": onnx_logits["labels"],
+        "little": (0.7 * onnx_logits["little"] + rng.normal(0, 0.05, onnx_logits["little"].shape)).astype(np.float32),
+        "big": (onnx_logits["big"] + rng.normal(0, 0.05, onnx_logits["big"].shape)).astype(np.float32),
+    }
+
+
 def add_plans(build: Path, precision: str = "fp16", little_max: int = 64, big_max: int = 32) -> dict:
-    """Placeholder plans and the tensorrt.json a plan build records (per-role profiles, GPU, calibration)."""
+    """Placeholder plans and what a plan build leaves beside them: tensorrt.json (per-role profiles, GPU, and the
+    calibration on the plans' val logits, every rule calibration.json has) and the cached plan logits."""
+    from littlebig.export.calibrate import Outputs, calibrate
+
     size = json.loads((build / "export" / "export.json").read_text())["service_size"]
     gpu = {"name": "NVIDIA H100 80GB HBM3", "product_label": "NVIDIA-H100-80GB-HBM3"}
     record = {"precision": precision, "gpu": gpu}
     for role, hi in (("little", little_max), ("big", big_max)):
         (build / "export" / f"{role}.plan").write_bytes(b"plan placeholder")
         record[role] = {"profile": [list(s) for s in lbtrt.profile_shapes(size, hi, max(1, hi // 4))]}
-    record["calibration"] = {"rules": {"paper": {"threshold": 0.61}, "guaranteed": {"threshold": 0.97}}}
+    val = fake_plan_logits(build, "val")
+    np.savez(build / "export" / "logits-plan-val.npz", **val)  # written after the plans: the cache is fresh
+    rules = tuple(json.loads((build / "calibration.json").read_text())["rules"])
+    record["calibration"] = {"rules": calibrate(Outputs(val["little"], val["big"], val["labels"]), rules)}
     (build / "export" / "tensorrt.json").write_text(json.dumps(record))
     return record
 
@@ -125,7 +147,10 @@ def test_trt_accelerator_profiles_cache_warmup_and_cast_first_graph(build, tmp_p
         opt = int(params["trt_profile_opt_shapes"].split(":")[1].split("x")[0])
         assert 1 <= opt < max_batch
         assert params["trt_engine_cache_enable"] == "true"
-        assert params["trt_engine_cache_path"] == f"/tmp/littlebig-trt-cache/{role}"  # writable, off the repository
+        # one directory that exists before Triton starts (the deploy files' volume; onnxruntime 1.19 would create
+        # only its last level, and two instances would race on it), the roles told apart by the prefix
+        assert params["trt_engine_cache_path"] == ServeOptions().trt_cache_dir == TRT_CACHE_VOLUME
+        assert params["trt_engine_cache_prefix"] == role
         assert sorted(w.batch_size for w in cfg.model_warmup) == sorted({1, opt, max_batch})
         # the served graph is the Cast-first one, and gives the original's logits exactly
         served = tmp_path / "r" / role / "1" / "model.onnx"
@@ -134,6 +159,69 @@ def test_trt_accelerator_profiles_cache_warmup_and_cast_first_graph(build, tmp_p
         images = np.random.default_rng(1).integers(0, 256, size=(3, *size), dtype=np.uint8)
         original = onnx_session(build / "export" / f"{role}.onnx").run(["LOGITS"], {"IMAGE": images})[0]
         assert np.array_equal(onnx_session(served).run(["LOGITS"], {"IMAGE": images})[0], original)
+
+
+def test_the_engine_cache_directory_is_a_volume_in_both_deploy_files():
+    """The accelerator's cache path exists before Triton starts: a volume at TRT_CACHE_VOLUME in compose and k8s."""
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    volumes = compose["services"]["triton"]["volumes"]
+    (cache,) = [v for v in volumes if v.split(":")[1] == TRT_CACHE_VOLUME]
+    assert cache.split(":")[0] in compose["volumes"]  # a named volume: engines survive a container restart
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text()) if d]
+    (pod,) = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == TRT_CACHE_VOLUME]
+    assert not mount.get("readOnly") and "emptyDir" in {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+
+
+def test_plans_take_t_min_governor_steps_and_drift_reference_from_their_own_val_logits(build, tmp_path):
+    """Issue 21, item 3: served plans (and the FP16 accelerator) get T from the plans' val logits, and so must
+    T_min, the governor's steps and the drift alerts' reference, not the FP32 ONNX val logits."""
+    from littlebig.decision import confidence, escalate, softmax
+    from littlebig.export.calibrate import Outputs, governor_levels, threshold_floor
+    from littlebig.export.pipeline import outputs
+
+    record = add_plans(build)
+    plan = fake_plan_logits(build, "val")
+    plan_val = Outputs(plan["little"], plan["big"], plan["labels"])
+    onnx_val = outputs(build, "val")
+    for name, opts in (("plans", ServeOptions()), ("fp16 accelerator", fp16_accelerator())):
+        summary = generate(build, tmp_path / name, "gpu", opts)
+        t = summary["threshold"]
+        assert summary["tensorrt_plans"] == (name == "plans") and summary["val_logits"] == "tensorrt"
+        assert t == record["calibration"]["rules"][summary["rule"]]["threshold"]
+        recorded = record["calibration"]["rules"][summary["rule"]]
+        assert summary["t_min"] == threshold_floor(plan_val, t) == recorded["t_min"]
+        assert summary["t_min"] != threshold_floor(onnx_val, t)  # the ONNX figures differ: the test can tell
+        assert summary["governor_thresholds"] == governor_levels(plan_val, t, summary["t_min"])
+        reference = summary["drift_reference"]
+        conf = confidence(softmax(plan["little"]))
+        assert reference["rows"] == len(plan["labels"])
+        assert reference["escalation_rate"] == float(escalate(conf, t).mean())
+        assert reference["escalation_rate"] != float(escalate(confidence(softmax(onnx_val.little_logits)), t).mean())
+        params = read_config(tmp_path / name / "littlebig").parameters  # what the BLS model is given
+        assert float(params["t_min"].string_value) == summary["t_min"]
+        assert float(params["calibrated_escalation_rate"].string_value) == reference["escalation_rate"]
+    # FP32 onnxruntime (no plans served) keeps the ONNX val logits for all of it
+    onnx = generate(build, tmp_path / "onnx", "gpu", ServeOptions(use_plans=False))
+    assert onnx["val_logits"] == "onnx" and onnx["t_min"] == threshold_floor(onnx_val, onnx["threshold"])
+
+
+def test_a_stale_plan_logits_cache_is_refused(build, tmp_path):
+    record = add_plans(build)
+    rule = json.loads((build / "calibration.json").read_text())["serve_rule"]
+    record["calibration"]["rules"][rule]["t_min"] = 0.123  # what other logits would have given
+    (build / "export" / "tensorrt.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="T_min .* differs from the 0.123 tensorrt.json recorded"):
+        generate(build, tmp_path / "r", "gpu")
+    add_plans(build)
+    (build / "export" / "logits-plan-val.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="logits-plan-val.npz is missing or older than the plans"):
+        generate(build, tmp_path / "r", "gpu")
+
+
+def fp16_accelerator() -> ServeOptions:
+    return ServeOptions(trt_accelerator=True, trt_precision="fp16", use_plans=False)
 
 
 def test_fp16_accelerator_serves_only_a_t_calibrated_on_fp16_outputs(build, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from littlebig.model_repository import health
@@ -57,3 +58,39 @@ def test_the_state_file_keeps_the_last_healthy_check(tmp_path):
     assert health.unready_for(state, now=160.0) == 60.0
     health.record_ready(state, healthy=True, now=170.0)
     assert health.unready_for(state, now=175.0) == 5.0
+
+
+def littlebig_counters(server) -> dict[str, float]:
+    """Every sample of every ``littlebig_*`` COUNTER family on the metrics port (name + labels -> value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counters = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE littlebig_") and
+                line.split()[3] == "counter"}  # fmt: skip
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and line.split("{", 1)[0] in counters:
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_probes_alone_move_no_littlebig_traffic_counter(server, test_split):
+    """Readiness probes (health.py ready, through the cascade with threshold 1) must not look like traffic:
+    two pods every 10 s would otherwise add 120 all-zero rows per 10 minutes to the drift alerts' counters
+    (GitHub issue 21, item 4). A real request after them moves the counters: the scrape can see a change."""
+    data, _ = test_split
+    before = littlebig_counters(server)
+    assert any(k.startswith("littlebig_rows_total{") for k in before), sorted(before)  # the families exist
+    url = f"127.0.0.1:{server.ports.http}"
+    script = [sys.executable, str(ROOT / "model_repository" / "health.py"), "ready", "--url", url]
+    for _ in range(3):
+        done = run(*script)
+        assert done.returncode == 0, done.stderr  # each probe really went through little, big and littlebig
+    assert Supervisor(server).probe().check() == {}  # the supervisor's probe: the same HealthProbe
+    assert littlebig_counters(server) == before
+    infer(f"127.0.0.1:{server.ports.grpc}", data.images[:3], 1.0)  # the control: real traffic, all to big
+    after = littlebig_counters(server)
+    rows = [k for k in after if k.startswith("littlebig_rows_total{")]
+    escalated = [k for k in after if k.startswith("littlebig_escalated_rows_total{")]
+    assert sum(after[k] - before.get(k, 0.0) for k in rows) == 3
+    assert sum(after[k] - before.get(k, 0.0) for k in escalated) == 3

@@ -44,10 +44,22 @@ REASONS = np.array([b"confident", b"escalated", b"load", b"deadline", b"big_fail
 CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 
 
-def as_numpy(tensor) -> np.ndarray:
-    """A BLS output as a host array: CPU memory is asked for, but a GPU tensor is copied if one arrives."""
+#: Request parameter that marks a health probe (model_repository/health.py sends it): its rows are answered
+#: as any others but kept out of every traffic metric, so probes never look like drift (GitHub issue 21).
+PROBE_PARAMETER = "littlebig_probe"
+
+
+def as_numpy(tensor, on_gpu=None) -> np.ndarray:
+    """A BLS output as a host array. CPU memory is asked for (``preferred_memory``); a tensor that still
+    arrives in GPU memory calls ``on_gpu()`` first (counted: gpu-check asserts none arrive), then is copied
+    through torch's DLPack if torch is there. RuntimeError when the output is missing or cannot be copied:
+    the caller turns it into a failure of that chunk alone."""
+    if tensor is None:
+        raise RuntimeError("the response has no LOGITS output")
     if tensor.is_cpu():
         return tensor.as_numpy()
+    if on_gpu is not None:
+        on_gpu()
     try:  # python_backend's documented DLPack route; torch is on GPU images that serve GPU tensors
         from torch.utils.dlpack import from_dlpack
     except ImportError as exc:
@@ -56,10 +68,12 @@ def as_numpy(tensor) -> np.ndarray:
 
 
 class Rows(NamedTuple):
-    """Per-row request settings of one execute: own threshold (NaN: the governor's T) and deadline (monotonic s)."""
+    """Per-row request settings of one execute: own threshold (NaN: the governor's T), deadline (monotonic s)
+    and whether the row is a health probe's (kept out of the traffic metrics)."""
 
     own: np.ndarray
     deadline: np.ndarray
+    probe: np.ndarray
 
 
 class TritonPythonModel:
@@ -155,9 +169,20 @@ class TritonPythonModel:
                 "Val share of each confidence bin (drift alerts' reference)",
                 pb_utils.MetricFamily.GAUGE,
             ),
+            # Not traffic: a defect detector (probes' calls count too). CPU memory is asked for; make gpu-check
+            # asserts this stays 0, which it cannot see from the answers (they are copied when torch is there).
+            "gpu_outputs": pb_utils.MetricFamily(
+                "littlebig_gpu_memory_outputs_total",
+                "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for",
+                pb_utils.MetricFamily.COUNTER,
+            ),
         }
         per_bin = ("confidence", "calibrated_confidence_share")
-        single = [k for k in self.families if k not in (*per_bin, "threshold")]
+        single = [k for k in self.families if k not in (*per_bin, "threshold", "gpu_outputs")]
+        self.gpu_outputs = {
+            role: self.families["gpu_outputs"].Metric(labels={**labels, "role": role}) for role in self.models
+        }
+        self.gpu_output_logged = False
         self.metrics = {k: self.families[k].Metric(labels=labels) for k in single}
         self.confidence_bins, self.calibrated_shares = (
             [self.families[k].Metric(labels={**labels, "upper": repr(edge)}) for edge in CONFIDENCE_BINS]
@@ -172,6 +197,25 @@ class TritonPythonModel:
             labels={**labels, "bls_instance": args.get("model_instance_name", "")}
         )
         self.threshold_gauge.set(self.governor.threshold)
+
+    @staticmethod
+    def _is_probe(request) -> bool:
+        """A health probe's request (``PROBE_PARAMETER`` true; a string "true" too, for perf_analyzer)."""
+        try:
+            value = json.loads(request.parameters() or "{}").get(PROBE_PARAMETER, False)
+        except (ValueError, AttributeError):
+            return False
+        return value is True or (isinstance(value, str) and value.lower() == "true")
+
+    def _on_gpu(self, role):
+        """Count an output of ``role`` that arrived in GPU memory, and say so in the log once."""
+        self.gpu_outputs[role].increment(1)
+        if not self.gpu_output_logged:
+            self.gpu_output_logged = True
+            pb_utils.Logger.log_warn(
+                f"littlebig: {role}'s LOGITS arrived in GPU memory although CPU memory was asked for "
+                "(preferred_memory); counted in littlebig_gpu_memory_outputs_total"
+            )
 
     def _parameters(self, request):
         """(own threshold or None, deadline in seconds or inf); ValueError names the bad parameter."""
@@ -234,8 +278,15 @@ class TritonPythonModel:
             elif call.result().has_error():
                 chunks.append((a, b, None, f"{role} failed: {call.result().error().message()}"))
             else:
-                logits = as_numpy(pb_utils.get_output_tensor_by_name(call.result(), "LOGITS"))
-                chunks.append((a, b, logits, None))
+                # A chunk whose LOGITS cannot be read (missing, or in GPU memory with no torch to copy it) fails
+                # alone, through the failure policy, like any other failure of that call (issue 21, item 2).
+                try:
+                    tensor = pb_utils.get_output_tensor_by_name(call.result(), "LOGITS")
+                    logits = as_numpy(tensor, lambda role=role: self._on_gpu(role))
+                except Exception as exc:
+                    chunks.append((a, b, None, f"{role} failed: its LOGITS could not be read: {exc}"))
+                else:
+                    chunks.append((a, b, logits, None))
         breaker.track([c for c in calls if not c.done()])
         return chunks
 
@@ -244,22 +295,28 @@ class TritonPythonModel:
             asyncio.get_running_loop().set_default_executor(self.executor)
             self.executor_installed = True
         responses = [None] * len(requests)
+        probes = [self._is_probe(r) for r in requests]
         try:
-            await self._execute(requests, responses)
+            await self._execute(requests, responses, probes)
         except Exception as exc:  # a bug must cost its requests an answer, never the whole batch INTERNAL
             pb_utils.Logger.log_error(f"littlebig: unexpected error in execute:\n{traceback.format_exc()}")
             message = f"littlebig internal error ({type(exc).__name__}: {exc}); see the server log"
             responses = [self._error(message, pb_utils.TritonError.INTERNAL) if r is None else r for r in responses]
-        self.metrics["failed"].increment(sum(1 for r in responses if r.has_error()))
+        failed = sum(1 for r, probe in zip(responses, probes) if r.has_error() and not probe)
+        if failed:
+            self.metrics["failed"].increment(failed)
         return responses
 
-    async def _execute(self, requests, responses):
-        """Parse every request (bad ones answered at once), then run the cascade on the good rows."""
+    async def _execute(self, requests, responses, probes):
+        """Parse every request (bad ones answered at once), then run the cascade on the good rows.
+
+        ``probes``: per request, whether it is a health probe (its rows stay out of the traffic metrics).
+        """
         received = time.monotonic()  # deadlines count from here: Triton's queue time is not visible to the model
         signal = self.governor.predicted_p99_s(received, self.breakers["big"].in_flight_s(received))
         if self.governor.update(signal, received):
             self.threshold_gauge.set(self.governor.threshold)
-        images, own, deadlines, spans = [], [], [], {}
+        images, own, deadlines, probe_rows, spans = [], [], [], [], {}
         start = 0
         for i, request in enumerate(requests):
             try:
@@ -271,10 +328,11 @@ class TritonPythonModel:
             images.append(rows)
             own.append(np.full(len(rows), np.nan if threshold is None else threshold))
             deadlines.append(np.full(len(rows), received + deadline))
+            probe_rows.append(np.full(len(rows), probes[i]))
             spans[i] = slice(start, start + len(rows))
             start += len(rows)
         if spans:
-            rows = Rows(np.concatenate(own), np.concatenate(deadlines))
+            rows = Rows(np.concatenate(own), np.concatenate(deadlines), np.concatenate(probe_rows))
             await self._cascade(np.concatenate(images), rows, spans, responses)
         done = time.monotonic()
         self.governor.executed(done - received, done)
@@ -330,10 +388,11 @@ class TritonPythonModel:
                     pb_utils.Tensor("REASON", REASONS[reason[s]].reshape(-1, 1)),
                 ]
             )
-        self._observe(conf[served], esc[served], reason[served], below_calibrated[served])
+        traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
+        self._observe(conf[traffic], esc[traffic], reason[traffic], below_calibrated[traffic])
 
     def _observe(self, conf, esc, reason, below_calibrated):
-        """Metrics once per execute: each call is an IPC round trip to the server, so none per row."""
+        """Traffic metrics once per execute: each call is an IPC round trip to the server, so none per row."""
         counts = {
             "rows": len(conf),
             "escalated": int(esc.sum()),
