@@ -104,7 +104,7 @@ def val(build_dir) -> Outputs:
     return outputs(build_dir, "val")
 
 
-@pytest.mark.parametrize("rule", ["paper", "guaranteed"])
+@pytest.mark.parametrize("rule", ["paper", "bounded", "guaranteed"])
 @pytest.mark.parametrize("eps", [0.0, 0.002, 0.005, 0.02])
 def test_t_min_is_the_lowest_t_whose_whole_range_keeps_the_budget(build_dir, val, rule, eps):
     """Brute force over every distinct val confidence: no lower T qualifies, and every T above it does."""
