@@ -7,11 +7,17 @@ install); a ``.pth`` to the system site-packages that hold torch (after the venv
 wins); nvidia-pytriton's ``pytriton/`` and ``nvidia_pytriton.libs/`` copied in (the tritonserver tree);
 and littlebig's sources mapped as pyproject.toml lays them out (``littlebig.export`` = ``export/``...)
 by a meta-path finder, as an editable install would do. Run it with the system python3 (stdlib only).
+
+Python 3.10 is supported, as pyproject.toml's ``requires-python`` says (GitHub issue 21): GPU images with 3.10
+have no ``tomllib``, so the two setuptools tables this needs are then read by :func:`layout_without_tomllib`,
+which accepts only the plain forms pyproject.toml uses and refuses anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +25,10 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,9 +52,49 @@ sys.meta_path.insert(0, LittlebigLayout())  # ahead of the working directory, wh
 '''
 
 
+def layout_without_tomllib(text: str) -> dict:
+    """``[tool.setuptools]`` ``packages`` and ``[tool.setuptools.package-dir]`` from pyproject.toml text, without
+    tomllib (Python 3.10): single-line ``key = value`` entries whose values are basic strings or one-line arrays
+    of them (the TOML forms that are also Python literals). ValueError on anything else in those two tables."""
+    tables: dict[str, dict] = {}
+    current = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        header = re.fullmatch(r"\[([^\[\]]+)\]", line)
+        if header:
+            current = header.group(1).strip()
+            continue
+        if current not in ("tool.setuptools", "tool.setuptools.package-dir"):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip().strip('"'), value.strip()
+        try:
+            parsed = ast.literal_eval(value) if sep and not value.startswith("'") else None
+        except (ValueError, SyntaxError):
+            parsed = None
+        if not (isinstance(parsed, str) or (isinstance(parsed, list) and all(isinstance(v, str) for v in parsed))):
+            if current == "tool.setuptools" and key != "packages":
+                continue  # other setuptools keys are not needed here
+            raise ValueError(f"pyproject.toml line {number}: cannot read {raw.strip()!r} without tomllib")
+        tables.setdefault(current, {})[key] = parsed
+    setuptools = tables.get("tool.setuptools", {})
+    if "packages" not in setuptools:
+        raise ValueError("pyproject.toml: no [tool.setuptools] packages")
+    return {**setuptools, "package-dir": tables.get("tool.setuptools.package-dir", {})}
+
+
+def setuptools_layout(text: str) -> dict:
+    """pyproject.toml's ``[tool.setuptools]`` table (tomllib where there is one: Python 3.11+)."""
+    if tomllib is None:
+        return layout_without_tomllib(text)
+    return tomllib.loads(text)["tool"]["setuptools"]
+
+
 def package_dirs(root: Path = ROOT) -> dict[str, str]:
     """littlebig's packages and their source folders, from pyproject.toml."""
-    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools = setuptools_layout((root / "pyproject.toml").read_text())
     mapping = setuptools.get("package-dir", {})
     return {name: str((root / mapping.get(name, name.replace(".", "/"))).resolve()) for name in setuptools["packages"]}
 

@@ -293,3 +293,28 @@ def test_the_check_fails_on_outputs_in_gpu_memory():
     assert gpu_check.metric_sum(three, name) == 3 and not gpu_check.gpu_memory_outputs(3.0)["ok"]
     assert gpu_check.metric_sum("littlebig_rows_total 1\n", name) is None
     assert not gpu_check.gpu_memory_outputs(None)["ok"]
+
+
+def test_gpu_venv_reads_the_layout_on_python_3_10_too():
+    """GPU images with Python 3.10 have no tomllib (issue 21, item 8): the fallback reader must give what
+    tomllib gives on pyproject.toml, be the one used when tomllib is missing, and refuse forms it cannot read."""
+    import tomllib
+
+    from bench import gpu_venv
+
+    text = (ROOT / "pyproject.toml").read_text()
+    full = tomllib.loads(text)["tool"]["setuptools"]
+    assert gpu_venv.layout_without_tomllib(text) == {"packages": full["packages"], "package-dir": full["package-dir"]}
+    code = (
+        "import sys; sys.modules['tomllib'] = None  # as on Python 3.10\n"
+        "from bench import gpu_venv\n"
+        "assert gpu_venv.tomllib is None\n"
+        "print(sorted(gpu_venv.package_dirs().items()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sorted(gpu_venv.package_dirs().items()))
+    multi_line = text.replace('packages = ["littlebig", ', 'packages = [\n    "littlebig", ')
+    assert multi_line != text and tomllib.loads(multi_line)["tool"]["setuptools"]["packages"] == full["packages"]
+    with pytest.raises(ValueError, match="cannot read"):
+        gpu_venv.layout_without_tomllib(multi_line)

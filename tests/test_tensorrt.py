@@ -160,6 +160,73 @@ def test_parity_rule_fails_a_plan_that_disagrees():
         lbtrt.compare(reference, reference[:5])
 
 
+class RecordingBuilderConfig:
+    """MOCK of TensorRT's IBuilderConfig (it needs CUDA and TensorRT, absent here): records the flag calls,
+    starting, as TensorRT's does, with TF32 set."""
+
+    def __init__(self) -> None:
+        self.flags = {"TF32"}
+
+    def set_flag(self, flag: str) -> None:
+        self.flags.add(flag)
+
+    def clear_flag(self, flag: str) -> None:
+        self.flags.discard(flag)
+
+
+class Flags:  # stands in for tensorrt.BuilderFlag
+    FP16, TF32 = "FP16", "TF32"
+
+
+def test_fp32_plans_clear_tf32_and_fp16_plans_keep_it():
+    """TF32 is on by default in TensorRT's builder config; an fp32 plan with it would run its convolutions with
+    10-bit mantissas and likely miss fp32's 1e-3 parity limit on Ampere and later (issue 21, item 6)."""
+    fp32, fp16 = RecordingBuilderConfig(), RecordingBuilderConfig()
+    lbtrt.set_precision_flags(fp32, "fp32", Flags)
+    lbtrt.set_precision_flags(fp16, "fp16", Flags)
+    assert fp32.flags == set() and fp16.flags == {"TF32", "FP16"}
+    with pytest.raises(ValueError, match="precision"):
+        lbtrt.set_precision_flags(RecordingBuilderConfig(), "int8", Flags)
+
+
+@needs_trt
+def test_tensorrt_builder_config_starts_with_tf32_and_fp32_clears_it():
+    import tensorrt as trt
+
+    config = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config()
+    assert config.get_flag(trt.BuilderFlag.TF32)  # the default the fp32 build must undo
+    lbtrt.set_precision_flags(config, "fp32", trt.BuilderFlag)
+    assert not config.get_flag(trt.BuilderFlag.TF32) and not config.get_flag(trt.BuilderFlag.FP16)
+
+
+def test_batch_invariance_compares_batch_one_with_one_batch_of_the_max(build):
+    """The check runs the same rows at batch 1 and as one batch of the plan's max (it used to be 8 rows, so
+    "max batch" was batch 8). Run here with onnxruntime on the exported big model in place of an engine."""
+    from littlebig.data import load_split
+    from littlebig.export.onnx_export import onnx_session
+    from littlebig.export.pipeline import read_export
+
+    exported = read_export(build)
+    images = load_split("val", exported["data_dir"], tuple(exported["service_size"])).images[:8]
+    session = onnx_session(build / "export" / "big.onnx")
+    batches: list[int] = []
+
+    def run(rows: np.ndarray, batch: int) -> np.ndarray:
+        out = []
+        for i in range(0, len(rows), batch):
+            batches.append(len(rows[i : i + batch]))
+            out.append(session.run(["LOGITS"], {"IMAGE": rows[i : i + batch]})[0])
+        return np.concatenate(out)
+
+    batch1, batched = lbtrt.batch_invariance(run, images, 32)  # fewer images than the max: rows repeat
+    assert batches == [1] * 32 + [32] and batch1.shape == batched.shape == (32, batch1.shape[1])
+    assert np.array_equal(batched[8:16], batched[:8])  # the 8 images, again
+    parity = lbtrt.check_plan_parity(batched, batched, "fp32", batch1, batched)
+    assert parity.batch_invariance_max_abs < 1e-4
+    with pytest.raises(ValueError, match="no images"):
+        lbtrt.batch_invariance(run, images[:0], 32)
+
+
 def _binomial_cdf_above(k: int, n: int, eps: Fraction, delta: Fraction) -> bool:
     """P(Binomial(n, eps) <= k) > delta, in exact rational arithmetic (no floats, no lgamma)."""
     q = 1 - eps
