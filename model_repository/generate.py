@@ -25,10 +25,12 @@ Sources each GPU setting rests on (Triton 24.10 = 2.51; read in the r24.10 branc
   ``_max_shapes`` ("input:d1xd2...") and the model parameter ``cudnn_conv_algo_search`` (0 EXHAUSTIVE,
   the default, 1 HEURISTIC, 2 DEFAULT).
 * TensorRT accelerator engine cache (GitHub issue 21, item 1): Triton 24.10 runs onnxruntime 1.19.2
-  (server r24.10 build.py line 76), whose TensorRT EP constructor (microsoft/onnxruntime rel-1.19.2,
+  (server r24.10 build.py line 76), whose TensorRT EP constructor (microsoft/onnxruntime,
   onnxruntime/core/providers/tensorrt/tensorrt_execution_provider.cc, ``TensorrtExecutionProvider::
   TensorrtExecutionProvider``: ``if (!cache_path_.empty() && !fs::is_directory(cache_path_)) { if
-  (!fs::create_directory(cache_path_)) throw std::runtime_error("Failed to create directory " ...``)
+  (!fs::create_directory(cache_path_)) throw std::runtime_error("Failed to create directory " ...``; the
+  same block in every version read, from the 1.16-era ones to those with ``trt_engine_cache_prefix``; the
+  rel-1.19.2 line itself was not pinned: the repository was too large to fetch whole)
   creates only the last level of ``trt_engine_cache_path`` and throws when that fails: a missing parent
   fails the load, and two instances that both find no directory race (``create_directory`` returns false
   for the loser, which throws). So the path is one directory that exists before Triton starts (a volume
