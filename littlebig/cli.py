@@ -338,16 +338,15 @@ def prepare_repository(repo: Path, build: Path, flags: dict[str, object]) -> str
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    """Serve until Ctrl-C/SIGTERM; the supervisor restarts tritonserver when a real inference fails."""
+    """Serve until SIGINT/SIGTERM/SIGHUP; the supervisor restarts tritonserver when a real inference fails."""
     import logging
     import os
-    import signal
-    import threading
 
     from littlebig.model_repository.server import (
         ADMIN_HEADER,
         ADMIN_KEY_ENV,
         Ports,
+        StopSignals,
         Supervisor,
         SupervisorGaveUp,
         TritonServer,
@@ -357,9 +356,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     repo = args.repository
     print(prepare_repository(repo, args.build, given_serve_options(args)), flush=True)
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()  # lock-free: make forwards the TERM its group got, so two can come at once
     server = TritonServer(repo, ports, address=args.address, log_file=args.log_file)
     with server.start(timeout=args.ready_timeout):
         print(

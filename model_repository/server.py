@@ -8,14 +8,20 @@ Safe defaults: every endpoint binds to loopback, model control is off, and the s
 (``RESTRICTED_APIS``) need an admin header on HTTP and gRPC. ``Supervisor`` restarts the server when a
 real inference through little, big or littlebig fails: Triton never restarts a dead Python stub and
 keeps reporting the model ready (RELIABILITY.md).
+
+Nothing outlives its launcher: tritonserver gets SIGTERM from the kernel when the process that started it
+dies, however it dies (``launch``), and ``StopSignals`` makes a launcher stop cleanly on any number of
+SIGINT/SIGTERM/SIGHUP, from whoever sends them (issue 22).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -26,6 +32,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +49,10 @@ GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 ADMIN_KEY_ENV = "LITTLEBIG_ADMIN_KEY"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+#: What tritonserver gets when its launcher dies: TERM is its clean shutdown (stubs and their shared memory
+#: go too; Triton's own exit timeout bounds it).
+DEATH_SIGNAL = signal.SIGTERM
 
 log = logging.getLogger("littlebig.server")
 
@@ -76,6 +88,74 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+class StopSignals:
+    """A stop flag that SIGINT, SIGTERM and SIGHUP set: safe however many arrive, whenever they arrive.
+
+    Why not ``threading.Event.set`` in the handler (issue 22): a Python signal handler runs between any two
+    bytecodes of the main thread, inside an earlier handler too. ``make`` forwards the TERM its process
+    group just got, so the second TERM landed while the first handler held the Event's lock, and the main
+    thread waited on itself forever. This handler takes no lock: it stores the signal number and writes a
+    byte to a pipe that ``wait`` selects on. It quacks like the Event ``Supervisor.run`` takes.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+        self.signum: int | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
+            pass
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once a signal came; else after ``timeout`` s, False. A signal wakes it at once."""
+        if self.signum is None:
+            select.select([self._read], [], [], timeout)
+        return self.signum is not None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_launcher: ThreadPoolExecutor | None = None
+_launcher_lock = threading.Lock()
+
+
+def _die_with(launcher: int) -> Callable[[], None]:
+    """preexec_fn: the child gets DEATH_SIGNAL when the thread that forked it dies (PR_SET_PDEATHSIG)."""
+
+    def preexec() -> None:
+        if _libc.prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != launcher:  # the launcher died before prctl: no signal will come
+            os.kill(os.getpid(), DEATH_SIGNAL)
+
+    return preexec
+
+
+def launch(command: list[str], **popen: object) -> subprocess.Popen:
+    """``Popen(command)`` for a child that must not outlive this process (SIGKILL of it included).
+
+    The kernel sends the death signal when the *thread* that forked the child exits, so the fork runs on
+    the main thread or on one launcher thread that lives as long as the process: a Supervisor restarting
+    the server from its own thread would otherwise take the server down when it stops.
+    """
+    popen["preexec_fn"] = _die_with(os.getpid())
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(command, **popen)
+    global _launcher
+    with _launcher_lock:
+        if _launcher is None:
+            _launcher = ThreadPoolExecutor(1, thread_name_prefix="littlebig-launcher")
+    return _launcher.submit(subprocess.Popen, command, **popen).result()
 
 
 @dataclass
@@ -202,8 +282,9 @@ class TritonServer:
     def start(self, timeout: float = 120.0) -> TritonServer:
         ensure_python_stub(triton_home())
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        # Own process group: stop() reaches the Python stubs too, even if tritonserver dies first.
-        self.process = subprocess.Popen(
+        # Own process group: stop() reaches the Python stubs too, even if tritonserver dies first; a
+        # terminal's Ctrl-C reaches only the launcher, which stops it cleanly. launch(): it dies with us.
+        self.process = launch(
             self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         if log is not subprocess.DEVNULL:
@@ -335,7 +416,7 @@ class Supervisor:
         self.recoveries.append(time.monotonic() - began)
         log.warning("tritonserver is back after %.1f s (restart %d)", self.recoveries[-1], self.restarts)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event | StopSignals) -> None:
         """Check every ``interval`` s (process exit every second) until ``stop`` is set."""
         next_probe = time.monotonic() + self.interval
         while not stop.wait(min(1.0, self.interval)):
