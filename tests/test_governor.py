@@ -2,7 +2,8 @@
 
 The controller is unit-tested on the file the server runs (``control.py``, stdlib + numpy); the served
 behaviour on the real tritonserver: answers equal the offline reference at the T in force, REASON says who
-answered and why, the counters and the T gauge move exactly, and T climbs back once big is fast again.
+answered and why, the counters and the T gauge move exactly, and T climbs back once executes are fast again
+(or no request came: quiet time counts as calm).
 """
 
 from __future__ import annotations
@@ -36,25 +37,45 @@ control = load_control()
 LEVELS = [0.99, 0.97, 0.9, 0.8]
 
 
+def governor(**overrides) -> control.Governor:
+    """A governor with every tuning parameter spelled out (the tests do not lean on the served defaults)."""
+    settings = {"slo_s": 0.1, "high": 1.0, "low": 0.6, "settle_s": 0.5, "hold_s": 3.0, "window_s": 1.0}
+    return control.Governor(LEVELS, **{**settings, **overrides})
+
+
 def test_governor_steps_down_fast_and_up_slowly_within_its_levels():
-    gov = control.Governor(LEVELS, slo_s=0.1)  # high 100 ms, low 60 ms, settle 0.5 s, hold 3 s
+    gov = governor()  # high 100 ms, low 60 ms, settle 0.5 s, hold 3 s
     assert gov.threshold == 0.99
     assert gov.update(0.11, now=0.0) and gov.threshold == 0.97
     assert not gov.update(0.11, now=0.3)  # settling: one step per 0.5 s
     assert gov.update(0.11, now=0.6) and gov.update(0.2, now=1.2) and gov.threshold == 0.8
     assert not gov.update(1.0, now=5.0) and gov.threshold == 0.8  # never below T_min
     assert not gov.update(0.08, now=6.0)  # in the band: no change, and the calm clock does not run
-    assert not gov.update(0.01, now=7.0) and not gov.update(0.01, now=9.9)
-    assert gov.update(0.01, now=10.0) and gov.threshold == 0.9  # 3 s calm: one step up
-    assert not gov.update(0.01, now=12.9) and gov.update(0.01, now=13.0) and gov.threshold == 0.97
-    assert not gov.update(0.07, now=14.0)  # the band resets the calm clock
-    assert not gov.update(0.01, now=15.0) and not gov.update(0.01, now=17.9)
-    assert gov.update(0.01, now=18.0) and gov.threshold == gov.calibrated == 0.99
+    assert not gov.update(0.01, now=7.0) and not gov.update(0.01, now=8.9)  # calm since 6.0 (no request between)
+    assert gov.update(0.01, now=9.0) and gov.threshold == 0.9  # 3 s calm: one step up
+    assert not gov.update(0.01, now=11.9) and gov.update(0.01, now=12.0) and gov.threshold == 0.97
+    assert not gov.update(0.07, now=13.0)  # the band resets the calm clock
+    assert not gov.update(0.01, now=13.5) and not gov.update(0.01, now=15.9)
+    assert gov.update(0.01, now=16.0) and gov.threshold == gov.calibrated == 0.99
     assert not gov.update(0.0, now=100.0)  # nothing above the calibrated T
 
 
+def test_quiet_time_counts_as_calm():
+    """After a burst, time without requests is calm: the first request after k hold times is k steps up."""
+    gov = governor(hold_s=2.0)
+    for t in (0.0, 0.5, 1.0):
+        gov.update(0.5, now=t)  # overload: down to T_min
+    assert gov.threshold == 0.8
+    assert gov.update(0.0, now=1.0 + 2 * 2.0 + 0.1) and gov.threshold == 0.97  # 4.1 s quiet: two steps
+    gov.update(0.5, now=6.0)  # loaded again: one step down
+    assert gov.threshold == 0.9
+    assert gov.update(0.0, now=60.0) and gov.threshold == gov.calibrated  # a long quiet: back at the top at once
+    gov.update(0.5, now=61.0)
+    assert not gov.update(0.0, now=62.9) and gov.threshold == 0.97  # less than one hold time: no step yet
+
+
 def test_predicted_p99_is_twice_the_slowest_recent_execute():
-    gov = control.Governor(LEVELS, slo_s=0.1)
+    gov = governor()
     assert gov.predicted_p99_s(now=0.0) == 0.0
     gov.executed(0.03, now=1.0)
     gov.executed(0.05, now=1.5)
@@ -66,7 +87,7 @@ def test_predicted_p99_is_twice_the_slowest_recent_execute():
 
 
 def test_without_an_slo_the_governor_never_moves():
-    gov = control.Governor(LEVELS, slo_s=0.0)
+    gov = governor(slo_s=0.0)
     assert [gov.update(s, now=t) for t, s in enumerate([10.0, 10.0, 0.0, 0.0])] == [False] * 4
     assert gov.threshold == 0.99 and gov.levels == [0.99]
 
@@ -223,6 +244,16 @@ def test_the_governor_lowers_t_to_t_min_and_answers_equal_the_reference_at_t_in_
         client.close()
 
 
+def drive_to_t_min(governed, client, images: np.ndarray, levels: list[float]) -> None:
+    """Every execute breaches the 1 us SLO: one request per settle time walks T down to T_min."""
+    for _ in range(2 * len(levels)):
+        if threshold_gauge(governed) == levels[-1]:
+            return
+        infer(client, images)
+        time.sleep(0.6)
+    assert threshold_gauge(governed) == levels[-1], "the governor did not reach T_min"
+
+
 def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, test_split):
     """Once no execute ran for a second (the signal window), T climbs one step per hold time (3 s)."""
     data, logits = test_split
@@ -232,7 +263,7 @@ def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, t
     confident = np.flatnonzero(conf >= levels[0])[:200]
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{governed.ports.grpc}")
     try:
-        assert threshold_gauge(governed) == levels[-1]  # left there by the test before
+        drive_to_t_min(governed, client, data.images[confident[:8]], levels)  # whatever the test before left
         start = time.monotonic()
         while threshold_gauge(governed) != levels[0] and time.monotonic() - start < 30:
             result = infer(client, data.images[confident[:8]])
@@ -244,3 +275,81 @@ def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, t
     assert threshold_gauge(governed) == levels[0], "T did not return to the calibrated value within 30 s"
     # 3 s of calm per step, seen at the next request (every 1.1 s)
     assert took < (3 + 1.1) * (len(levels) - 1) + 2
+
+
+def test_after_a_quiet_spell_the_first_request_is_served_at_the_calibrated_t(governed, test_split):
+    """No request for (steps x hold time) counts as calm: the first one after it is not served at T_min."""
+    data, logits = test_split
+    summary = json.loads((governed.repository / "littlebig-repository.json").read_text())
+    levels, t_cal = summary["governor_thresholds"], summary["threshold"]
+    rows = np.arange(7000, 7064)
+    conf = confidence(softmax(logits["little"][rows]))
+    assert (escalate(conf, t_cal) & ~escalate(conf, levels[-1])).any()  # rows T_min would answer with little
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{governed.ports.grpc}")
+    try:
+        drive_to_t_min(governed, client, data.images[rows[:8]], levels)
+        time.sleep(3.0 * (len(levels) - 1) + 1.5)  # quiet: every step's hold time (3 s) and the signal window
+        result = infer(client, data.images[rows])
+    finally:
+        client.close()
+    # Served at the calibrated T: the offline cascade's answer, no row flagged "load"; the gauge agrees.
+    np.testing.assert_array_equal(result.as_numpy("LABEL").reshape(-1), offline_reference(logits, rows, t_cal)["label"])
+    np.testing.assert_array_equal(reasons(result) == "escalated", escalate(conf, t_cal))
+    assert "load" not in set(reasons(result))
+    assert threshold_gauge(governed) == t_cal
+
+
+@pytest.mark.slow
+def test_a_real_overload_steps_t_down_and_t_comes_back(build_dir, tmp_path, test_split):
+    """The governor's real signal on a real server: 8 clients sending 64 rows that all escalate at the
+    calibrated T overload 2 cores (each execute of 64 big rows takes well over 100 ms, so its predicted p99
+    passes a 150 ms SLO); T must step down. Light traffic afterwards (8 confident rows, no big call, a few ms
+    per execute) is far under 0.6 x SLO: T must climb back to the calibrated value."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from littlebig.model_repository.generate import ServeOptions
+    from tests.test_reliability import own_server
+
+    data, logits = test_split
+    conf = confidence(softmax(logits["little"]))
+    opts = ServeOptions(bls_instances=1, slo_p99_ms=150)
+    with own_server(build_dir, tmp_path, opts) as server:
+        summary = json.loads((server.repository / "littlebig-repository.json").read_text())
+        levels, t_cal = summary["governor_thresholds"], summary["threshold"]
+        # rows little answers at T_min but that escalate at the calibrated T: load lets T go down
+        heavy = np.flatnonzero(escalate(conf, t_cal) & ~escalate(conf, levels[-1]))[:64]
+        light = np.flatnonzero(~escalate(conf, t_cal))[:8]
+        assert len(heavy) == 64
+        url = f"127.0.0.1:{server.ports.grpc}"
+        seen = [threshold_gauge(server)]
+        stop = time.monotonic() + 8.0
+
+        def client_loop() -> int:
+            client, sent = grpcclient.InferenceServerClient(url), 0
+            try:
+                while time.monotonic() < stop:
+                    infer(client, data.images[heavy])
+                    sent += 1
+            finally:
+                client.close()
+            return sent
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client_loop) for _ in range(8)]
+            while time.monotonic() < stop:
+                seen.append(threshold_gauge(server))
+                time.sleep(0.25)
+            sent = sum(f.result() for f in futures)
+        assert seen[0] == t_cal and sent > 8
+        assert min(seen) < t_cal, f"T never left the calibrated value under overload: {sorted(set(seen))}"
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            start = time.monotonic()
+            while threshold_gauge(server) != t_cal and time.monotonic() - start < 30:
+                infer(client, data.images[light])
+                time.sleep(0.25)
+            took = time.monotonic() - start
+        finally:
+            client.close()
+        assert threshold_gauge(server) == t_cal, "T did not come back under light traffic within 30 s"
+        assert took < 3.0 * (len(levels) - 1) + 5  # 3 s of calm per step

@@ -29,8 +29,8 @@ class Breaker:
       for it (a probe). A probe that finishes in time closes the breaker. No request ever waits on
       a probe, so a slow big costs no latency, and it gets at most one call per second.
 
-    It also predicts what a call sent now would take (``predicted_latency_s``), for the governor and
-    for deadlines.
+    It also predicts what a call sent now would take (``predicted_latency_s``), for deadlines. (The
+    governor reads its own signal, ``Governor.predicted_p99_s``, and only the age of a call in flight here.)
     """
 
     #: Weight of the newest call in the latency average; a result older than ``stale_s`` no longer counts.
@@ -103,11 +103,17 @@ class Governor:
     the overload: at 2x, requests waited in littlebig's queue while big's calls stayed short.
 
     - Above ``high`` (by default the SLO itself): one step down, at most once per ``settle_s``.
-    - Below ``low`` (0.6 x the SLO) for ``hold_s`` in a row: one step up toward the calibrated T.
+    - Below ``low`` (0.6 x the SLO) for ``hold_s`` in a row: one step up toward the calibrated T, and one
+      more for every further ``hold_s``.
     - In between: no change.
     The band between ``low`` and ``high`` and the slow way up (``hold_s`` >> ``settle_s``) are the
     hysteresis: T falls fast when the queue grows and climbs back one step at a time when it has drained,
     so it does not oscillate with every burst. Without an SLO there is one level: T never moves.
+
+    The signal is seen only when a request arrives, so time without requests counts as calm: the calm clock
+    starts at the last signal that was not calm, not at the first calm one. After a burst and a quiet spell
+    of ``k * hold_s`` the first request is served ``k`` steps up (at the calibrated T after a long quiet),
+    instead of at T_min until traffic has run calm for the whole climb.
     """
 
     def __init__(self, levels, slo_s, high=1.0, low=0.6, settle_s=0.5, hold_s=3.0, window_s=1.0):
@@ -115,7 +121,7 @@ class Governor:
         self.high_s, self.low_s = high * slo_s, low * slo_s
         self.settle_s, self.hold_s, self.window_s = settle_s, hold_s, window_s
         self.level = 0
-        self.changed = self.calm_since = -float("inf")
+        self.changed = self.calm_since = self.last_loaded = -float("inf")
         self.executes = deque()  # (finished, seconds) of this instance's recent executes
 
     def executed(self, seconds, now):
@@ -138,18 +144,18 @@ class Governor:
 
     def update(self, signal_s, now):
         """Move T for a predicted p99 latency of ``signal_s``; True when T changed."""
-        if signal_s > self.high_s:
-            self.calm_since = -float("inf")
-            if self.level + 1 < len(self.levels) and now - self.changed >= self.settle_s:
+        if signal_s >= self.low_s:
+            self.calm_since, self.last_loaded = -float("inf"), now
+            if signal_s > self.high_s and self.level + 1 < len(self.levels) and now - self.changed >= self.settle_s:
                 self.level, self.changed = self.level + 1, now
                 return True
             return False
-        if signal_s >= self.low_s:
-            self.calm_since = -float("inf")
-            return False
         if self.calm_since == -float("inf"):
-            self.calm_since = now
-        if self.level > 0 and now - max(self.calm_since, self.changed) >= self.hold_s:
-            self.level, self.changed = self.level - 1, now
+            self.calm_since = self.last_loaded  # no request since then: that time was calm too
+        if self.level == 0:
+            return False
+        steps = int((now - max(self.calm_since, self.changed)) // self.hold_s)
+        if steps > 0:
+            self.level, self.changed = max(0, self.level - steps), now
             return True
         return False

@@ -17,12 +17,16 @@ Timeouts never abandon work silently (RELIABILITY.md, "Stalls"):
   One stalled model thus costs one in-flight call per BLS instance, not a growing pile of blocked
   threads and queued executes, and no request waits on a big known to be slow.
 
-Under load (``slo_p99_ms``), the ``Governor`` lowers T in steps, never below T_min (the accuracy budget
-set at calibration), and raises it back when big is fast again; a request's own ``threshold`` wins. A
+Under load (``slo_p99_ms``), the ``Governor`` lowers T in steps when this instance's predicted p99 (twice
+its slowest recent execute, or twice the age of a big call in flight) passes the SLO, never below T_min (the
+accuracy budget set at calibration), and raises it back after 3 s under 0.6 x the SLO (quiet time counts);
+a request's own ``threshold`` wins. A
 request's ``deadline_ms`` answers with little those escalated rows that big cannot answer in the time
 left. ``REASON`` says, per row, who answered and why.
 
-Imports only numpy, triton_python_backend_utils, decision and control, so it runs on a stock NGC image.
+At load it imports numpy, triton_python_backend_utils, decision and control only, so it runs on a stock NGC
+image; onnxruntime is imported only with ``little_in_process`` (cpu profile), and torch only to copy an
+output that arrives in GPU memory (counted; never expected).
 """
 
 import asyncio
@@ -43,6 +47,52 @@ NUMPY_MAJOR_SUPPORTED = 1
 REASONS = np.array([b"confident", b"escalated", b"load", b"deadline", b"big_failed"], dtype=np.object_)
 CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 
+
+#: The model's metrics, one row per family: key -> (name, kind, help, label each metric adds: None for one
+#: metric, "upper" one per confidence bin, "role" one per little/big, "bls_instance" one per BLS instance).
+METRICS = {
+    "rows": ("littlebig_rows_total", "counter", "Rows (images) answered by the cascade", None),
+    "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big model", None),
+    "degraded": (
+        "littlebig_degraded_rows_total", "counter", "Escalated rows answered by little because big failed", None
+    ),
+    "failed": (
+        "littlebig_failed_requests_total", "counter",
+        "Requests answered with an error (Triton counts them as successes)", None,
+    ),
+    "load": (
+        "littlebig_load_rows_total", "counter",
+        "Rows answered by little because the governor lowered T under load (REASON load)", None,
+    ),
+    "deadline": (
+        "littlebig_deadline_rows_total", "counter",
+        "Rows answered by little because big could not answer within the request's deadline_ms", None,
+    ),
+    "calibration_escalations": (
+        "littlebig_calibration_escalations_total", "counter",
+        "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)", None,
+    ),
+    "confidence": (
+        "littlebig_little_confidence_rows_total", "counter",
+        "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total", "upper",
+    ),
+    "threshold": ("littlebig_threshold", "gauge", "T in force for rows without their own threshold", "bls_instance"),
+    "calibrated_escalation_rate": (
+        "littlebig_calibrated_escalation_rate", "gauge",
+        "Val escalation rate at the calibrated T (drift alerts' reference)", None,
+    ),
+    "calibration_rows": ("littlebig_calibration_rows", "gauge", "Val rows the calibration was measured on", None),
+    "calibrated_confidence_share": (
+        "littlebig_calibrated_confidence_share", "gauge", "Val share of each confidence bin (drift alerts' reference)",
+        "upper",
+    ),
+    # Not traffic: a defect detector (probes' calls count too). CPU memory is asked for; make gpu-check asserts
+    # this stays 0, which it cannot see from the answers (they are copied when torch is there).
+    "gpu_outputs": (
+        "littlebig_gpu_memory_outputs_total", "counter",
+        "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for", "role",
+    ),
+}
 
 #: Request parameter that marks a health probe (model_repository/health.py sends it): its rows are answered
 #: as any others but kept out of every traffic metric, so probes never look like drift (GitHub issue 21).
@@ -67,6 +117,16 @@ def as_numpy(tensor, on_gpu=None) -> np.ndarray:
     return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
+class Parameters(dict):
+    """The config's parameters. Every one is written by the generator (``ServeOptions`` holds the defaults, in
+    one place), so a missing one is a hand-edited or foreign config: say which, instead of a bare KeyError."""
+
+    def __missing__(self, key):
+        raise pb_utils.TritonModelException(
+            f"littlebig's config.pbtxt has no parameter {key!r}: generate the repository with `littlebig repo`"
+        )
+
+
 class Rows(NamedTuple):
     """Per-row request settings of one execute: own threshold (NaN: the governor's T), deadline (monotonic s)
     and whether the row is a health probe's (kept out of the traffic metrics)."""
@@ -85,23 +145,23 @@ class TritonPythonModel:
                 "Install 'numpy<2' where the stub runs (or point EXECUTION_ENV_PATH at an environment that has it)."
             )
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = Parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
         self.threshold = check_threshold(params["threshold"])  # the calibrated T
-        levels = [check_threshold(t) for t in json.loads(params.get("governor_thresholds", "[]"))]
-        self.governor = Governor(levels or [self.threshold], float(params.get("slo_p99_ms", "0")) / 1000)
+        levels = [check_threshold(t) for t in json.loads(params["governor_thresholds"])]
+        self.governor = Governor(levels or [self.threshold], float(params["slo_p99_ms"]) / 1000)
         self.models = {"little": params["little_model"], "big": params["big_model"]}
         self.max_batch = {"little": int(params["little_max_batch_size"]), "big": int(params["big_max_batch_size"])}
-        self.timeout_us = int(float(params.get("bls_timeout_ms", "10000")) * 1000)
-        self.fall_back_to_little = params.get("on_big_failure", "error") == "little"
+        self.timeout_us = int(float(params["bls_timeout_ms"]) * 1000)
+        self.fall_back_to_little = params["on_big_failure"] == "little"
         self.classes = next(o["dims"][0] for o in config["output"] if o["name"] == "PROBS")
         self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
         self.little_session = None  # little_in_process (cpu profile): little's ONNX beside this file
-        if params.get("little_in_process", "false") == "true":
+        if params["little_in_process"] == "true":
             import onnxruntime as ort  # only here: the default BLS model needs no onnxruntime
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = int(params.get("intra_op_threads", "1"))
-            options.inter_op_num_threads = int(params.get("inter_op_threads", "1"))
+            options.intra_op_num_threads = int(params["intra_op_threads"])
+            options.inter_op_num_threads = int(params["inter_op_threads"])
             path = f"{args['model_repository']}/{args['model_version']}/little.onnx"
             self.little_session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
         # little must answer (no shedding); big's rows are shed to the failure policy while it is slow.
@@ -115,88 +175,33 @@ class TritonPythonModel:
         self.executor = ThreadPoolExecutor(max_workers=2 * chunks + 2, thread_name_prefix="littlebig-bls")
         self.executor_installed = False
         labels = {"model": args["model_name"], "version": args["model_version"]}
+        per_label = {
+            None: [{}],
+            "upper": [{"upper": repr(edge)} for edge in CONFIDENCE_BINS],
+            "role": [{"role": role} for role in self.models],
+            # one T gauge per instance: each BLS instance (a process) governs its own T
+            "bls_instance": [{"bls_instance": args.get("model_instance_name", "")}],
+        }
+        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
         # Keep the families referenced: a metric whose family is collected stops updating.
         self.families = {
-            "rows": pb_utils.MetricFamily(
-                "littlebig_rows_total", "Rows (images) answered by the cascade", pb_utils.MetricFamily.COUNTER
-            ),
-            "escalated": pb_utils.MetricFamily(
-                "littlebig_escalated_rows_total", "Rows sent to the big model", pb_utils.MetricFamily.COUNTER
-            ),
-            "degraded": pb_utils.MetricFamily(
-                "littlebig_degraded_rows_total",
-                "Escalated rows answered by little because big failed",
-                pb_utils.MetricFamily.COUNTER,
-            ),
-            "failed": pb_utils.MetricFamily(
-                "littlebig_failed_requests_total",
-                "Requests answered with an error (Triton counts them as successes)",
-                pb_utils.MetricFamily.COUNTER,
-            ),
-            "load": pb_utils.MetricFamily(
-                "littlebig_load_rows_total",
-                "Rows answered by little because the governor lowered T under load (REASON load)",
-                pb_utils.MetricFamily.COUNTER,
-            ),
-            "deadline": pb_utils.MetricFamily(
-                "littlebig_deadline_rows_total",
-                "Rows answered by little because big could not answer within the request's deadline_ms",
-                pb_utils.MetricFamily.COUNTER,
-            ),
-            "calibration_escalations": pb_utils.MetricFamily(
-                "littlebig_calibration_escalations_total",
-                "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)",
-                pb_utils.MetricFamily.COUNTER,
-            ),
-            "confidence": pb_utils.MetricFamily(
-                "littlebig_little_confidence_rows_total",
-                "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total",
-                pb_utils.MetricFamily.COUNTER,
-            ),
-            "threshold": pb_utils.MetricFamily(
-                "littlebig_threshold", "T in force for rows without their own threshold", pb_utils.MetricFamily.GAUGE
-            ),
-            "calibrated_escalation_rate": pb_utils.MetricFamily(
-                "littlebig_calibrated_escalation_rate",
-                "Val escalation rate at the calibrated T (drift alerts' reference)",
-                pb_utils.MetricFamily.GAUGE,
-            ),
-            "calibration_rows": pb_utils.MetricFamily(
-                "littlebig_calibration_rows", "Val rows the calibration was measured on", pb_utils.MetricFamily.GAUGE
-            ),
-            "calibrated_confidence_share": pb_utils.MetricFamily(
-                "littlebig_calibrated_confidence_share",
-                "Val share of each confidence bin (drift alerts' reference)",
-                pb_utils.MetricFamily.GAUGE,
-            ),
-            # Not traffic: a defect detector (probes' calls count too). CPU memory is asked for; make gpu-check
-            # asserts this stays 0, which it cannot see from the answers (they are copied when torch is there).
-            "gpu_outputs": pb_utils.MetricFamily(
-                "littlebig_gpu_memory_outputs_total",
-                "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for",
-                pb_utils.MetricFamily.COUNTER,
-            ),
+            key: pb_utils.MetricFamily(name, text, kinds[kind]) for key, (name, kind, text, _) in METRICS.items()
         }
-        per_bin = ("confidence", "calibrated_confidence_share")
-        single = [k for k in self.families if k not in (*per_bin, "threshold", "gpu_outputs")]
-        self.gpu_outputs = {
-            role: self.families["gpu_outputs"].Metric(labels={**labels, "role": role}) for role in self.models
+        self.metrics = {
+            key: [self.families[key].Metric(labels={**labels, **extra}) for extra in per_label[per]]
+            for key, (_, _, _, per) in METRICS.items()
         }
         self.gpu_output_logged = False
-        self.metrics = {k: self.families[k].Metric(labels=labels) for k in single}
-        self.confidence_bins, self.calibrated_shares = (
-            [self.families[k].Metric(labels={**labels, "upper": repr(edge)}) for edge in CONFIDENCE_BINS]
-            for k in per_bin
-        )
-        for metric, share in zip(self.calibrated_shares, json.loads(params.get("calibrated_confidence_shares", "[]"))):
+        shares = json.loads(params["calibrated_confidence_shares"])
+        for metric, share in zip(self.metrics["calibrated_confidence_share"], shares):
             metric.set(share)
-        self.metrics["calibrated_escalation_rate"].set(float(params.get("calibrated_escalation_rate", "-1")))
-        self.metrics["calibration_rows"].set(float(params.get("calibration_rows", "-1")))
-        # One T gauge per instance: each BLS instance (a process) governs its own T.
-        self.threshold_gauge = self.families["threshold"].Metric(
-            labels={**labels, "bls_instance": args.get("model_instance_name", "")}
-        )
-        self.threshold_gauge.set(self.governor.threshold)
+        self.metrics["calibrated_escalation_rate"][0].set(float(params["calibrated_escalation_rate"]))
+        self.metrics["calibration_rows"][0].set(float(params["calibration_rows"]))
+        self.metrics["threshold"][0].set(self.governor.threshold)
+
+    def finalize(self):
+        """Unload: stop the executor's threads (a call still running past its timeout is not waited for)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _is_probe(request) -> bool:
@@ -209,7 +214,7 @@ class TritonPythonModel:
 
     def _on_gpu(self, role):
         """Count an output of ``role`` that arrived in GPU memory, and say so in the log once."""
-        self.gpu_outputs[role].increment(1)
+        self.metrics["gpu_outputs"][list(self.models).index(role)].increment(1)
         if not self.gpu_output_logged:
             self.gpu_output_logged = True
             pb_utils.Logger.log_warn(
@@ -304,7 +309,7 @@ class TritonPythonModel:
             responses = [self._error(message, pb_utils.TritonError.INTERNAL) if r is None else r for r in responses]
         failed = sum(1 for r, probe in zip(responses, probes) if r.has_error() and not probe)
         if failed:
-            self.metrics["failed"].increment(failed)
+            self.metrics["failed"][0].increment(failed)
         return responses
 
     async def _execute(self, requests, responses, probes):
@@ -315,7 +320,7 @@ class TritonPythonModel:
         received = time.monotonic()  # deadlines count from here: Triton's queue time is not visible to the model
         signal = self.governor.predicted_p99_s(received, self.breakers["big"].in_flight_s(received))
         if self.governor.update(signal, received):
-            self.threshold_gauge.set(self.governor.threshold)
+            self.metrics["threshold"][0].set(self.governor.threshold)
         images, own, deadlines, probe_rows, spans = [], [], [], [], {}
         start = 0
         for i, request in enumerate(requests):
@@ -403,8 +408,8 @@ class TritonPythonModel:
         }
         for name, count in counts.items():
             if count:
-                self.metrics[name].increment(count)
-        for metric, count in zip(self.confidence_bins, confidence_bin_counts(conf)):
+                self.metrics[name][0].increment(count)
+        for metric, count in zip(self.metrics["confidence"], confidence_bin_counts(conf)):
             if count:
                 metric.increment(int(count))
 
