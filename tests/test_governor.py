@@ -254,6 +254,7 @@ def drive_to_t_min(governed, client, images: np.ndarray, levels: list[float]) ->
     assert threshold_gauge(governed) == levels[-1], "the governor did not reach T_min"
 
 
+@pytest.mark.slow
 def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, test_split):
     """Once no execute ran for a second (the signal window), T climbs one step per hold time (3 s)."""
     data, logits = test_split
@@ -277,6 +278,7 @@ def test_t_climbs_back_to_the_calibrated_value_once_the_load_is_gone(governed, t
     assert took < (3 + 1.1) * (len(levels) - 1) + 2
 
 
+@pytest.mark.slow
 def test_after_a_quiet_spell_the_first_request_is_served_at_the_calibrated_t(governed, test_split):
     """No request for (steps x hold time) counts as calm: the first one after it is not served at T_min."""
     data, logits = test_split
