@@ -1,4 +1,5 @@
-# littlebig: `make demo` runs the main job end to end, `make test` the test suite. Both set up first.
+# littlebig: `make demo` runs the main job end to end, `make test` the fast test tier (`make test-all`: all).
+# All set up first.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -12,7 +13,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export HTTP_PORT GRPC_PORT METRICS_PORT
 
-.PHONY: setup system-packages demo test lint export calibrate report repo serve clean
+.PHONY: setup system-packages demo test test-all lint export calibrate report repo serve clean
 
 setup: system-packages $(STAMP)
 
@@ -71,11 +72,15 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# `make test`: the fast tier (under 5 min on 2 cores), every test not marked slow, against one shared server.
+# `make test-all` (CI): everything, the slow tier too. Both list the 25 slowest tests.
 # perf_analyzer (its own venv, mk/bench.mk) too: the suite checks it sends our real images.
-test: setup perf-analyzer alert-rules
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+test: TIER := -m 'not slow'
+test test-all: setup perf-analyzer alert-rules
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	LITTLEBIG_BUILD=$(BUILD) $(PYTEST) $(TIER) tests
 
 clean:
 	rm -rf $(BUILD)

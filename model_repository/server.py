@@ -16,7 +16,6 @@ SIGINT/SIGTERM/SIGHUP, from whoever sends them (issue 22).
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import logging
 import os
@@ -32,7 +31,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,6 @@ GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
 ADMIN_KEY_ENV = "LITTLEBIG_ADMIN_KEY"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: What tritonserver gets when its launcher dies: TERM is its clean shutdown (stubs and their shared memory
 #: go too; Triton's own exit timeout bounds it).
 DEATH_SIGNAL = signal.SIGTERM
@@ -124,31 +122,24 @@ class StopSignals:
         return self.signum is not None
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _launcher: ThreadPoolExecutor | None = None
 _launcher_lock = threading.Lock()
-
-
-def _die_with(launcher: int) -> Callable[[], None]:
-    """preexec_fn: the child gets DEATH_SIGNAL when the thread that forked it dies (PR_SET_PDEATHSIG)."""
-
-    def preexec() -> None:
-        if _libc.prctl(PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != launcher:  # the launcher died before prctl: no signal will come
-            os.kill(os.getpid(), DEATH_SIGNAL)
-
-    return preexec
 
 
 def launch(command: list[str], **popen: object) -> subprocess.Popen:
     """``Popen(command)`` for a child that must not outlive this process (SIGKILL of it included).
 
-    The kernel sends the death signal when the *thread* that forked the child exits, so the fork runs on
-    the main thread or on one launcher thread that lives as long as the process: a Supervisor restarting
-    the server from its own thread would otherwise take the server down when it stops.
+    util-linux's ``setpriv --pdeathsig`` sets PR_SET_PDEATHSIG and execs the command: no Python runs in the
+    forked child (a ``preexec_fn`` doing the same spun forever in a child of a process with gRPC threads).
+    The kernel sends the signal when the *thread* that forked the child exits, so the fork runs on the main
+    thread or on one launcher thread that lives as long as the process: a Supervisor restarting the server
+    from its own thread would otherwise take the server down when it stops.
     """
-    popen["preexec_fn"] = _die_with(os.getpid())
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        command = [setpriv, f"--pdeathsig={DEATH_SIGNAL.name}", "--", *command]
+    else:
+        log.warning("setpriv (util-linux) not found: %s will outlive a killed launcher", Path(command[0]).name)
     if threading.current_thread() is threading.main_thread():
         return subprocess.Popen(command, **popen)
     global _launcher
@@ -253,7 +244,7 @@ class TritonServer:
         if self.process is None or self.process.poll() is not None:
             return {}
         found = children(self.process.pid)
-        found[self.process.pid] = list(map(str, self.process.args))
+        found[self.process.pid] = self.command()  # what runs (process.args starts with setpriv)
         return found
 
     def stub_pid(self, model: str) -> int | None:

@@ -136,6 +136,7 @@ def test_summary_is_best_against_best():
     assert abs(s["bls_overhead_mean_ms"] - (6.0 - (2.5 + 0.25 * 8.0))) < 1e-9
 
 
+@pytest.mark.slow
 @needs_perf
 def test_bench_search_writes_the_fair_table(build_dir, tmp_path):
     """A tiny budget runs every path: screen, refinements skipped, one finalist per role, the JSON and its report."""
@@ -160,10 +161,12 @@ def test_bench_search_writes_the_fair_table(build_dir, tmp_path):
     assert "### Where the time goes" in report.render(r)
 
 
-@pytest.mark.parametrize("in_process", [True, False])
-def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_process):
+@pytest.mark.parametrize("in_process", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_process, request):
     """ServeOptions.little_in_process (the cpu default): littlebig runs little itself, or calls the little
-    model, and answers exactly like the reference either way."""
+    model, and answers exactly like the reference either way. The default is the session server's."""
+    import contextlib
+
     import tritonclient.grpc as grpcclient
 
     from littlebig.data import load_split
@@ -172,8 +175,14 @@ def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_proce
     from littlebig.model_repository.generate import ServeOptions, generate
     from littlebig.model_repository.server import Ports, TritonServer
 
-    repo = tmp_path / "repo"
-    summary = generate(build_dir, repo, "cpu", ServeOptions(little_in_process=in_process))
+    if in_process:  # the cpu default: what the session server serves
+        shared = request.getfixturevalue("server")
+        repo, running = shared.repository, contextlib.nullcontext(shared)
+        summary = json.loads((repo / "littlebig-repository.json").read_text())
+    else:
+        repo = tmp_path / "repo"
+        summary = generate(build_dir, repo, "cpu", ServeOptions(little_in_process=in_process))
+        running = TritonServer(repo, Ports.free(), log_file=tmp_path / "log.txt").start()
     assert (repo / "littlebig" / "1" / "little.onnx").exists() == in_process
     exported = read_export(build_dir)
     images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:96]
@@ -182,7 +191,7 @@ def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_proce
         for role in ("little", "big")
     }
     expected = cascade(logits["little"], logits["big"], summary["threshold"])
-    with TritonServer(repo, Ports.free(), log_file=tmp_path / "log.txt").start() as server:
+    with running as server:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
         before = client.get_inference_statistics("little", as_json=True)["model_stats"][0].get("inference_count", 0)
         labels, escalated = [], []

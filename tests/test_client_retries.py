@@ -99,6 +99,7 @@ def requests_of(client: LittleBigClient, model: str) -> int:
     return stats.success.count + stats.fail.count
 
 
+@pytest.mark.slow
 def test_the_clients_deadline_fires_before_the_servers(hung):
     """0.5 s client deadline < 2 s BLS timeout: the client's own deadline path, not the server's answer."""
     with LittleBigClient(f"127.0.0.1:{hung.ports.grpc}", timeout_s=10) as client:
@@ -118,6 +119,7 @@ def test_the_clients_deadline_fires_before_the_servers(hung):
     assert 0.5 <= elapsed < 1.2, elapsed
 
 
+@pytest.mark.slow
 def test_a_cascade_unavailable_answer_is_not_retried(hung):
     """big timed out -> UNAVAILABLE from the cascade: an answer, sent once however many retries are allowed."""
     with LittleBigClient(f"127.0.0.1:{hung.ports.grpc}", retries=3, backoff_s=0.05, timeout_s=30) as client:

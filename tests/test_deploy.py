@@ -302,6 +302,7 @@ def _status(url: str, headers: dict[str, str] | None = None) -> int:
         return exc.code
 
 
+@pytest.mark.slow
 def test_production_flags_on_the_real_triton(compose, repository, tmp_path):
     """Triton 2.51 accepts the compose file's flags; the repository API needs the admin key, inference does not."""
     from littlebig.model_repository.server import Ports, TritonServer

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -23,6 +24,8 @@ from littlebig.model_repository.generate import ServeOptions
 from littlebig.model_repository.server import Supervisor
 from tests.soak import spaced_thresholds
 from tests.test_reliability import grpc_url, hang_big, infer, own_server, timed, wait_for_answer
+
+pytestmark = pytest.mark.slow  # each test starts its own server and loads it for 10-20 s
 
 CLIENTS = 8
 BATCH = 4

@@ -98,6 +98,7 @@ def test_compare_catches_a_wrong_answer(bundle):
     assert not gpu_check.compare(ref, rows, degraded).any()
 
 
+@pytest.mark.slow
 def test_standin_cascade_served_equals_the_reference(bundle, tmp_path, capsys):
     """The whole check (run_check), as a dry run on the CPU: real tritonserver, stand-ins with device cpu.
 
@@ -250,6 +251,7 @@ def test_an_output_in_gpu_memory_is_counted_and_fails_cleanly_without_torch(tmp_
         model.as_numpy(None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["little", "error"])
 def test_unreadable_big_logits_fail_their_chunk_through_the_policy(build_dir, tmp_path, test_split, policy):
     """On the real server: big answers without LOGITS (as a GPU tensor with no torch to copy it would fail).

@@ -315,6 +315,7 @@ def without_queue_policy(edit):
     return both
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [True, False], ids=["queue-policy", "without-it"])
 def test_queued_work_of_a_timed_out_bls_call_is_dropped_not_run(build_dir, tmp_path, policy):
     """On the real server (cpu profile): big busy for 3 s; a second escalated request's call to big waits in

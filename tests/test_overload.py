@@ -47,6 +47,7 @@ def test_parse_metrics_reads_labels_and_values():
     ]
 
 
+@pytest.mark.slow
 @needs_perf
 def test_quick_overload_run_writes_consistent_figures(build_dir, tmp_path):
     from bench.overload import main

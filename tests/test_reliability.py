@@ -140,6 +140,7 @@ def kill_stub(server: TritonServer, model: str) -> int:
     return pid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["error", "little"])
 def test_big_dies_mid_load_answers_follow_the_policy(policy, build_dir, tmp_path, test_split):
     data, logits = test_split
@@ -229,6 +230,7 @@ def wait_for_answer(url: str, images: np.ndarray, limit: float) -> float:
     raise AssertionError(f"no clean answer within {limit} s")
 
 
+@pytest.mark.slow
 def test_supervisor_restarts_the_server_when_bigs_stub_dies(build_dir, tmp_path, test_split):
     data, logits = test_split
     images = data.images[:8]
@@ -252,6 +254,7 @@ def test_supervisor_restarts_the_server_when_bigs_stub_dies(build_dir, tmp_path,
         assert HealthProbe(server.url).check() == {}
 
 
+@pytest.mark.slow
 def test_littlebig_serve_supervises_and_stops_cleanly(build_dir, tmp_path, test_split):
     """The CLI path: ``littlebig serve --health-interval 1`` restarts after big's stub is killed."""
     data, _ = test_split
@@ -351,6 +354,7 @@ def timed(url: str, images: np.ndarray, threshold: float, timeout: float) -> tup
     return time.monotonic() - began, outcome
 
 
+@pytest.mark.slow
 def test_a_hung_big_never_hangs_a_client_that_sets_a_deadline(hung_server, test_split):
     """The client's deadline (0.4 s) is shorter than the server's BLS timeout (1 s): the client's own path fires."""
     data, _ = test_split
@@ -359,6 +363,7 @@ def test_a_hung_big_never_hangs_a_client_that_sets_a_deadline(hung_server, test_
     assert "DEADLINE_EXCEEDED" in outcome and 0.4 <= seconds < 0.9
 
 
+@pytest.mark.slow
 def test_the_bls_timeout_bounds_a_hung_big(hung_server, test_split):
     data, _ = test_split
     url = grpc_url(hung_server)
@@ -415,6 +420,7 @@ def test_admin_apis_need_the_key_and_inference_does_not(server, test_split):
     assert HealthProbe(server.url).check() == {}
 
 
+@pytest.mark.slow
 def test_oversize_requests_under_supervision(build_dir, tmp_path, test_split):
     """Triton 2.51 has no request-size limit: gRPC reads a whole 64 MiB message before refusing it; an
     HTTP body of 4 MiB or more crashes tritonserver with SIGSEGV (upstream #5840, fixed by PR #8411 after

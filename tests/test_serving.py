@@ -178,6 +178,7 @@ def batching_server(build_dir, tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 def test_bad_threshold_fails_that_request_only_in_a_shared_execute(batching_server, test_split, served_threshold):
     """A bad and a good request in the *same* execute (checked with execution_count): only the bad one fails."""
     data, logits = test_split
