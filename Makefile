@@ -45,10 +45,11 @@ checkpoints/%.safetensors: | $(STAMP)
 $(BUILD)/export/export.json: checkpoints/little.safetensors checkpoints/big.safetensors | $(STAMP)
 	$(BIN)/littlebig export --build $(BUILD)
 
-$(BUILD)/calibration.json: $(BUILD)/export/export.json
+# The rules' code is a prerequisite: a changed rule recalibrates (the cached logits make it take seconds).
+$(BUILD)/calibration.json: $(BUILD)/export/export.json export/calibrate.py
 	$(BIN)/littlebig calibrate --build $(BUILD)
 
-$(BUILD)/report.json: $(BUILD)/calibration.json
+$(BUILD)/report.json: $(BUILD)/calibration.json export/report.py
 	$(BIN)/littlebig report --build $(BUILD)
 
 export: setup $(BUILD)/export/export.json
