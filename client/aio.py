@@ -12,12 +12,20 @@ import numpy as np
 
 from littlebig.client.client import (
     DEFAULT_URL,
+    ENCODED_SUFFIX,
     Classification,
+    ClientError,
+    EncodedService,
+    ServerUnavailable,
     Service,
     _ClientBase,
     as_batch,
     chunks,
+    encoded_input,
+    file_list,
+    name_bad_files,
     parse_response,
+    read_encoded,
     request_parameters,
 )
 
@@ -39,10 +47,11 @@ class AsyncLittleBigClient(_ClientBase):
         backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
         max_in_flight: int = 64,
+        send: str = "encoded",
     ) -> None:
         import tritonclient.grpc.aio as aioclient
 
-        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s)
+        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s, send)
         self._client = aioclient.InferenceServerClient(url)
         self._slots = asyncio.Semaphore(max_in_flight)
 
@@ -77,6 +86,40 @@ class AsyncLittleBigClient(_ClientBase):
             self._service = Service.from_server(meta, config["config"])
         return self._service
 
+    async def encoded_service(self) -> EncodedService | None:
+        """``<model>_encoded`` if files go encoded and the server has it (asked once), else None."""
+        if self._encoded is True:
+            name = self.model + ENCODED_SUFFIX
+            try:
+                ready = await self._call(self._client.is_model_ready, name)
+            except ServerUnavailable:
+                raise
+            except ClientError:
+                ready = False
+            self._encoded = None
+            if ready:
+                meta = await self._call(self._client.get_model_metadata, name, as_json=True)
+                config = await self._call(self._client.get_model_config, name, as_json=True)
+                self._encoded = EncodedService.from_server(meta, config["config"])
+        return self._encoded or None
+
+    async def infer_encoded(
+        self, rows: np.ndarray, files: list[Path], threshold: float | str | None, deadline_ms: float | None
+    ) -> Classification:
+        """One request of encoded files (BYTES [n, 1]); a bad file's error names it."""
+        service, encoded = await self.service(), await self.encoded_service()
+        if encoded is None:
+            raise ClientError(f"{self.url} has no {self.model}{ENCODED_SUFFIX} entry point (or send='pixels')")
+        inp = encoded_input(self._grpc, encoded, rows)
+        try:
+            async with self._slots:
+                result = await self._call(
+                    self._client.infer, encoded.model, [inp], parameters=request_parameters(threshold, deadline_ms)
+                )
+        except ClientError as exc:
+            raise name_bad_files(exc, files) from None
+        return parse_response(service, result)
+
     async def infer_batch(
         self, images: np.ndarray, threshold: float | str | None = None, deadline_ms: float | None = None
     ) -> Classification:
@@ -96,11 +139,21 @@ class AsyncLittleBigClient(_ClientBase):
     ) -> Classification:
         """Like LittleBigClient.classify, with every max_batch_size chunk in flight at once."""
         service = await self.service()
-        # Pillow decodes and resizes files in a worker thread: the event loop keeps serving other requests.
-        batch, files = await asyncio.to_thread(as_batch, images, service)
-        parts = await asyncio.gather(
-            *(self.infer_batch(batch[s], threshold, deadline_ms) for s in chunks(len(batch), service.max_batch_size))
-        )
+        files = await asyncio.to_thread(file_list, images)
+        encoded = None if files is None else await self.encoded_service()
+        if encoded is not None:
+            rows = await asyncio.to_thread(read_encoded, files)
+            calls = [
+                self.infer_encoded(rows[s], files[s], threshold, deadline_ms)
+                for s in chunks(len(rows), encoded.max_batch_size)
+            ]
+        else:
+            # Pillow decodes and resizes files in a worker thread: the event loop keeps serving other requests.
+            batch, _ = await asyncio.to_thread(as_batch, images if files is None else files, service)
+            calls = [
+                self.infer_batch(batch[s], threshold, deadline_ms) for s in chunks(len(batch), service.max_batch_size)
+            ]
+        parts = await asyncio.gather(*calls)
         result = Classification.concat(list(parts), service.class_names)
-        result.files = files
+        result.files = [str(f) for f in files or []]
         return result

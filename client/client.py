@@ -21,6 +21,13 @@ from littlebig.data import IMAGE_SUFFIXES, read_image
 from littlebig.decision import softmax
 
 DEFAULT_URL = "localhost:8001"
+#: How files travel: ``encoded`` (their JPEG/PNG bytes, decoded by the server's ``<model>_encoded`` entry point,
+#: where it has one) or ``pixels`` (decoded and resized here). Arrays are always sent as pixels.
+SEND_MODES = ("encoded", "pixels")
+ENCODED_SUFFIX = "_encoded"
+ENCODED_INPUT = "ENCODED"
+#: The decode model's per-row error ("row 3: truncated JPEG: ..."), turned back into the file's name.
+BAD_ROW = re.compile(r"row (\d+): (.*?)(?=; row \d+: |$)")
 START_HINT = "start it with `make serve` (or `littlebig serve`)"
 #: How the served cascade words its own UNAVAILABLE answers (model_repository/littlebig/model.py): an
 #: answer, never retried, even though its status is the transport's.
@@ -91,6 +98,22 @@ class Service:
         if images.dtype != np.uint8:
             raise InputError(f"images must be uint8, got {images.dtype}")
         return np.ascontiguousarray(images)
+
+
+@dataclass(frozen=True)
+class EncodedService:
+    """The encoded entry point of a cascade (``littlebig_encoded``): one JPEG/PNG file per BYTES row."""
+
+    model: str
+    input_name: str
+    max_batch_size: int
+
+    @classmethod
+    def from_server(cls, metadata: dict[str, Any], config: dict[str, Any]) -> EncodedService:
+        (inp,) = metadata["inputs"]
+        if inp["datatype"] != "BYTES":
+            raise ClientError(f"model {metadata['name']} takes {inp['datatype']}, expected BYTES (encoded images)")
+        return cls(metadata["name"], inp["name"], int(config.get("max_batch_size", 0)) or 1)
 
 
 @dataclass
@@ -227,6 +250,38 @@ def as_batch(images: np.ndarray | str | Path | Iterable[str | Path], service: Se
     return service.check_batch(load_files(paths, service.size)), [str(p) for p in paths]
 
 
+def file_list(images: np.ndarray | str | Path | Iterable[str | Path]) -> list[Path] | None:
+    """The files a classify call names (folders walked), or None for an array (always sent as pixels)."""
+    if isinstance(images, np.ndarray):
+        return None
+    return expand_paths([images] if isinstance(images, (str, Path)) else images)
+
+
+def read_encoded(files: list[Path]) -> np.ndarray:
+    """Each file's bytes as they are on disk: the BYTES [N, 1] rows of the encoded entry point."""
+    rows = np.empty((len(files), 1), dtype=np.object_)
+    for i, f in enumerate(files):
+        try:
+            rows[i, 0] = f.read_bytes()
+        except OSError as exc:
+            raise InputError(f"{f}: cannot read ({exc.strerror or exc})") from None
+    return rows
+
+
+def encoded_input(grpc: Any, service: EncodedService, rows: np.ndarray) -> Any:
+    inp = grpc.InferInput(service.input_name, list(rows.shape), "BYTES")
+    inp.set_data_from_numpy(rows)
+    return inp
+
+
+def name_bad_files(exc: ClientError, files: list[Path]) -> ClientError:
+    """The server's "bad image: row i: why" as "FILE: not a readable image (why)", the pixel path's wording."""
+    if not isinstance(exc, InputError) or "bad image:" not in str(exc):
+        return exc
+    named = [f"{files[int(i)]}: not a readable image ({why})" for i, why in BAD_ROW.findall(str(exc))]
+    return InputError("; ".join(named)) if named else exc
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -271,10 +326,21 @@ class _ClientBase:
     """
 
     def __init__(
-        self, url: str, model: str, timeout_s: float, retries: int, backoff_s: float, max_backoff_s: float = 5.0
+        self,
+        url: str,
+        model: str,
+        timeout_s: float,
+        retries: int,
+        backoff_s: float,
+        max_backoff_s: float = 5.0,
+        send: str = "encoded",
     ) -> None:
         import tritonclient.grpc as grpcclient
 
+        if send not in SEND_MODES:
+            raise ValueError(f"send must be one of {SEND_MODES}, got {send!r}")
+        self.send = send
+        self._encoded: EncodedService | None | bool = send == "encoded"  # True: not asked yet
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.last_attempts = 0  # attempts the last call made (1 = no retry)
@@ -313,6 +379,9 @@ class LittleBigClient(_ClientBase):
     >>> client = LittleBigClient("localhost:8001")
     >>> result = client.classify(["shirt.png", "photos/"], threshold=0.9)
     >>> result.names, result.escalated
+
+    Files go as their encoded bytes to ``<model>_encoded`` where the server has it (``send="pixels"``: decoded
+    and resized here, as arrays always are); either way the answers are the same.
     """
 
     def __init__(
@@ -324,10 +393,11 @@ class LittleBigClient(_ClientBase):
         retries: int = 3,
         backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
+        send: str = "encoded",
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s)
+        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s, send)
         self._client = grpcclient.InferenceServerClient(url)
 
     def close(self) -> None:
@@ -358,6 +428,36 @@ class LittleBigClient(_ClientBase):
             self._service = Service.from_server(meta, config)
         return self._service
 
+    @property
+    def encoded_service(self) -> EncodedService | None:
+        """``<model>_encoded`` if files go encoded and the server has it (asked once), else None."""
+        if self._encoded is True:
+            name = self.model + ENCODED_SUFFIX
+            try:
+                ready = self._call(self._client.is_model_ready, name)
+            except ServerUnavailable:
+                raise
+            except ClientError:
+                ready = False
+            self._encoded = None
+            if ready:
+                meta = self._call(self._client.get_model_metadata, name, as_json=True)
+                config = self._call(self._client.get_model_config, name, as_json=True)["config"]
+                self._encoded = EncodedService.from_server(meta, config)
+        return self._encoded or None
+
+    def infer_encoded(
+        self, rows: np.ndarray, threshold: float | str | None = None, deadline_ms: float | None = None
+    ) -> Classification:
+        """One request of encoded files (BYTES [n, 1], n <= the entry point's max_batch_size)."""
+        encoded = self.encoded_service
+        if encoded is None:
+            raise ClientError(f"{self.url} has no {self.model}{ENCODED_SUFFIX} entry point (or send='pixels')")
+        params = request_parameters(threshold, deadline_ms)
+        inp = encoded_input(self._grpc, encoded, rows)
+        result = self._call(self._client.infer, encoded.model, [inp], parameters=params)
+        return parse_response(self.service, result)
+
     def infer_batch(
         self, images: np.ndarray, threshold: float | str | None = None, deadline_ms: float | None = None
     ) -> Classification:
@@ -377,10 +477,21 @@ class LittleBigClient(_ClientBase):
         deadline_ms: float | None = None,
     ) -> Classification:
         """Classify a uint8 batch [N, H, W, C], one image, image files, or folders of them."""
-        batch, files = as_batch(images, self.service)
-        parts = [
-            self.infer_batch(batch[s], threshold, deadline_ms) for s in chunks(len(batch), self.service.max_batch_size)
-        ]
+        files = file_list(images)
+        encoded = None if files is None else self.encoded_service
+        if encoded is not None:
+            rows, parts = read_encoded(files), []
+            for s in chunks(len(rows), encoded.max_batch_size):
+                try:
+                    parts.append(self.infer_encoded(rows[s], threshold, deadline_ms))
+                except ClientError as exc:
+                    raise name_bad_files(exc, files[s]) from None
+        else:
+            batch, _ = as_batch(images if files is None else files, self.service)
+            parts = [
+                self.infer_batch(batch[s], threshold, deadline_ms)
+                for s in chunks(len(batch), self.service.max_batch_size)
+            ]
         result = Classification.concat(parts, self.service.class_names)
-        result.files = files
+        result.files = [str(f) for f in files or []]
         return result

@@ -245,14 +245,20 @@ DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
     "max_accuracy_drop": (float, "load governor: T_min keeps val accuracy at most this far below the served T's"),
     "rule": (str, "calibrated rule whose T is served (default: calibration's serve_rule)"),
     "threshold": (float, "serve this T instead of a calibrated one"),
+    "max_image_pixels": (int, "encoded entry point: refuse files declaring more pixels, before decoding"),
+    "decode_threads": (int, "encoded entry point: threads decoding the rows of one execute"),
+    "decode_instances": (int, "encoded entry point: decode model instances"),
+    "decoder": (str, "encoded entry point: pillow (default), or nvimgcodec (gpu profile; NOT RUN)"),
 }
+#: Deployment flags with a fixed set of values.
+FLAG_CHOICES = {"on_big_failure": ["error", "little"], "decoder": ["pillow", "nvimgcodec"]}
 
 
 def add_serve_options(p: argparse.ArgumentParser, build: bool = True) -> None:
     """The deployment flags; a flag left out keeps ServeOptions' default (the measured CPU settings)."""
     g = p.add_argument_group("deployment options (default: the measured CPU settings)")
     for name, (kind, help_text) in DEPLOYMENT_FLAGS.items():
-        extra = {"choices": ["error", "little"]} if name == "on_big_failure" else {}
+        extra = {"choices": FLAG_CHOICES[name]} if name in FLAG_CHOICES else {}
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text, **extra)
     if build:
         g.add_argument("--build", type=Path, default=BUILD)
@@ -450,7 +456,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
     from littlebig.client import LittleBigClient
 
-    with LittleBigClient(args.url, args.model, timeout_s=args.timeout) as client:
+    with LittleBigClient(args.url, args.model, timeout_s=args.timeout, send=args.send) as client:
         result = client.classify(args.paths, threshold=args.threshold, deadline_ms=args.deadline_ms)
     records = result.records(top_k=args.top_k)
     if args.json:
@@ -474,11 +480,19 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         help="classify image files or folders through the server",
         epilog="examples:\n  littlebig classify shirt.png boots.jpg\n"
         "  littlebig classify photos/ --top-k 3 --json --threshold 0.9\n"
+        "  littlebig classify photo.jpg --send pixels   (decode and resize here, send raw pixels)\n"
         "exit codes: 0 answered, 1 server unreachable or failed, 2 bad input (file, threshold)",
     )
     p.add_argument("paths", nargs="+", help="PNG/JPEG files or folders (walked recursively)")
     p.add_argument("--json", action="store_true", help="one JSON record per image")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
+    p.add_argument(
+        "--send",
+        choices=["encoded", "pixels"],
+        default="encoded",
+        help="encoded (default): the files' JPEG/PNG bytes, decoded by the server's littlebig_encoded entry point "
+        "(pixels where the server has none); pixels: decoded and resized here",
+    )
     p.add_argument(
         "--deadline-ms",
         type=float,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from littlebig.imaging import MAX_IMAGE_PIXELS, ImageError, decode_to_service, fit_to_service
+
 FASHION_MNIST_DIR = Path(os.environ.get("LITTLEBIG_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
@@ -75,43 +77,12 @@ def load_fashion_mnist(split: str, data_dir: str | Path | None = None) -> Datase
     return Dataset(np.ascontiguousarray(images), labels, FASHION_MNIST_CLASSES)
 
 
-def fit_to_service(img, size: tuple[int, int, int]) -> np.ndarray:
-    """A decoded PIL image -> uint8 [H, W, C] at the service size, framed as timm's eval transform does:
-    the shorter side resized (PIL bicubic, antialiased) to cover H x W, then the centre crop.
-
-    The one way littlebig brings an image to the service size: the client (files it sends), the folder
-    loaders and the ImageNet stream (the offline reference) all call it, so a served answer equals the
-    offline one for the same file.
-    """
-    from PIL import Image
-
-    height, width, channels = size
-    mode = {1: "L", 3: "RGB"}.get(channels)
-    if mode is None:
-        raise ValueError(f"unsupported channel count {channels} (1 or 3)")
-    img = img.convert(mode)
-    w, h = img.size
-    if (w, h) != (width, height):
-        # torchvision's Resize(shorter side) rule: the other side truncated, never below the crop.
-        if height / h >= width / w:
-            new_h, new_w = height, max(width, int(height * w / h))
-        else:
-            new_h, new_w = max(height, int(width * h / w)), width
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
-        img = img.crop((left, top, left + width, top + height))
-    return np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
-
-
-def read_image(path: str | Path, size: tuple[int, int, int]) -> np.ndarray:
-    """Decode one PNG/JPEG to uint8 [H, W, C] at the service size (``fit_to_service``); errors name the file."""
-    from PIL import Image, UnidentifiedImageError
-
+def read_image(path: str | Path, size: tuple[int, int, int], max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode one PNG/JPEG to uint8 [H, W, C] at the service size: ``imaging.decode_to_service`` on the file's
+    bytes, exactly what the served ``decode`` model does with them; errors name the file."""
     try:
-        with Image.open(path) as img:
-            return fit_to_service(img, size)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return decode_to_service(Path(path).read_bytes(), size, max_pixels)
+    except (ImageError, OSError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
 
 

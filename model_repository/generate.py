@@ -53,11 +53,17 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from littlebig import decision
+from littlebig import control, decision
 from littlebig.export.pipeline import ROLES, export_dir, read_calibration, read_export
 
 SOURCES = Path(__file__).resolve().parent
 BLS_NAME = "littlebig"
+#: The encoded-image entry point (an ensemble: DECODE_NAME, then the BLS model) and its decoder.
+ENCODED_NAME = "littlebig_encoded"
+DECODE_NAME = "decode"
+ENCODED_INPUT = "ENCODED"
+#: cpu-side Pillow (default everywhere), or nvImageCodec on a GPU (gpu profile only; NOT RUN, see decode/model.py).
+DECODERS = ("pillow", "nvimgcodec")
 LABELS_FILE = "labels.txt"
 ON_BIG_FAILURE = ("error", "little")
 TRT_PRECISIONS = ("fp32", "fp16")
@@ -106,6 +112,14 @@ class ServeOptions:
     #: onnxruntime's CUDA EP: 1 = HEURISTIC. The backend default, EXHAUSTIVE, benchmarks cuDNN algorithms
     #: for every new input shape, i.e. on every new batch size the dynamic batcher forms.
     cudnn_conv_algo_search: int = 1
+    #: ``decode`` (the encoded entry point): files declaring more pixels are refused before decoding.
+    max_image_pixels: int = 50_000_000
+    #: ``decode``: threads decoding the rows of one execute, and Python instances. 4 x 1 was the best of five
+    #: layouts at 600 px on 2 cores (+36% over 1 x 1; BENCHMARKS.md "Encoded images").
+    decode_threads: int = 4
+    decode_instances: int = 1
+    #: ``decode``'s library: pillow (every profile's default), or nvimgcodec (gpu profile, NOT RUN).
+    decoder: str = "pillow"
     #: gpu-standin: the torch device of the stand-ins, and the batch buckets they pad to and warm up.
     standin_device: str = "cuda"
     standin_buckets: tuple[int, ...] = (1, 4, 16, 64)
@@ -201,13 +215,7 @@ def bls_config(
         backend="python",
         max_batch_size=opts.max_batch_size,
         input=[_tensor(mc.ModelInput, "IMAGE", mc.TYPE_UINT8, [h, w, c])],
-        output=[
-            _tensor(mc.ModelOutput, "LABEL", mc.TYPE_INT64, [1]),
-            _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [len(exported["class_names"])], label_filename=LABELS_FILE),
-            _tensor(mc.ModelOutput, "ESCALATED", mc.TYPE_BOOL, [1]),
-            _tensor(mc.ModelOutput, "DEGRADED", mc.TYPE_BOOL, [1]),
-            _tensor(mc.ModelOutput, "REASON", mc.TYPE_STRING, [1]),
-        ],
+        output=cascade_outputs(exported),
         dynamic_batching=mc.ModelDynamicBatching(
             preferred_batch_size=_preferred(opts.max_batch_size) if preferred else [],
             max_queue_delay_microseconds=opts.queue_delay_us,
@@ -237,6 +245,85 @@ def bls_config(
             }
         ),
     )
+
+
+def cascade_outputs(exported: dict[str, Any]) -> list[mc.ModelOutput]:
+    """littlebig's outputs; the encoded entry point answers with exactly these."""
+    return [
+        _tensor(mc.ModelOutput, "LABEL", mc.TYPE_INT64, [1]),
+        _tensor(mc.ModelOutput, "PROBS", mc.TYPE_FP32, [len(exported["class_names"])], label_filename=LABELS_FILE),
+        _tensor(mc.ModelOutput, "ESCALATED", mc.TYPE_BOOL, [1]),
+        _tensor(mc.ModelOutput, "DEGRADED", mc.TYPE_BOOL, [1]),
+        _tensor(mc.ModelOutput, "REASON", mc.TYPE_STRING, [1]),
+    ]
+
+
+def decode_config(size: list[int], opts: ServeOptions, max_batch_size: int, kind: int) -> mc.ModelConfig:
+    """``decode``: ENCODED BYTES [1] (one JPEG/PNG file per row) -> IMAGE uint8 [H, W, C] at the service size."""
+    h, w, c = size
+    return mc.ModelConfig(
+        name=DECODE_NAME,
+        backend="python",
+        max_batch_size=max_batch_size,
+        input=[_tensor(mc.ModelInput, ENCODED_INPUT, mc.TYPE_STRING, [1])],
+        output=[_tensor(mc.ModelOutput, "IMAGE", mc.TYPE_UINT8, [h, w, c])],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=opts.queue_delay_us),
+        instance_group=[mc.ModelInstanceGroup(count=opts.decode_instances, kind=kind)],
+        parameters=_params(
+            {
+                "max_image_pixels": opts.max_image_pixels,
+                "decode_threads": opts.decode_threads,
+                "decoder": opts.decoder,
+                **(
+                    {"not_run": "nvImageCodec decoder: written for GPU servers, never run"}
+                    if opts.decoder == "nvimgcodec"
+                    else {}
+                ),
+            }
+        ),
+    )
+
+
+def ensemble_config(name: str, target: str, outputs: list[mc.ModelOutput], max_batch_size: int) -> mc.ModelConfig:
+    """``name`` = ``decode`` then ``target`` (which takes IMAGE), answering with ``target``'s outputs.
+
+    An ensemble, not an optional input of the BLS model: littlebig stays pixel-only, its contract unchanged, and a
+    profile swaps the decoder without touching the cascade (README "Encoded images").
+    """
+    return mc.ModelConfig(
+        name=name,
+        platform="ensemble",
+        max_batch_size=max_batch_size,
+        input=[_tensor(mc.ModelInput, ENCODED_INPUT, mc.TYPE_STRING, [1])],
+        output=outputs,
+        ensemble_scheduling=mc.ModelEnsembling(
+            step=[
+                mc.ModelEnsembling.Step(
+                    model_name=DECODE_NAME,
+                    model_version=-1,
+                    input_map={ENCODED_INPUT: ENCODED_INPUT},
+                    output_map={"IMAGE": "decoded_image"},
+                ),
+                mc.ModelEnsembling.Step(
+                    model_name=target,
+                    model_version=-1,
+                    input_map={"IMAGE": "decoded_image"},
+                    output_map={o.name: o.name for o in outputs},
+                ),
+            ]
+        ),
+    )
+
+
+def write_decoder(out: Path, size: list[int], opts: ServeOptions, max_batch_size: int, kind: int) -> Path:
+    """The ``decode`` model: its config, model.py and the shared ``imaging.py`` (``fit_to_service``) beside it."""
+    from littlebig import imaging
+
+    model_dir = out / DECODE_NAME
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(SOURCES / "decode" / "model.py", model_dir / "1" / "model.py")
+    shutil.copy2(Path(imaging.__file__), model_dir / "1" / "imaging.py")
+    return write_config(decode_config(size, opts, max_batch_size, kind), model_dir)
 
 
 def write_config(config: mc.ModelConfig, model_dir: Path) -> Path:
@@ -298,7 +385,9 @@ def gpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
     config.platform, config.backend, config.default_model_filename = "onnxruntime_onnx", "onnxruntime", "model.onnx"
     # The CUDA EP (also the TensorRT accelerator's fallback for unsupported nodes): heuristic cuDNN
     # algorithm choice instead of an exhaustive benchmark for every new batch shape.
-    config.parameters["cudnn_conv_algo_search"].CopyFrom(mc.ModelParameter(string_value=str(opts.cudnn_conv_algo_search)))
+    config.parameters["cudnn_conv_algo_search"].CopyFrom(
+        mc.ModelParameter(string_value=str(opts.cudnn_conv_algo_search))
+    )
     p = _served_escalation_rate(build, opts)
     opt = lbtrt.typical_batches(opts.max_batch_size, opts.big_max_batch_size, p)[role]
     if opts.trt_accelerator:
@@ -507,6 +596,12 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         raise ValueError("little_in_process runs little with onnxruntime on the CPU: cpu profile only")
     if opts.trt_precision not in TRT_PRECISIONS:
         raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {opts.trt_precision!r}")
+    if opts.decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {opts.decoder!r}")
+    if opts.decoder != "pillow" and profile != "gpu":
+        raise ValueError(f"decoder {opts.decoder} decodes on a GPU: gpu profile only (NOT RUN; decode/model.py)")
+    if opts.max_image_pixels < 1 or opts.decode_threads < 1 or opts.decode_instances < 1:
+        raise ValueError("max_image_pixels, decode_threads and decode_instances must be >= 1")
     buckets = opts.standin_buckets
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
         raise ValueError(f"standin_buckets must be positive integers, got {opts.standin_buckets!r}")
@@ -531,17 +626,25 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     write_config(bls_config(exported, threshold, rule, opts, governor, profile in PREFERRED_BATCH_PROFILES), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
-    shutil.copy2(SOURCES / "littlebig" / "control.py", bls_dir / "1" / "control.py")
+    shutil.copy2(Path(control.__file__), bls_dir / "1" / "control.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
     if opts.little_in_process:
         shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
     (bls_dir / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")
+    # The encoded entry point: decode (on the CPU unless the NOT RUN GPU decoder is asked for), then littlebig.
+    decode_kind = mc.ModelInstanceGroup.KIND_GPU if opts.decoder == "nvimgcodec" else mc.ModelInstanceGroup.KIND_CPU
+    write_decoder(out, exported["service_size"], opts, opts.max_batch_size, decode_kind)
+    write_config(
+        ensemble_config(ENCODED_NAME, BLS_NAME, cascade_outputs(exported), opts.max_batch_size), out / ENCODED_NAME
+    )
+    (out / ENCODED_NAME / "1").mkdir(exist_ok=True)  # an ensemble's version folder is empty
+    (out / ENCODED_NAME / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")
     summary = {
         "profile": profile,
         "threshold": threshold,
         "rule": rule,
         "tensorrt_plans": plans,
-        "models": [*ROLES, BLS_NAME],
+        "models": [*ROLES, BLS_NAME, DECODE_NAME, ENCODED_NAME],
         "service_size": exported["service_size"],
         "class_names": exported["class_names"],
         "options": vars(opts),
