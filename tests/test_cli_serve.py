@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from littlebig.cli import prepare_repository
 from littlebig.model_repository.generate import generate
 from littlebig.model_repository.server import Ports
@@ -37,6 +39,7 @@ def served_parameters(http_port: int, timeout: float = 120) -> dict[str, str]:
             time.sleep(0.5)
 
 
+@pytest.mark.slow
 def test_serve_flags_take_effect_on_an_existing_repository(build_dir, tmp_path):
     repo = tmp_path / "model_repository"
     generate(build_dir, repo, "cpu")  # what `make demo` leaves behind: the defaults

@@ -202,6 +202,7 @@ def test_cli_classify_eval_health(server, test_split, tmp_path, served_threshold
         assert helped.returncode == 0 and "example" in helped.stdout, cmd
 
 
+@pytest.mark.slow
 def test_client_extra_alone_classifies_without_torch(server, tmp_path, test_split, served_threshold):
     """pip install '.[client]' into a clean venv: tritonclient, numpy, Pillow only, and it works."""
     env_dir = tmp_path / "client-venv"

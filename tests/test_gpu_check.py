@@ -66,6 +66,7 @@ def test_bundle_holds_the_standin_repository(bundle):
     assert summary["profile"] == "gpu-standin" and summary["threshold"] == meta["threshold"]
 
 
+@pytest.mark.slow
 def test_standins_are_the_exported_models(bundle, build_dir):
     """The stand-ins (torch, from the checkpoints) give the ONNX export's logits: the same trained pair."""
     from littlebig.export.pipeline import reference_logits
@@ -79,6 +80,7 @@ def test_standins_are_the_exported_models(bundle, build_dir):
     assert max(ref.bucket_spread().values()) < 1e-3
 
 
+@pytest.mark.slow
 def test_compare_catches_a_wrong_answer(bundle):
     meta, images = gpu_check.read_bundle(bundle)
     ref = gpu_check.compute_reference(gpu_check.repo_dir(bundle, 1), images, "cpu", meta["buckets"], meta["threshold"])

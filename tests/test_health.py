@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from littlebig.model_repository import health
 from littlebig.model_repository.generate import ServeOptions
 from littlebig.model_repository.server import Supervisor
@@ -22,6 +24,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=120, cwd="/")
 
 
+@pytest.mark.slow
 def test_a_degraded_answer_fails_readiness_everywhere(build_dir, tmp_path, test_split):
     data, _ = test_split
     # big_instances=1: the test kills the one big stub (a second instance would keep answering)

@@ -83,6 +83,7 @@ def _peak(root: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_loader_memory_does_not_grow_with_the_folder(tmp_path):
     """2,000 vs 20,000 images at 64x64x3: held whole, the larger would need 221 MB more."""
     small, large = tmp_path / "small", tmp_path / "large"
@@ -105,6 +106,7 @@ def _checkpoint(path: Path, name: str, size: int, crop_pct: float, seed: int, **
     return str(path)
 
 
+@pytest.mark.slow
 def test_export_calibrate_report_on_an_imagenet_folder(folder, tmp_path):
     """Random-weight timm models at two resolutions: little 32 (downscaled in its graph), big 48."""
     root, files, labels = folder
@@ -153,6 +155,7 @@ def test_export_calibrate_report_on_an_imagenet_folder(folder, tmp_path):
     assert quick["rows"] == {"val": 30, "test": 30} and quick["data"] == {"data_dir": str(root), "max_images": 60}
 
 
+@pytest.mark.slow
 def test_pretrained_path_with_a_local_file_for_the_download(folder, tmp_path):
     """timm's pretrained=True path, its hub download replaced by a local file (pretrained_cfg file=...)."""
     torch.manual_seed(3)

@@ -99,6 +99,7 @@ def grpc_url(server: TritonServer) -> str:
 # --- bad input mixed into load, on the session server -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_input_mixed_into_load_loses_no_good_answer(server, test_split, served_threshold):
     data, logits = test_split
     items = make_items(data.images, LOAD_REQUESTS, spaced_thresholds(logits["little"]), seed=7)

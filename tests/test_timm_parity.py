@@ -83,6 +83,7 @@ def _levels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 CASES = [("cnn", 128), ("cnn", 48), ("vit", 128), ("vit", 48)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,side", CASES, ids=[f"{a}-{'down' if s == 128 else 'up'}scale" for a, s in CASES])
 def test_exported_graph_matches_timms_eval_pipeline(tmp_path, jpegs, arch, side):
     name, kwargs = MODELS[arch]
@@ -123,6 +124,7 @@ def test_the_old_graph_fails_these_tolerances(jpegs):
     assert float(pixels.max()) > 5 * PIXEL_MAX and float(pixels.mean()) > PIXEL_MEAN
 
 
+@pytest.mark.slow
 def test_antialiasing_restores_littles_accuracy_on_a_downscaling_service():
     """The committed little (trained at 28 -> 48) served at 192x192: sharp-edged renders (nearest) lose
     accuracy through an aliasing 192 -> 48 resize; the antialiased graph gets most of it back.
