@@ -123,7 +123,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--service-size",
         default=None,
-        help="served image size HxWxC (default: 28x28x1 for the default pair, else big's size)",
+        help="served image size HxWxC (default: 28x28x1 for the default pair, else big's floor(size / crop_pct) "
+        "where big centre-crops with crop_pct < 1, else big's size)",
     )
     p.add_argument(
         "--data-dir", default=None, help="Fashion-MNIST IDX folder, a folder with val/ test/, or an ImageNet folder"

@@ -155,17 +155,23 @@ def test_the_documented_recipe_builds_the_bundle_before_the_check():
     """deploy/README.md's one-line recipe for a GPU machine with a registry names the targets in the order that
     works from a fresh clone (the bundle needs `make setup`; the check needs the bundle)."""
     readme = (ROOT / "deploy" / "README.md").read_text()
-    (line,) = [x for x in readme.splitlines() if "make setup perf-analyzer" in x and "make gpu-check" in x]
+    (line,) = [x for x in readme.splitlines() if x.startswith("On a GPU machine with a registry") and "make setup" in x]
     recipe = line[line.index("make setup") :].split("`")[0].split()
     assert recipe == ["make", "setup", "perf-analyzer", "gpu-check-bundle", "&&", "make", "gpu-check"]
     makefiles = (ROOT / "Makefile").read_text() + (ROOT / "mk" / "gpu.mk").read_text()
     assert "\ngpu-check-bundle: setup\n" in makefiles and "\nperf-analyzer:" in (ROOT / "mk" / "bench.mk").read_text()
 
 
-def test_r_star():
-    assert gpu_check.r_star(1000.0, 100.0, 0.0) == pytest.approx(1000.0)
-    assert gpu_check.r_star(1000.0, 100.0, 1.0) == pytest.approx(1 / (1 / 1000 + 1 / 100))
-    assert gpu_check.r_star(20_255, 486, 0.18) / 486 == pytest.approx(4.9, abs=0.05)  # FACTS.md's H100 row
+def test_r_star_is_the_rate_of_little_then_big_back_to_back():
+    """R* against figures worked out by hand and FACTS.md's H100 row, not against its own formula."""
+    from bench import rates
+
+    assert rates.ideal(1000.0, 100.0, 0.0) == pytest.approx(1000.0)  # nothing escalates: little's rate
+    # 300 img/s little, 200 img/s big, half escalate: 1 image costs 1/300 + 0.5/200 = 7/1200 s -> 171.43 img/s
+    assert rates.ideal(300.0, 200.0, 0.5) == pytest.approx(1200 / 7)
+    assert rates.bound(300.0, 200.0, 0.5) == pytest.approx(1200 / 7 / 200)
+    assert rates.ideal(20_255, 486, 0.18) / 486 == pytest.approx(4.9, abs=0.05)  # FACTS.md's H100 row
+    assert rates.bls_overhead(6.0, 2.5, 8.0, 0.25) == pytest.approx(1.5)  # 6 ms in all, 2.5 + 2 of them waiting
 
 
 def test_gpu_venv_maps_the_package_layout_ahead_of_the_bare_littlebig_folder(tmp_path):
@@ -262,7 +268,7 @@ def test_unreadable_big_logits_fail_their_chunk_through_the_policy(build_dir, tm
     from tritonclient.utils import InferenceServerException
 
     from littlebig.model_repository.generate import ServeOptions
-    from tests.test_reliability import infer, metric, own_server
+    from tests.helpers import infer, metric, own_server
 
     data, logits = test_split
 
@@ -286,17 +292,14 @@ def test_unreadable_big_logits_fail_their_chunk_through_the_policy(build_dir, tm
         assert metric(server, "littlebig_gpu_memory_outputs_total") == 0  # CPU tensors here: nothing counted
 
 
-def test_the_check_fails_on_outputs_in_gpu_memory():
-    """The served counter is summed over roles: 0 passes; a count, or no such family (an older BLS model), fails."""
-    name = gpu_check.GPU_OUTPUTS_METRIC
-    text = (f'# TYPE {name} counter\n{name}{{model="littlebig",version="1",role="little"}} 0\n'
-            f'{name}{{model="littlebig",version="1",role="big"}} 0\n'
-            'littlebig_rows_total{model="littlebig"} 9\n')  # fmt: skip
-    assert gpu_check.metric_sum(text, name) == 0 and gpu_check.gpu_memory_outputs(0.0)["ok"]
-    three = text.replace('role="big"} 0', 'role="big"} 3')
-    assert gpu_check.metric_sum(three, name) == 3 and not gpu_check.gpu_memory_outputs(3.0)["ok"]
-    assert gpu_check.metric_sum("littlebig_rows_total 1\n", name) is None
-    assert not gpu_check.gpu_memory_outputs(None)["ok"]
+def test_the_check_fails_on_outputs_in_gpu_memory(server):
+    """The served counter, summed over roles on the real metrics port: 0 passes; a count, or no such family (an
+    older BLS model), fails."""
+    metrics = f"http://127.0.0.1:{server.ports.metrics}"
+    served = gpu_check.HttpClient(server.url).metric_total(metrics, gpu_check.GPU_OUTPUTS_METRIC)
+    assert served == 0 and gpu_check.gpu_memory_outputs(served)["ok"]
+    assert gpu_check.HttpClient(server.url).metric_total(metrics, "littlebig_no_such_family_total") is None
+    assert not gpu_check.gpu_memory_outputs(3.0)["ok"] and not gpu_check.gpu_memory_outputs(None)["ok"]
 
 
 def test_gpu_venv_reads_the_layout_on_python_3_10_too():
