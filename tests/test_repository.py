@@ -6,15 +6,12 @@ import ast
 import json
 import shutil
 
+import numpy as np
 import pytest
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig.model_repository.generate import ServeOptions, generate
-
-
-def read_config(path) -> mc.ModelConfig:
-    return text_format.Parse((path / "config.pbtxt").read_text(), mc.ModelConfig())
+from tests.helpers import read_config
 
 
 def check_cascade_contract(repo, service_size, classes):
@@ -92,10 +89,15 @@ def test_gpu_profile_uses_onnxruntime_then_tensorrt_plans(build_dir, exported, t
     (build / "export" / "little.plan").write_bytes(b"little plan placeholder")
     with pytest.raises(FileNotFoundError, match="tensorrt.json"):
         generate(build, tmp_path / "gpu-plan", "gpu")
-    plan_rules = {"paper": {"threshold": 0.61}, "guaranteed": {"threshold": 0.97}}
+    plan_rules = {"paper": {"threshold": 0.61}, "bounded": {"threshold": 0.83}, "guaranteed": {"threshold": 0.97}}
     size = exported["service_size"]
     profiles = {role: {"profile": [[1, *size], [8, *size], [64, *size]]} for role in ("little", "big")}
     (build / "export" / "tensorrt.json").write_text(json.dumps({"calibration": {"rules": plan_rules}, **profiles}))
+    with pytest.raises(FileNotFoundError, match="logits-plan-val.npz"):  # the governor's val figures need them
+        generate(build, tmp_path / "gpu-plan", "gpu")
+    # the plans' val logits (the ONNX ones stand in: no GPU here), cached after the plans as the plan build does
+    with np.load(build / "export" / "logits-val.npz") as onnx_val:
+        np.savez(build / "export" / "logits-plan-val.npz", **{k: onnx_val[k] for k in ("labels", "little", "big")})
     summary = generate(build, tmp_path / "gpu-plan", "gpu")
     assert summary["tensorrt_plans"] and summary["threshold"] == plan_rules[summary["rule"]]["threshold"]
     for role in ("little", "big"):
