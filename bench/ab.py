@@ -18,10 +18,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bench import search as S
-from bench.perf import PerfAnalyzer, Window, write_input_data
-from bench.run import parse_points, snapshot, warm_up
-from littlebig.data import load_split
-from littlebig.export.pipeline import read_export
+from bench.common import load_test_images, parse_points, snapshot, warm_up
+from bench.perf import PerfAnalyzer, Window
+from bench.rates import bls_overhead
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out.parent / f"{args.out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
     build = snapshot(args.build, work / "build")
-    exported = read_export(build)
-    images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[: args.images]
-    input_data = write_input_data(images, work / "input-data.json")
+    _, images, input_data = load_test_images(build, work, args.images)
     cands = [S.candidate(S.BLS, "ab", **json.loads(v)) for v in args.variant]
     points = parse_points(args.points)
     repo, scratch = work / "model_repository", work / "generated"
@@ -91,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         def mean_ms(model, mine=mine):
             return statistics.median(r["avg_us"] / 1e3 for r in mine if r["model"] == model)
 
-        med["bls_overhead_mean_ms"] = med.get("b1c1_mean_ms", float("nan")) - (mean_ms(little) + p * mean_ms(big))
+        b1c1 = med.get("b1c1_mean_ms", float("nan"))
+        med["bls_overhead_mean_ms"] = bls_overhead(b1c1, mean_ms(little), mean_ms(big), p)
         med["p"] = p
         result["summary"].append({"variant": cand.opts(), **med})
         print(json.dumps({"variant": cand.opts(), **{k: round(v, 3) for k, v in med.items()}}))

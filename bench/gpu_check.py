@@ -47,10 +47,12 @@ from typing import Any
 
 import numpy as np
 
-from littlebig.decision import confidence, escalate, softmax
+from bench import rates
+from littlebig.decision import CASCADE, ROLES, confidence, escalate, softmax
+from littlebig.metrics_text import fetch
+from littlebig.model_repository.health import binary_infer_request, split_binary_response
 
 SKIP_LINE = "skipped: no CUDA device"
-ROLES = ("little", "big")
 #: Served PROBS may differ from the reference by this much (absolute): the same FP32 code on the same GPU,
 #: differing only in the BLS model's own softmax and float32 transport.
 PROBS_ATOL = 1e-4
@@ -185,48 +187,28 @@ def compare(reference: Reference, rows: np.ndarray, served: dict[str, np.ndarray
 # --- a KServe v2 HTTP client with the binary-data extension (urllib only) -----------------------
 
 
-def metric_sum(text: str, name: str) -> float | None:
-    """Sum of one family's samples in Prometheus text; None when it has none (the family is not exported)."""
-    samples = [line for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
-    return sum(float(line.rsplit(" ", 1)[1]) for line in samples) if samples else None
-
-
 class HttpClient:
-    """Just enough of KServe v2 over HTTP: infer with binary tensors, model statistics."""
+    """Just enough of KServe v2 over HTTP: infer with binary tensors (health.py's builder), model statistics."""
 
     def __init__(self, url: str, timeout: float = 120.0) -> None:
         self.url, self.timeout = url.rstrip("/"), timeout
 
     def infer(self, model: str, images: np.ndarray, outputs: tuple[str, ...] = OUTPUTS) -> dict[str, np.ndarray]:
         raw = np.ascontiguousarray(images, dtype=np.uint8).tobytes()
-        header = {
-            "inputs": [
-                {"name": "IMAGE", "shape": list(images.shape), "datatype": "UINT8",
-                 "parameters": {"binary_data_size": len(raw)}}
-            ],
-            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
-        }  # fmt: skip
-        head = json.dumps(header).encode()
-        request = urllib.request.Request(
-            f"{self.url}/v2/models/{model}/infer",
-            data=head + raw,
-            headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
-        )
+        body, headers = binary_infer_request([("IMAGE", "UINT8", list(images.shape), raw)], outputs)
+        request = urllib.request.Request(f"{self.url}/v2/models/{model}/infer", data=body, headers=headers)
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            body = response.read()
-            length = int(response.headers.get("Inference-Header-Content-Length", len(body)))
-        meta, offset, result = json.loads(body[:length]), length, {}
-        for out in meta["outputs"]:
-            size = out["parameters"]["binary_data_size"]
-            dtype = DATATYPES[out["datatype"]]
-            result[out["name"]] = np.frombuffer(body[offset : offset + size], dtype=dtype).reshape(out["shape"])
-            offset += size
-        return result
+            length = response.headers.get("Inference-Header-Content-Length")
+            meta, tensors = split_binary_response(response.read(), length)
+        return {
+            out["name"]: np.frombuffer(tensors[out["name"]], dtype=DATATYPES[out["datatype"]]).reshape(out["shape"])
+            for out in meta["outputs"]
+        }
 
     def metric_total(self, metrics_url: str, name: str) -> float | None:
         """Sum of a metric family's samples on Triton's metrics port; None when the family is not exported."""
-        with urllib.request.urlopen(f"{metrics_url.rstrip('/')}/metrics", timeout=self.timeout) as response:
-            return metric_sum(response.read().decode(), name)
+        metrics = fetch(metrics_url, timeout=self.timeout)
+        return metrics.total(name) if name in metrics else None
 
     def inference_count(self, model: str) -> int:
         """Rows the model has inferred (Triton's inference_count counts rows)."""
@@ -274,7 +256,7 @@ def check_answers(
 
     def run(job: tuple[str, np.ndarray]) -> tuple[str, np.ndarray, np.ndarray, int]:
         name, rows = job
-        served = client.infer("littlebig", images[rows])
+        served = client.infer(CASCADE, images[rows])
         return name, rows, compare(reference, rows, served), int(served["ESCALATED"].sum())
 
     results = [run(j) for j in jobs]
@@ -308,39 +290,10 @@ def check_answers(
 
 
 def perf_analyzer(path: str | None, work: Path):
-    """perf_analyzer: ``path`` (a brought binary) or ``.venv-perf`` (make perf-analyzer); None if neither runs.
-
-    A brought binary gets libcudart.so.12 and libb64.so.0d from pytriton's own copies (../shared/FACTS.md).
-    """
-    from dataclasses import dataclass as _dc
-
+    """perf_analyzer: ``path`` (a brought binary) or ``.venv-perf`` (make perf-analyzer); None if neither runs."""
     from bench.perf import PerfAnalyzer, PerfAnalyzerError
 
-    if path is None:
-        pa = PerfAnalyzer(Path(".venv-perf"))
-    else:
-        from littlebig.model_repository.server import triton_home
-
-        libs = triton_home().parent.parent / "nvidia_pytriton.libs"
-        links = work / "perf-libs"
-        links.mkdir(parents=True, exist_ok=True)
-        for pattern, name in (("libcudart-*.so.12*", "libcudart.so.12"), ("libb64-*.so.0d", "libb64.so.0d")):
-            found = sorted(libs.glob(pattern))
-            if found and not (links / name).exists():
-                (links / name).symlink_to(found[0])
-
-        @_dc(frozen=True)
-        class Brought(PerfAnalyzer):
-            @property
-            def binary(self) -> Path:
-                return Path(path)
-
-            def environment(self) -> dict[str, str]:
-                env = dict(os.environ)
-                env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(links), env.get("LD_LIBRARY_PATH")) if p)
-                return env
-
-        pa = Brought(Path("."))
+    pa = PerfAnalyzer() if path is None else PerfAnalyzer.brought_to(Path(path), work)
     try:
         pa.version()
     except (PerfAnalyzerError, OSError, subprocess.SubprocessError):
@@ -357,16 +310,11 @@ def measure_speed(
     work.mkdir(parents=True, exist_ok=False)  # perf_analyzer's CSVs: never read a previous server's
     window = Window(interval_ms=interval_ms, stability_pct=10, max_trials=10)
     out = {}
-    for model in ("little", "big", "littlebig"):
-        composing = ["little", "big"] if model == "littlebig" else None
+    for model in (*ROLES, CASCADE):
+        composing = list(ROLES) if model == CASCADE else None
         point = measure(pa, grpc_url, model, batch, concurrency, input_data, work, window, composing)
         out[model] = point.as_dict()
     return out
-
-
-def r_star(r_little: float, r_big: float, p: float) -> float:
-    """The ideal cascade rate on one GPU: every row through little, a fraction p through big."""
-    return 1.0 / (1.0 / r_little + p / r_big)
 
 
 # --- the check --------------------------------------------------------------------------------------
@@ -445,10 +393,10 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
     if pa is None:
         report["speed"] = "not measured: " + ("--no-perf" if args.no_perf else "perf_analyzer did not run")
     else:
-        models = ("little", "big", "littlebig")
+        models = (*ROLES, CASCADE)
         best = {m: max(speed.values(), key=lambda s, m=m: s[m]["throughput"])[m] for m in models}
         counts = {m: next(n for n, s in speed.items() if s[m] is best[m]) for m in best}
-        ideal = r_star(best["little"]["throughput"], best["big"]["throughput"], p)
+        ideal = rates.ideal(best["little"]["throughput"], best["big"]["throughput"], p)
         report["speed"] = {
             "batch": args.batch,
             "concurrency": args.concurrency,
@@ -457,14 +405,14 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
             "best_instances": counts,
             "images_per_s": {m: best[m]["throughput"] for m in best},
             "r_star": ideal,
-            "fraction_of_r_star": best["littlebig"]["throughput"] / ideal,
-            "speedup_vs_big": best["littlebig"]["throughput"] / best["big"]["throughput"],
+            "fraction_of_r_star": best[CASCADE]["throughput"] / ideal,
+            "speedup_vs_big": best[CASCADE]["throughput"] / best["big"]["throughput"],
         }
         s = report["speed"]
         print(
             f"speed ({gpu}, batch {args.batch}, concurrency {args.concurrency}): little "
             f"{s['images_per_s']['little']:.0f}, big {s['images_per_s']['big']:.0f}, littlebig "
-            f"{s['images_per_s']['littlebig']:.0f} img/s (best of instances {list(speed)}); p = {p:.3f}, "
+            f"{s['images_per_s'][CASCADE]:.0f} img/s (best of instances {list(speed)}); p = {p:.3f}, "
             f"R* = {ideal:.0f} img/s: littlebig reaches {s['fraction_of_r_star']:.1%} of R*, "
             f"{s['speedup_vs_big']:.2f}x big"
         )

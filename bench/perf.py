@@ -15,6 +15,7 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -58,27 +59,53 @@ def read_input_data(path: Path) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PerfAnalyzer:
-    """The perf_analyzer binary of a venv made by ``make perf-analyzer`` (tritonclient 2.51.0's)."""
+    """The one way perf_analyzer is found and run: the binary of a venv made by ``make perf-analyzer``
+    (tritonclient 2.51.0's), or a binary brought to a machine without one (``brought``, see :meth:`brought_to`)."""
 
-    venv: Path
+    venv: Path = Path(".venv-perf")
+    brought: Path | None = None
+    libs: Path | None = None  # a folder holding the brought binary's libcudart.so.12 and libb64.so.0d
+
+    @classmethod
+    def brought_to(cls, binary: Path, work: Path) -> PerfAnalyzer:
+        """A brought binary, given libcudart.so.12 and libb64.so.0d from pytriton's own copies (FACTS.md, "On a
+        GPU machine"), linked under those names in ``work/perf-libs``."""
+        from littlebig.model_repository.server import triton_home
+
+        libs = triton_home().parent.parent / "nvidia_pytriton.libs"
+        links = work / "perf-libs"
+        links.mkdir(parents=True, exist_ok=True)
+        for pattern, name in (("libcudart-*.so.12*", "libcudart.so.12"), ("libb64-*.so.0d", "libb64.so.0d")):
+            found = sorted(libs.glob(pattern))
+            if found and not (links / name).exists():
+                (links / name).symlink_to(found[0])
+        return cls(brought=Path(binary), libs=links)
 
     @property
     def binary(self) -> Path:
-        return self.venv / "bin" / "perf_analyzer"
+        return self.brought if self.brought is not None else self.venv / "bin" / "perf_analyzer"
 
     def environment(self) -> dict[str, str]:
-        """Its CUDA runtime stub (loaded even for CPU-only use) comes from the venv's nvidia wheel."""
-        libs = sorted(self.venv.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
-        if not self.binary.exists() or not libs:
-            raise PerfAnalyzerError(f"{self.binary} or its CUDA runtime is missing: run `make perf-analyzer`")
+        """Its CUDA runtime stub (loaded even for CPU-only use): the venv's nvidia wheel, or the brought libs."""
+        if self.brought is not None:
+            libs = [self.libs] if self.libs is not None else []
+        else:
+            libs = sorted(self.venv.glob("lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
+            if not self.binary.exists() or not libs:
+                raise PerfAnalyzerError(f"{self.binary} or its CUDA runtime is missing: run `make perf-analyzer`")
         env = dict(os.environ)
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs[0]), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*map(str, libs[:1]), env.get("LD_LIBRARY_PATH")) if p)
         return env
 
     def run(self, args: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
+        """Run to completion, output captured."""
         return subprocess.run(
             [str(self.binary), *args], env=self.environment(), capture_output=True, text=True, timeout=timeout
         )
+
+    def start(self, args: list[str], log: IO[str]) -> subprocess.Popen:
+        """Start in the background (a long step load the caller watches), output to ``log``."""
+        return subprocess.Popen([str(self.binary), *args], env=self.environment(), stdout=log, stderr=subprocess.STDOUT)
 
     def version(self) -> str:
         done = self.run(["--version"], timeout=30)

@@ -12,28 +12,23 @@ Why each number is there (GitHub issues 6 and 12):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.perf import PerfAnalyzer, Window, write_input_data
-from bench.search import server_stats  # noqa: F401  (tests read the server's counters through bench.run)
-from littlebig.data import load_split
-from littlebig.decision import cascade
+from bench.common import entry_parser, load_test_images, machine, parse_points, snapshot, warm_up
+from bench.perf import PerfAnalyzer, Window
+from littlebig.decision import CASCADE, cascade
 from littlebig.export.pipeline import ROLES, export_dir, read_export
 
-BLS = "littlebig"
+BLS = CASCADE
 MODELS = ("little", "big", BLS)
 TARGETS = {"fraction_of_ideal": 0.90, "bls_overhead_mean_ms": 1.0}
 
@@ -69,17 +64,6 @@ def offline_escalation(build: Path, images: np.ndarray, threshold: float) -> flo
         for role in ROLES
     }
     return float(cascade(logits["little"], logits["big"], threshold)["escalated"].mean())
-
-
-def warm_up(client, images: np.ndarray, model: str, batches: tuple[int, ...]) -> None:
-    """A few requests per batch size, so no measured window pays for first-call set-up."""
-    import tritonclient.grpc as grpcclient
-
-    for batch in batches:
-        for start in range(0, 4 * batch, batch):
-            tensor = grpcclient.InferInput("IMAGE", [batch, *images.shape[1:]], "UINT8")
-            tensor.set_data_from_numpy(np.ascontiguousarray(images[start : start + batch]))
-            client.infer(model, [tensor])
 
 
 # ---------------------------------------------------------------- output -----------------------------------------
@@ -180,36 +164,6 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- main -------------------------------------------
-def machine() -> dict[str, Any]:
-    """What BENCHMARKS.md must state: cores, memory, CPU model and versions."""
-    import onnxruntime
-
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if ln.startswith("Model name")
-        ),
-        platform.processor(),
-    )
-    mem_kib = next(
-        int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "triton": "2.51.0 (nvidia-pytriton 0.7.0)",
-    }
-
-
-def parse_points(text: str) -> list[tuple[int, int]]:
-    """``8x16,1x16`` -> [(batch 8, concurrency 16), (batch 1, concurrency 16)]."""
-    return [(int(b), int(c)) for b, c in (p.split("x") for p in text.split(","))]
-
-
 def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work: Path, pa: PerfAnalyzer) -> dict:
     """Screen every candidate, confirm the finalists over the sweep: the search table (bench/search.py)."""
     import tritonclient.grpc as grpcclient
@@ -274,40 +228,12 @@ def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work
     }
 
 
-def snapshot(build: Path, dest: Path) -> Path:
-    """A private copy of the pair, its calibration and its cached val/test logits: every candidate serves the
-    same files even if build/ moves, and the generator's val figures (governor, drift reference) come from the
-    cache instead of a new pass over val."""
-    import shutil
-
-    exported = read_export(build)
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "export").mkdir(parents=True)
-    names = ["export.json", *(exported[role]["onnx"] for role in ROLES)]
-    names += [n for n in ("logits-val.npz", "logits-test.npz") if (export_dir(build) / n).exists()]
-    for name in names:  # copy2 keeps mtimes: the logits caches stay newer than the ONNX files
-        shutil.copy2(export_dir(build) / name, dest / "export" / name)
-    shutil.copy2(build / "calibration.json", dest / "calibration.json")
-    return dest
-
-
-def load_test_images(build: Path, work: Path, count: int) -> tuple[dict[str, Any], np.ndarray, Path]:
-    """The pair's export record, the first ``count`` real test images, and perf_analyzer's --input-data of them."""
-    exported = read_export(build)
-    images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:count]
-    return exported, images, write_input_data(images, work / "input-data.json")
-
-
 def main(argv: list[str] | None = None) -> int:
     from littlebig.cli import add_serve_options, given_serve_options
     from littlebig.model_repository.generate import ServeOptions, served_threshold
 
-    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--build", type=Path, default=Path("build"))
-    ap.add_argument("--perf-venv", type=Path, default=Path(".venv-perf"))
-    ap.add_argument("--out", type=Path, help="bench JSON (default BUILD/bench.json; the PNG goes beside it)")
-    ap.add_argument("--images", type=int, default=512, help="real Fashion-MNIST test images to send")
+    ap = entry_parser("python -m bench.run", __doc__, "bench JSON (default BUILD/bench.json; the PNG goes beside it)",
+                      512, "real Fashion-MNIST test images to send")  # fmt: skip
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--headline-batch", type=int, help="batch of the headline figures (default: the largest)")

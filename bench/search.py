@@ -28,15 +28,18 @@ from google.protobuf import text_format
 from tqdm import tqdm
 
 from bench.perf import PerfAnalyzer, PerfAnalyzerError, Window, measure
+from bench.rates import bls_overhead, bound, ideal
+from littlebig.decision import CASCADE
+from littlebig.decision import ROLES as PAIR
 
-ROLES = ("little", "big", "littlebig")
-BLS = "littlebig"
+BLS = CASCADE
+ROLES = (*PAIR, BLS)
 STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_output")
 #: Which ServeOptions fields each role's own deployment depends on (the rest do not change it).
 ROLE_FIELDS = {
     "little": ("little_instances", "intra_op_threads", "max_batch_size", "queue_delay_us"),
     "big": ("big_instances", "intra_op_threads", "big_max_batch_size", "queue_delay_us"),
-    "littlebig": (
+    BLS: (
         "bls_instances",
         "little_instances",
         "big_instances",
@@ -430,16 +433,6 @@ def confirm(
 
 
 # ---------------------------------------------------------------- summary ------------------------------------------
-def ideal(r_little: float, r_big: float, p: float) -> float:
-    """R* = 1 / (1/R_little + p/R_big): little on every image, big on the escalated fraction, back to back."""
-    return 1.0 / (1.0 / r_little + p / r_big)
-
-
-def bound(r_little: float, r_big: float, p: float) -> float:
-    """R*/R_big = 1 / (R_big/R_little + p): the best speed-up over big any cascade of this pair can serve."""
-    return 1.0 / (r_big / r_little + p)
-
-
 def best_of(rows: list[dict], role: str, **where: int) -> dict:
     mine = [r for r in rows if r["role"] == role and all(r[k] == v for k, v in where.items())]
     return max(mine, key=lambda r: r["throughput"])
@@ -491,7 +484,7 @@ def summarise(rows: list[dict], batches: tuple[int, ...], concurrencies: tuple[i
     little, big = f"{winner}__little", f"{winner}__big"
     at = {r["model"]: r for r in rows if r["batch"] == b1 and r["concurrency"] == c1}
     p_win, rows_win = p_by[winner]
-    named = {"littlebig": winner, "little": little, "big": big}
+    named = {BLS: winner, "little": little, "big": big}
     mean = {role: at[m]["avg_us"] / 1e3 for role, m in named.items()}
     p50 = {role: at[m]["p50_us"] / 1e3 for role, m in named.items()}
     return {
@@ -504,8 +497,8 @@ def summarise(rows: list[dict], batches: tuple[int, ...], concurrencies: tuple[i
             for role in ROLES
         },  # fmt: skip
         "escalation": {"served": p_win, "served_rows": rows_win, "by_candidate": {n: v[0] for n, v in p_by.items()}},
-        "bls_overhead_mean_ms": mean["littlebig"] - (mean["little"] + p_win * mean["big"]),
-        "bls_overhead_p50_ms": p50["littlebig"] - (p50["little"] + p_win * p50["big"]),
+        "bls_overhead_mean_ms": bls_overhead(mean[BLS], mean["little"], mean["big"], p_win),
+        "bls_overhead_p50_ms": bls_overhead(p50[BLS], p50["little"], p50["big"], p_win),
         "bls_overhead_point": {"batch": b1, "concurrency": c1, "candidate": winner, "mean_ms": mean, "p50_ms": p50},
         "per_batch": per_batch,
         "per_point": per_point,

@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from littlebig.data import load_split
+from littlebig.decision import ROLES
 
-ROLES = ("little", "big")
 REFERENCE_BATCH = 256
 PARITY_IMAGES = 64
 

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+#: The served cascade (the BLS model) and the two models it calls: the names the generator, the bench, the GPU
+#: check and the tests use (health.py, which must stay self-contained, spells them out and a test compares).
+CASCADE = "littlebig"
+ROLES = ("little", "big")
+#: Why a row was answered as it was: the served REASON output (model.py), in the order of its codes.
+REASONS = ("confident", "escalated", "load", "deadline", "big_failed")
 #: T at or above this always escalates, so T = 1 means "always big" even where little's float32
 #: confidence rounds to exactly 1.0. T = 0 never escalates (no confidence is below 0).
 ALWAYS_BIG = 1.0

@@ -57,7 +57,7 @@ from littlebig import control, decision
 from littlebig.export.pipeline import ROLES, export_dir, read_calibration, read_export
 
 SOURCES = Path(__file__).resolve().parent
-BLS_NAME = "littlebig"
+BLS_NAME = decision.CASCADE
 #: The encoded-image entry point (an ensemble: DECODE_NAME, then the BLS model) and its decoder.
 ENCODED_NAME = "littlebig_encoded"
 DECODE_NAME = "decode"

@@ -50,6 +50,43 @@ def base_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def binary_infer_request(
+    inputs: list[tuple[str, str, list[int], bytes]],
+    outputs: tuple[str, ...] = (),
+    parameters: dict | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 infer request with the binary tensor extension: (body, headers) for POST .../infer.
+
+    ``inputs``: (name, datatype, shape, raw bytes) each; ``outputs`` asked for as binary. The one builder of such
+    requests (the GPU check imports it), kept here because this file must stay stdlib-only and self-contained.
+    """
+    header: dict = {
+        "inputs": [
+            {"name": name, "shape": list(shape), "datatype": datatype, "parameters": {"binary_data_size": len(raw)}}
+            for name, datatype, shape, raw in inputs
+        ]
+    }
+    if outputs:
+        header["outputs"] = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
+    if parameters:
+        header["parameters"] = parameters
+    head = json.dumps(header).encode()
+    body = head + b"".join(raw for *_, raw in inputs)
+    return body, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))}
+
+
+def split_binary_response(body: bytes, header_length: str | None) -> tuple[dict, dict[str, bytes]]:
+    """An infer answer with the binary extension -> (its JSON header, output name -> raw bytes)."""
+    length = int(header_length) if header_length is not None else len(body)
+    meta, offset, raw = json.loads(body[:length]), length, {}
+    for out in meta.get("outputs", []):
+        size = out.get("parameters", {}).get("binary_data_size")
+        if size is not None:
+            raw[out["name"]] = body[offset : offset + size]
+            offset += size
+    return meta, raw
+
+
 @dataclass
 class HealthProbe:
     """A real inference through each model over HTTP (KServe v2, binary tensor extension; no numpy).
@@ -84,22 +121,9 @@ class HealthProbe:
         name, datatype, shape = self._input(model)
         if datatype != "UINT8":
             raise ValueError(f"{model}: the probe sends UINT8 images, the model takes {datatype}")
-        data = bytes(math.prod(shape))
-        header: dict = {
-            "inputs": [
-                {"name": name, "shape": shape, "datatype": datatype, "parameters": {"binary_data_size": len(data)}}
-            ]
-        }
-        if model == self.cascade:
-            header["parameters"] = {"threshold": 1.0, PROBE_PARAMETER: True}
-        head = json.dumps(header).encode()
-        return json.loads(
-            self._request(
-                f"/v2/models/{model}/infer",
-                head + data,
-                {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))},
-            )
-        )
+        parameters = {"threshold": 1.0, PROBE_PARAMETER: True} if model == self.cascade else None
+        body, headers = binary_infer_request([(name, datatype, shape, bytes(math.prod(shape)))], parameters=parameters)
+        return json.loads(self._request(f"/v2/models/{model}/infer", body, headers))
 
     def report(self) -> dict[str, str | None]:
         """model -> None when it answered, else why it failed (every model is tried)."""

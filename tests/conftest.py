@@ -1,4 +1,4 @@
-"""Shared fixtures: the real tritonserver on free loopback ports, and the offline reference.
+"""Shared fixtures: the build, the real tritonserver on free loopback ports, the test split (helpers: tests/helpers.py).
 
 The server is started once per test session on a cpu repository generated from ``build/`` (``make
 test`` exports and calibrates first) and is always stopped, stubs included, when the session ends.
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from littlebig.decision import cascade
+from tests.helpers import start_server
 
 BUILD = Path(os.environ.get("LITTLEBIG_BUILD", "build"))
 
@@ -32,12 +32,6 @@ def repository(build_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("repo") / "model_repository"
     generate(build_dir, out, "cpu")
     return out
-
-
-def start_server(repository: Path, log_dir: Path):
-    from littlebig.model_repository.server import Ports, TritonServer
-
-    return TritonServer(repository, Ports.free(), log_file=log_dir / "tritonserver.log").start()
 
 
 @pytest.fixture(scope="session")
@@ -77,8 +71,3 @@ def test_split(build_dir):
     logits = reference_logits(build_dir, "test")
     assert np.array_equal(logits["labels"], data.labels)
     return data, logits
-
-
-def offline_reference(logits: dict[str, np.ndarray], rows: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """What the served cascade must answer for ``rows`` at ``threshold``: the shared rule, offline."""
-    return cascade(logits["little"][rows], logits["big"][rows], threshold)

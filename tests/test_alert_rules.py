@@ -11,13 +11,14 @@ import math
 import re
 import shutil
 import subprocess
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+
+from tests.helpers import scrape
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = RULES_DIR / "littlebig.rules.yml"
@@ -88,22 +89,6 @@ def test_rules_read_metrics_the_model_exports():
 
 # --- the whole loop on the real server ------------------------------------------------------------------------
 
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$")
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def scrape(server) -> list[tuple[str, dict[str, str], float]]:
-    """Every littlebig_* sample on the metrics port: (name, labels, value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = []
-    for line in text.splitlines():
-        m = SAMPLE.match(line)
-        if m and m.group(1).startswith("littlebig_"):
-            out.append((m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return out
-
-
 def series_key(name: str, labels: dict[str, str]) -> str:
     return name + "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
 
@@ -131,15 +116,19 @@ def replay(server, images: np.ndarray, batch: int = 64, clients: int = 4) -> Non
 
 def observe(server, images: np.ndarray) -> dict:
     """Replay ``images`` and return the littlebig counters' deltas and the calibration gauges, per series."""
-    before = {series_key(n, labels): v for n, labels, v in scrape(server) if n in COUNTERS}
+    before = {series_key(s.name, s.labels): s.value for s in scrape(server).samples if s.name in COUNTERS}
     replay(server, images)
-    after = scrape(server)
-    counters = {series_key(n, lab): v - before.get(series_key(n, lab), 0.0) for n, lab, v in after if n in COUNTERS}
+    after = scrape(server).samples
+    counters = {
+        series_key(s.name, s.labels): s.value - before.get(series_key(s.name, s.labels), 0.0)
+        for s in after
+        if s.name in COUNTERS
+    }
     gauges: dict[str, float] = {}
-    for n, lab, v in after:  # one sample per BLS instance process, identical labels: max, as the rules take it
-        if n in GAUGES:
-            key = series_key(n, lab)
-            gauges[key] = max(v, gauges.get(key, -math.inf))
+    for s in after:  # one sample per BLS instance process, identical labels: max, as the rules take it
+        if s.name in GAUGES:
+            key = series_key(s.name, s.labels)
+            gauges[key] = max(s.value, gauges.get(key, -math.inf))
     return {"counters": counters, "gauges": gauges}
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from littlebig.client import AsyncLittleBigClient, ClientError, InputError, LittleBigClient, ServerUnavailable
 from littlebig.data import read_image
 from littlebig.decision import cascade
-from tests.conftest import offline_reference
+from tests.helpers import offline_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 

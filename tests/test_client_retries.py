@@ -16,9 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from littlebig.client import AsyncLittleBigClient, ClientError, LittleBigClient, ServerUnavailable
 from littlebig.client.client import CASCADE_ANSWERS, unreachable
-from littlebig.model_repository.generate import ServeOptions
 from littlebig.model_repository.server import free_port
-from tests.test_reliability import hang_big, own_server
+from tests.helpers import hung_server
 
 IMAGE = np.zeros((1, 28, 28, 1), np.uint8)
 
@@ -89,7 +88,7 @@ def test_the_async_client_shares_the_policy():
 @pytest.fixture(scope="module")
 def hung(build_dir, tmp_path_factory):
     """big sleeps 20 s per execution; littlebig's BLS timeout is 2 s."""
-    with own_server(build_dir, tmp_path_factory.mktemp("hung"), ServeOptions(bls_timeout_ms=2000), hang_big(20)) as s:
+    with hung_server(build_dir, tmp_path_factory.mktemp("hung"), bls_timeout_ms=2000) as s:
         yield s
 
 

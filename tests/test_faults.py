@@ -22,8 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from littlebig.model_repository.generate import ServeOptions
 from littlebig.model_repository.server import Supervisor
+from tests.helpers import grpc_url, hang_big, infer, own_server, rows_of, timed, wait_for_answer
 from tests.soak import spaced_thresholds
-from tests.test_reliability import grpc_url, hang_big, infer, own_server, timed, wait_for_answer
 
 pytestmark = pytest.mark.slow  # each test starts its own server and loads it for 10-20 s
 
@@ -98,15 +98,6 @@ def p95(answers: list[Answer]) -> float:
     return float(np.percentile([a.seconds for a in answers], 95))
 
 
-def rows_of(server, model: str) -> int:
-    client = grpcclient.InferenceServerClient(grpc_url(server))
-    try:
-        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    finally:
-        client.close()
-    return int(stats.get("inference_count", 0))
-
-
 def test_a_stalled_big_answers_by_policy_and_the_server_answers_again_after(build_dir, tmp_path, test_split):
     """big's stub frozen 6 s mid-load (SIGSTOP), then resumed: the 2.51 Python backend may abort the
     server on resume (RELIABILITY.md, "Stalls": an upstream bug); the supervisor, with its production
@@ -155,11 +146,11 @@ def test_a_big_slower_than_the_timeout_costs_no_capacity_on_abandoned_work(build
     data, _ = test_split
     opts = ServeOptions(on_big_failure="little", bls_timeout_ms=500)
     with own_server(build_dir, tmp_path, opts, hang_big(1.5)) as server:
-        rows_before = rows_of(server, "big")
+        rows_before = rows_of(grpc_url(server), "big")
         with Load(grpc_url(server), data.images, 1.0) as load:
             time.sleep(8)
         time.sleep(3)  # let the last overdue call finish
-        big_rows = rows_of(server, "big") - rows_before
+        big_rows = rows_of(grpc_url(server), "big") - rows_before
     answers, little_only = load.answers[CLIENTS:], load.little_only  # skip each client's first (warm-up)
     escalated = sum(a.escalated for a in answers)
     answered_by_big = sum(a.escalated - a.degraded for a in answers)

@@ -18,10 +18,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from littlebig import control
-from littlebig.decision import confidence, escalate, softmax
+from littlebig.decision import CONFIDENCE_BINS, confidence, escalate, softmax
 from littlebig.export.calibrate import Outputs, evaluate, governor_levels, sweep, threshold_floor
-from tests.conftest import offline_reference
-from tests.test_serving import infer, metric_sums, reasons, rows_of, scrape
+from tests.helpers import infer, metric_sums, offline_reference, reasons, rows_of, scrape
 
 LEVELS = [0.99, 0.97, 0.9, 0.8]
 
@@ -136,10 +135,25 @@ def test_t_min_is_the_lowest_t_whose_whole_range_keeps_the_budget(build_dir, val
 
 
 def test_calibration_records_t_min_and_the_drift_reference(build_dir, val):
+    """What calibration.json records, checked by definition on val (not by the functions that wrote it): every T
+    from t_min up to the rule's T keeps accuracy within the budget, the next T below does not; the confidence
+    shares are val's rows per (lower, upper] bin."""
     calibration = json.loads((build_dir / "calibration.json").read_text())
+    conf = val.conf.astype(np.float64)
+    little_ok, big_ok = val.little_correct, val.big_correct
+
+    def accuracy(t: float) -> float:  # big answers the rows below T (all of them at T = 1)
+        return float(np.where((conf < t) | (t >= 1.0), big_ok, little_ok).mean())
+
     for rule in calibration["rules"].values():
-        assert rule["t_min"] == threshold_floor(val, rule["threshold"], calibration["max_accuracy_drop"])
-    assert sum(calibration["confidence_shares"]) == pytest.approx(1.0)
+        t_cal, t_min = rule["threshold"], rule["t_min"]
+        budget = accuracy(t_cal) - calibration["max_accuracy_drop"] - 1e-12
+        ts = np.unique(np.concatenate([[0.0], conf[conf <= t_cal], [t_cal]]))  # every T that changes a decision
+        assert all(accuracy(t) >= budget for t in ts[ts >= t_min])
+        assert t_min == ts.min() or accuracy(ts[ts < t_min].max()) < budget
+    lowers = (-np.inf, *CONFIDENCE_BINS[:-1])
+    shares = [((conf > lo) & (conf <= hi)).mean() for lo, hi in zip(lowers, CONFIDENCE_BINS)]
+    np.testing.assert_allclose(calibration["confidence_shares"], shares, rtol=0, atol=1e-12)
 
 
 # --- the real server -----------------------------------------------------------------------------------------
@@ -182,7 +196,7 @@ def test_a_bad_deadline_is_invalid_argument_naming_it(grpc_client, test_split, v
 def governed(build_dir, tmp_path_factory):
     """One BLS instance whose SLO (1 us) every execute breaches: the governor walks T down to T_min."""
     from littlebig.model_repository.generate import ServeOptions
-    from tests.test_reliability import own_server
+    from tests.helpers import own_server
 
     opts = ServeOptions(bls_instances=1, slo_p99_ms=0.001)
     with own_server(build_dir, tmp_path_factory.mktemp("governed"), opts) as s:
@@ -190,7 +204,7 @@ def governed(build_dir, tmp_path_factory):
 
 
 def threshold_gauge(server) -> float:
-    (value,) = scrape(server, "littlebig_threshold").values()
+    (value,) = [s.value for s in scrape(server).select("littlebig_threshold")]
     return value
 
 
@@ -300,7 +314,7 @@ def test_a_real_overload_steps_t_down_and_t_comes_back(build_dir, tmp_path, test
     from concurrent.futures import ThreadPoolExecutor
 
     from littlebig.model_repository.generate import ServeOptions
-    from tests.test_reliability import own_server
+    from tests.helpers import own_server
 
     data, logits = test_split
     conf = confidence(softmax(logits["little"]))

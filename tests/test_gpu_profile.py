@@ -20,16 +20,13 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from littlebig.decision import ROLES
 from littlebig.export import tensorrt as lbtrt
 from littlebig.model_repository.generate import PROFILES, ServeOptions, generate
+from tests.helpers import read_config
 
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = ("little", "big")
 TRT_CACHE_VOLUME = "/trt-cache"  # where deploy/docker-compose.yml and deploy/k8s/deployment.yaml mount it
-
-
-def read_config(path: Path) -> mc.ModelConfig:
-    return text_format.Parse((path / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
 @pytest.fixture()
@@ -328,7 +325,7 @@ def test_queued_work_of_a_timed_out_bls_call_is_dropped_not_run(build_dir, tmp_p
 
     from littlebig.data import load_split
     from littlebig.export.pipeline import read_export
-    from tests.test_reliability import hang_big, infer, own_server
+    from tests.helpers import hang_big, infer, own_server
 
     exported = read_export(build_dir)
     images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:1]

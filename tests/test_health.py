@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from littlebig.model_repository import health
 from littlebig.model_repository.generate import ServeOptions
 from littlebig.model_repository.server import Supervisor
-from tests.test_reliability import infer, kill_stub, own_server
+from tests.helpers import infer, kill_stub, own_server, scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,18 +62,9 @@ def test_the_state_file_keeps_the_last_healthy_check(tmp_path):
     assert health.unready_for(state, now=175.0) == 5.0
 
 
-def littlebig_counters(server) -> dict[str, float]:
-    """Every sample of every ``littlebig_*`` COUNTER family on the metrics port (name + labels -> value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    counters = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE littlebig_") and
-                line.split()[3] == "counter"}  # fmt: skip
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and line.split("{", 1)[0] in counters:
-            key, value = line.rsplit(" ", 1)
-            samples[key] = float(value)
-    return samples
+def littlebig_counters(server) -> dict[tuple, float]:
+    """Every sample of every ``littlebig_*`` COUNTER family on the metrics port ((name, labels) -> value)."""
+    return scrape(server).series("littlebig_", kind="counter")
 
 
 def test_probes_alone_move_no_littlebig_traffic_counter(server, test_split):
@@ -83,7 +73,7 @@ def test_probes_alone_move_no_littlebig_traffic_counter(server, test_split):
     (GitHub issue 21, item 4). A real request after them moves the counters: the scrape can see a change."""
     data, _ = test_split
     before = littlebig_counters(server)
-    assert any(k.startswith("littlebig_rows_total{") for k in before), sorted(before)  # the families exist
+    assert any(name == "littlebig_rows_total" for name, _ in before), sorted(before)  # the families exist
     url = f"127.0.0.1:{server.ports.http}"
     script = [sys.executable, str(ROOT / "model_repository" / "health.py"), "ready", "--url", url]
     for _ in range(3):
@@ -93,7 +83,15 @@ def test_probes_alone_move_no_littlebig_traffic_counter(server, test_split):
     assert littlebig_counters(server) == before
     infer(f"127.0.0.1:{server.ports.grpc}", data.images[:3], 1.0)  # the control: real traffic, all to big
     after = littlebig_counters(server)
-    rows = [k for k in after if k.startswith("littlebig_rows_total{")]
-    escalated = [k for k in after if k.startswith("littlebig_escalated_rows_total{")]
+    rows = [k for k in after if k[0] == "littlebig_rows_total"]
+    escalated = [k for k in after if k[0] == "littlebig_escalated_rows_total"]
     assert sum(after[k] - before.get(k, 0.0) for k in rows) == 3
     assert sum(after[k] - before.get(k, 0.0) for k in escalated) == 3
+
+
+def test_the_probe_names_the_models_the_generator_serves():
+    """health.py spells the names out (it must stay self-contained for the ConfigMap): they must be the served ones."""
+    from littlebig.decision import CASCADE, ROLES
+    from littlebig.model_repository import health
+
+    assert health.CASCADE == CASCADE and health.MODELS == (*ROLES, CASCADE)

@@ -7,19 +7,14 @@ they agree with each other, with the schedule, with the server's counters and wi
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.overload import REASONS, Phase, parse_metrics, phases, schedule, write_intervals
-
-PERF_VENV = Path(os.environ.get("LITTLEBIG_PERF_VENV", ".venv-perf"))
-needs_perf = pytest.mark.skipif(
-    not (PERF_VENV / "bin" / "perf_analyzer").exists(),
-    reason=f"{PERF_VENV}/bin/perf_analyzer is absent: run `make perf-analyzer` (make bench does)",
-)
+from bench.overload_analysis import REASONS
+from bench.step_load import Phase, phases, schedule, write_intervals
+from littlebig.export.pipeline import reference_logits
+from tests.helpers import PERF_VENV, needs_perf
 
 
 def test_the_schedule_steps_1x_2x_1x(tmp_path):
@@ -33,18 +28,6 @@ def test_the_schedule_steps_1x_2x_1x(tmp_path):
         gaps = np.array(write_intervals(t, tmp_path / "iv.txt").read_text().split(), dtype=np.int64)
         assert len(gaps) == len(t) and gaps.min() >= 1
         assert np.cumsum(gaps)[-1] / 1e6 == pytest.approx(t[-1], abs=1e-3)
-
-
-def test_parse_metrics_reads_labels_and_values():
-    text = (
-        "# HELP littlebig_threshold T in force\n"
-        'littlebig_threshold{model="littlebig",version="1",bls_instance="littlebig_0_1"} 0.99\n'
-        'littlebig_load_rows_total{model="littlebig",version="1"} 12\n'
-    )
-    assert parse_metrics(text) == [
-        ("littlebig_threshold", {"model": "littlebig", "version": "1", "bls_instance": "littlebig_0_1"}, 0.99),
-        ("littlebig_load_rows_total", {"model": "littlebig", "version": "1"}, 12.0),
-    ]
 
 
 @pytest.mark.slow
@@ -80,8 +63,15 @@ def test_quick_overload_run_writes_consistent_figures(build_dir, tmp_path):
         assert all(w["p99_ms"] >= w["p50_ms"] > 0 for w in run["windows"] if w["requests"])
         series = run["threshold_series"]
         assert len(series) >= plan[-1].stop_s / 2 and all(s["t_min"] <= s["t_max"] for s in series)
+    # the served accuracy per phase, recounted from the recorded requests against the test labels
+    labels = reference_logits(build_dir, "test")["labels"]
+    for mode, run in r["runs"].items():
+        req = np.load(out.parent / f"{out.stem}-work" / mode / "requests.npz")
+        t = req["send"] - req["send"][0]
         for p in run["phases"]:
-            assert 0 <= p["accuracy_served"] <= 1 and 0 <= p["accuracy_static"] <= 1
+            sel = (t >= p["start_s"]) & (t < p["start_s"] + p["seconds"]) & (req["reason"] != "error")
+            rows, served = req["row"][sel], req["label"][sel]
+            assert (rows >= 0).all() and p["accuracy_served"] == pytest.approx(np.mean(served == labels[rows]))
             assert p["accuracy_drop"] == pytest.approx(p["accuracy_static"] - p["accuracy_served"])
     # governor off: T never moves and no row is answered by little because of load
     off = r["runs"]["off"]

@@ -8,7 +8,6 @@ RELIABILITY.md. ``LITTLEBIG_LOAD_REQUESTS`` sets the mixed-load size (``make soa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,7 +16,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,70 +28,27 @@ from littlebig.decision import softmax
 from littlebig.model_repository.generate import ServeOptions, generate
 from littlebig.model_repository.server import (
     ADMIN_HEADER,
-    SHM_DIR,
     HealthProbe,
     Ports,
     Supervisor,
-    TritonServer,
     children,
 )
-from tests.conftest import offline_reference
+from tests.helpers import (
+    CLIENT_TIMEOUT_S,
+    alive,
+    grpc_url,
+    hung_server,
+    infer,
+    kill_stub,
+    metric,
+    offline_reference,
+    own_server,
+    timed,
+    wait_for_answer,
+)
 from tests.soak import make_items, mixed_load, spaced_thresholds
 
 LOAD_REQUESTS = int(os.environ.get("LITTLEBIG_LOAD_REQUESTS", "2000"))
-CLIENT_TIMEOUT_S = 30.0
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes; its parent reaps it.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return False
-
-
-@contextlib.contextmanager
-def own_server(build: Path, work: Path, opts: ServeOptions | None = None, edit=None) -> Iterator[TritonServer]:
-    """A fresh server on its own repository; on exit none of its processes or /dev/shm regions remain."""
-    repo = work / "model_repository"
-    generate(build, repo, "cpu", opts or ServeOptions())
-    if edit is not None:
-        edit(repo)
-    server = TritonServer(repo, Ports.free(), log_file=work / "tritonserver.log").start()
-    pids, regions = set(server.processes()), set(server._shm_regions)
-    try:
-        yield server
-    finally:
-        server.stop(timeout=5)  # a dead stub's model never unloads: do not wait Triton's 30 s exit timeout
-        deadline = time.monotonic() + 10
-        while any(alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    assert not [p for p in pids if alive(p)], "tritonserver or a stub outlived its server"
-    assert not [r for r in regions if (SHM_DIR / r).exists()], "shared-memory regions left in /dev/shm"
-
-
-def infer(url: str, images: np.ndarray, threshold=None, model: str = "littlebig", timeout: float = CLIENT_TIMEOUT_S):
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-        inp.set_data_from_numpy(images)
-        params = None if threshold is None else {"threshold": threshold}
-        return client.infer(model, [inp], parameters=params, client_timeout=timeout)
-    finally:
-        client.close()
-
-
-def metric(server: TritonServer, name: str) -> float:
-    """Sum of one metric family's samples on the metrics port."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
-
-
-def grpc_url(server: TritonServer) -> str:
-    return f"127.0.0.1:{server.ports.grpc}"
 
 
 # --- bad input mixed into load, on the session server -------------------------------------------------
@@ -132,13 +87,6 @@ def test_bad_input_mixed_into_load_loses_no_good_answer(server, test_split, serv
 
 
 # --- big's failure policy, with big's stub killed mid-load ----------------------------------------------
-
-
-def kill_stub(server: TritonServer, model: str) -> int:
-    pid = server.stub_pid(model)
-    assert pid is not None, f"no stub process for {model}"
-    os.kill(pid, signal.SIGKILL)
-    return pid
 
 
 @pytest.mark.slow
@@ -217,20 +165,6 @@ def test_big_dies_mid_load_answers_follow_the_policy(policy, build_dir, tmp_path
 # --- supervision: a dead stub is restarted ---------------------------------------------------------------
 
 
-def wait_for_answer(url: str, images: np.ndarray, limit: float) -> float:
-    """Seconds until an all-big request (threshold 1) through littlebig answers cleanly."""
-    began = time.monotonic()
-    while time.monotonic() - began < limit:
-        try:
-            res = infer(url, images, 1.0, timeout=5)
-            if not res.as_numpy("DEGRADED").any():
-                return time.monotonic() - began
-        except InferenceServerException:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no clean answer within {limit} s")
-
-
 @pytest.mark.slow
 def test_supervisor_restarts_the_server_when_bigs_stub_dies(build_dir, tmp_path, test_split):
     data, logits = test_split
@@ -305,69 +239,26 @@ def test_littlebig_serve_supervises_and_stops_cleanly(build_dir, tmp_path, test_
 
 # --- a hung big --------------------------------------------------------------------------------------------
 
-HANG_MODEL = '''"""big that sleeps: what does the BLS timeout cover?"""
-import json
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.sleep_s = float(config["parameters"]["hang_s"]["string_value"])
-        self.classes = config["output"][0]["dims"][0]
-
-    def execute(self, requests):
-        time.sleep(self.sleep_s)
-        rows = [pb_utils.get_input_tensor_by_name(r, "IMAGE").as_numpy().shape[0] for r in requests]
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("LOGITS", np.zeros((n, self.classes), np.float32))])
-                for n in rows]
-'''
-
-
-def hang_big(seconds: float):
-    def edit(repo: Path) -> None:
-        (repo / "big" / "1" / "model.py").write_text(HANG_MODEL)
-        config = repo / "big" / "config.pbtxt"
-        config.write_text(
-            config.read_text() + f'\nparameters {{ key: "hang_s" value {{ string_value: "{seconds}" }} }}\n'
-        )
-
-    return edit
-
-
 @pytest.fixture(scope="module")
-def hung_server(build_dir, tmp_path_factory):
+def hung(build_dir, tmp_path_factory):
     """big sleeps 20 s per execution; littlebig's BLS timeout is 1 s."""
-    with own_server(build_dir, tmp_path_factory.mktemp("hung"), ServeOptions(bls_timeout_ms=1000), hang_big(20)) as s:
+    with hung_server(build_dir, tmp_path_factory.mktemp("hung"), bls_timeout_ms=1000) as s:
         yield s
 
 
-def timed(url: str, images: np.ndarray, threshold: float, timeout: float) -> tuple[float, str]:
-    began = time.monotonic()
-    try:
-        infer(url, images, threshold, timeout=timeout)
-        outcome = "answered"
-    except InferenceServerException as exc:
-        outcome = f"{exc.status()}: {exc.message()[:120]}"
-    return time.monotonic() - began, outcome
-
-
 @pytest.mark.slow
-def test_a_hung_big_never_hangs_a_client_that_sets_a_deadline(hung_server, test_split):
+def test_a_hung_big_never_hangs_a_client_that_sets_a_deadline(hung, test_split):
     """The client's deadline (0.4 s) is shorter than the server's BLS timeout (1 s): the client's own path fires."""
     data, _ = test_split
-    seconds, outcome = timed(grpc_url(hung_server), data.images[:2], 1.0, timeout=0.4)
+    seconds, outcome = timed(grpc_url(hung), data.images[:2], 1.0, timeout=0.4)
     print(f"\nhung big, client deadline 0.4 s: {outcome} after {seconds:.2f} s")
     assert "DEADLINE_EXCEEDED" in outcome and 0.4 <= seconds < 0.9
 
 
 @pytest.mark.slow
-def test_the_bls_timeout_bounds_a_hung_big(hung_server, test_split):
+def test_the_bls_timeout_bounds_a_hung_big(hung, test_split):
     data, _ = test_split
-    url = grpc_url(hung_server)
+    url = grpc_url(hung)
     with ThreadPoolExecutor(2) as pool:  # occupy both BLS instances with escalated requests
         escalated = list(pool.map(lambda _: timed(url, data.images[:2], 1.0, timeout=6), range(2)))
     little_only = timed(url, data.images[:2], 0.0, timeout=6)
@@ -473,3 +364,4 @@ def test_oversize_requests_under_supervision(build_dir, tmp_path, test_split):
         assert http_outcome.startswith("connection lost"), http_outcome  # no HTTP answer: the server died
         assert crashing.returncode == -signal.SIGSEGV  # the upstream crash, not a clean refusal
         assert supervisor.restarts == 1 and server.process is not crashing and server.process.poll() is None
+

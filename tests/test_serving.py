@@ -14,28 +14,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from littlebig.decision import confidence, softmax
-from tests.conftest import offline_reference
+from littlebig.decision import CONFIDENCE_BINS, confidence, softmax
+from tests.helpers import infer, metric_sums, offline_reference, reasons, rows_of, scrape
 
 BATCH_SIZES = (1, 7, 64, 3, 32, 16, 50, 2, 8, 64, 5, 24)
-
-
-def infer(client, images, threshold=None, model="littlebig", outputs=None, parameters=None):
-    """``parameters``: other request parameters (e.g. deadline_ms), beside ``threshold``."""
-    inp = grpcclient.InferInput("IMAGE", list(images.shape), "UINT8")
-    inp.set_data_from_numpy(images)
-    params = {**(parameters or {}), **({} if threshold is None else {"threshold": threshold})}
-    return client.infer(model, [inp], parameters=params or None, outputs=outputs)
-
-
-def reasons(result) -> np.ndarray:
-    """The REASON output as strings, one per row."""
-    return np.array([r.decode() for r in result.as_numpy("REASON").reshape(-1)])
-
-
-def rows_of(client, model: str) -> int:
-    """Rows this model has inferred so far (Triton counts rows in inference_count)."""
-    return client.get_inference_statistics(model).model_stats[0].inference_count
 
 
 def batches(n: int) -> list[np.ndarray]:
@@ -165,7 +147,7 @@ BATCHING_DELAY_US = 1_500_000
 def batching_server(build_dir, tmp_path_factory):
     """One BLS instance whose dynamic batcher waits 1.5 s: requests sent together share one execute."""
     from littlebig.model_repository.generate import ServeOptions
-    from tests.test_reliability import own_server
+    from tests.helpers import own_server
 
     def slow_batcher(repo):
         config = repo / "littlebig" / "config.pbtxt"
@@ -208,13 +190,6 @@ def test_bad_threshold_fails_that_request_only_in_a_shared_execute(batching_serv
             assert_matches_reference(answers[0], offline_reference(logits, rows, served_threshold), rows)
     finally:
         client.close()
-
-
-def metric_sums(server, names: tuple[str, ...]) -> dict[str, float]:
-    """Each metric family's samples summed, scraped from the metrics port."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
-        lines = r.read().decode().splitlines()
-    return {n: sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith(n + "{")) for n in names}
 
 
 def test_metric_values_equal_the_rows_served(server, grpc_client, test_split, served_threshold):
@@ -260,8 +235,7 @@ def test_kserve_v2_rest_and_metrics(server, test_split, served_threshold):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=30)
     assert err.value.code == 400 and b"threshold" in err.value.read()
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
+    metrics = scrape(server)
     for name in (
         "littlebig_rows_total",
         "littlebig_escalated_rows_total",
@@ -269,30 +243,23 @@ def test_kserve_v2_rest_and_metrics(server, test_split, served_threshold):
         "littlebig_little_confidence_rows_total",
     ):
         assert name in metrics, name
-    failed = [line for line in metrics.splitlines() if line.startswith("littlebig_failed_requests_total")]
-    assert float(failed[0].rsplit(" ", 1)[1]) >= 1
-
-
-def scrape(server, name: str) -> dict[str, float]:
-    """One metric family's samples on the metrics port: label string -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=10) as r:
-        lines = r.read().decode().splitlines()
-    samples = [ln for ln in lines if ln.startswith(name + "{")]
-    return {ln.split("{", 1)[1].rsplit("}", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in samples}
+    assert metrics.total("littlebig_failed_requests_total") >= 1
 
 
 def test_confidence_bins_count_exactly_the_rows_served(server, grpc_client, test_split, served_threshold):
     """The per-execute confidence bins (the drift signal) equal little's offline confidences, bin by bin."""
     data, logits = test_split
     rows = np.arange(300, 600)
-    before = scrape(server, "littlebig_little_confidence_rows_total")
+    name = "littlebig_little_confidence_rows_total"
+    before = scrape(server).by(name, "upper")
     for chunk in np.array_split(rows, 7):
         inp = grpcclient.InferInput("IMAGE", list(data.images[chunk].shape), "UINT8")
         inp.set_data_from_numpy(data.images[chunk])
         grpc_client.infer("littlebig", [inp])
-    after = scrape(server, "littlebig_little_confidence_rows_total")
-    delta = {k.split('upper="')[1].split('"')[0]: after[k] - before.get(k, 0.0) for k in after}
+    after = scrape(server).by(name, "upper")
+    delta = {upper: after[upper] - before.get(upper, 0.0) for upper in after}
+    # binned here by explicit (lower, upper] comparisons, not by confidence_bin_counts' searchsorted
     conf = confidence(softmax(logits["little"][rows]))
-    edges = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0]
-    expected = np.bincount(np.searchsorted(edges, conf), minlength=len(edges))
-    assert [delta.get(repr(e), 0.0) for e in edges] == expected.tolist()
+    lowers = (-np.inf, *CONFIDENCE_BINS[:-1])
+    expected = {repr(hi): float(((conf > lo) & (conf <= hi)).sum()) for lo, hi in zip(lowers, CONFIDENCE_BINS)}
+    assert delta == expected and sum(expected.values()) == len(rows)

@@ -40,11 +40,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, check_deadline
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax
+from decision import REASONS as REASON_NAMES
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (../shared/FACTS.md, GPU section).
 NUMPY_MAJOR_SUPPORTED = 1
 #: REASON per row, indexed by its code: who answered, and why little answered a row it was unsure of.
-REASONS = np.array([b"confident", b"escalated", b"load", b"deadline", b"big_failed"], dtype=np.object_)
+REASONS = np.array([r.encode() for r in REASON_NAMES], dtype=np.object_)
 CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 
 

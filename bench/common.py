@@ -1,0 +1,94 @@
+"""What the bench entry points share (``make bench``, ``bench.ab``, ``make overload``): a private copy of the pair,
+the real test images and their perf_analyzer input, warm-up requests, and the machine a result was measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.perf import write_input_data
+from littlebig.data import load_split
+from littlebig.export.pipeline import ROLES, export_dir, read_export
+
+
+def snapshot(build: Path, dest: Path) -> Path:
+    """A private copy of the pair, its calibration and its cached val/test logits: every candidate serves the
+    same files even if build/ moves, and the generator's val figures (governor, drift reference) come from the
+    cache instead of a new pass over val."""
+    import shutil
+
+    exported = read_export(build)
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "export").mkdir(parents=True)
+    names = ["export.json", *(exported[role]["onnx"] for role in ROLES)]
+    names += [n for n in ("logits-val.npz", "logits-test.npz") if (export_dir(build) / n).exists()]
+    for name in names:  # copy2 keeps mtimes: the logits caches stay newer than the ONNX files
+        shutil.copy2(export_dir(build) / name, dest / "export" / name)
+    shutil.copy2(build / "calibration.json", dest / "calibration.json")
+    return dest
+
+
+def load_test_images(build: Path, work: Path, count: int) -> tuple[dict[str, Any], np.ndarray, Path]:
+    """The pair's export record, the first ``count`` real test images, and perf_analyzer's --input-data of them."""
+    exported = read_export(build)
+    images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:count]
+    return exported, images, write_input_data(images, work / "input-data.json")
+
+
+def warm_up(client, images: np.ndarray, model: str, batches: tuple[int, ...]) -> None:
+    """A few requests per batch size, so no measured window pays for first-call set-up."""
+    import tritonclient.grpc as grpcclient
+
+    for batch in batches:
+        for start in range(0, 4 * batch, batch):
+            tensor = grpcclient.InferInput("IMAGE", [batch, *images.shape[1:]], "UINT8")
+            tensor.set_data_from_numpy(np.ascontiguousarray(images[start : start + batch]))
+            client.infer(model, [tensor])
+
+
+def machine() -> dict[str, Any]:
+    """What BENCHMARKS.md must state: cores, memory, CPU model and versions."""
+    import onnxruntime
+
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if ln.startswith("Model name")
+        ),
+        platform.processor(),
+    )
+    mem_kib = next(
+        int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "triton": "2.51.0 (nvidia-pytriton 0.7.0)",
+    }
+
+
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """``8x16,1x16`` -> [(batch 8, concurrency 16), (batch 1, concurrency 16)]."""
+    return [(int(b), int(c)) for b, c in (p.split("x") for p in text.split(","))]
+
+
+def entry_parser(prog: str, doc: str, out_help: str, images: int, images_help: str) -> argparse.ArgumentParser:
+    """The arguments every bench entry point takes: the build, perf_analyzer's venv, the output, the image count."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    ap.add_argument("--build", type=Path, default=Path("build"))
+    ap.add_argument("--perf-venv", type=Path, default=Path(".venv-perf"))
+    ap.add_argument("--out", type=Path, help=out_help)
+    ap.add_argument("--images", type=int, default=images, help=images_help)
+    return ap
