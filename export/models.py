@@ -163,6 +163,22 @@ def load_classifier(weights: str, name: str | None = None, num_classes: int = 10
     return model.eval(), meta["class_names"]
 
 
+def default_service_size(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    """The service size (H, W, C) a pair gets by default from big's data config: ``floor(size / crop_pct)``
+    where big centre-crops (crop_pct < 1), else big's input size.
+
+    The client (or the ``decode`` model) brings a file to the service size with timm's own first step (shorter
+    side to that size, PIL bicubic), so big's graph then only crops and big sees exactly timm's eval transform of
+    the original file. At big's input size instead, big's graph resized a second time: 1.1 (600 px, crop_pct
+    0.949) to 2.1 (224 px, 0.875) grey levels from timm's on scikit-image's photos (GitHub issue 25, section 5).
+    """
+    chans, height, width = cfg["input_size"]
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    if crop_pct < 1.0 and (cfg.get("crop_mode") or "center") == "center":
+        return math.floor(height / crop_pct), math.floor(width / crop_pct), chans
+    return height, width, chans
+
+
 def resize_geometry(
     source: tuple[int, int], input_size: tuple[int, int], crop_pct: float, crop_mode: str | None
 ) -> tuple[tuple[int, int], tuple[int, int]]:

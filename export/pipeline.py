@@ -114,7 +114,7 @@ def export_pair(
     the antialiased resize only where the service size makes it downscale.
     """
     from littlebig.export.macs import count_macs, count_params
-    from littlebig.export.models import Preprocessed, data_config, load_classifier
+    from littlebig.export.models import Preprocessed, data_config, default_service_size, load_classifier
     from littlebig.export.onnx_export import check_parity, export_onnx
 
     models, class_names = {}, {}
@@ -124,9 +124,8 @@ def export_pair(
         raise ValueError(
             f"little and big were trained on different classes: {class_names['little']} vs {class_names['big']}"
         )
-    if service_size is None:  # default: the big model's own resolution
-        c, h, w = data_config(models["big"])["input_size"]
-        service_size = (h, w, c)
+    if service_size is None:  # default: big's floor(size / crop_pct), where big's graph then only crops
+        service_size = default_service_size(data_config(models["big"]))
     class_ids = class_ids_of(weights["big"], class_names["big"])
     _, batches = split_batches(
         "val", data_dir, service_size, max_images=max_images, class_ids=class_ids,
