@@ -86,7 +86,7 @@ def mode_variants(img: Image.Image) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    """The photo files on disk (the client reads them back), 50 in all."""
+    """The photo files on disk (the client reads them back), 52 in all."""
     root = tmp_path_factory.mktemp("photos")
     files: dict[str, bytes] = {}
     for name in PHOTOS:
