@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from littlebig.cli import prepare_repository
-from littlebig.model_repository.generate import generate
+from littlebig.model_repository.generate import generate, prepare_repository
 from littlebig.model_repository.server import Ports
 
 LITTLEBIG = Path(sys.executable).parent / "littlebig"
