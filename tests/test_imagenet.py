@@ -60,12 +60,18 @@ def test_batches_decode_in_workers_equal_in_process(folder):
     pooled = list(iter_batches(index, (24, 24, 3), batch_size=32, workers=2))
     assert [len(b) for b, _ in pooled] == [32] * 4 + [22]
     assert all(np.array_equal(a, b) and np.array_equal(la, lb) for (a, la), (b, lb) in zip(inline, pooled))
-    # shorter side (32) -> 24, the other truncated like torchvision (30), centre crop 24x24
+    # the reference is torchvision's eval framing (timm's for crop_pct 1): Resize(shorter side, bicubic) on the
+    # PIL image, then CenterCrop; every file of the split, byte for byte
     from PIL import Image
+    from torchvision import transforms
 
-    with Image.open(root / index.files[0]) as img:
-        expected = np.asarray(img.convert("RGB").resize((30, 24), Image.Resampling.BICUBIC))[:, 3:27]
-    assert np.array_equal(read_image(root / index.files[0], (24, 24, 3)), expected)
+    frame = transforms.Compose(
+        [transforms.Resize(24, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(24)]
+    )
+    for name in index.files:
+        with Image.open(root / name) as img:
+            expected = np.asarray(frame(img.convert("RGB")))
+        assert np.array_equal(read_image(root / name, (24, 24, 3)), expected), name
     bad = root / SYNSETS[0] / "broken.JPEG"
     bad.write_bytes(b"not a jpeg")
     try:
