@@ -331,7 +331,8 @@ def test_classify_cli_encoded_and_pixels_give_the_same_records(server, photos, t
 
 # ---- the decoder at an RGB service size, with a small pixel limit ---------------------------------------------
 
-RGB_SIZE = (224, 224, 3)
+#: floor(224 / 0.875): the default service size of a pair whose big is efficientnet_b0 (issue 25, section 5)
+RGB_SIZE = (256, 256, 3)
 SMALL_LIMIT = 200_000  # chelsea (451x300 = 135,300 pixels) passes, astronaut (512x512 = 262,144) does not
 
 
@@ -367,6 +368,19 @@ def test_rgb_decoding_is_byte_for_byte_and_the_pixel_limit_is_configurable(rgb_d
         served = infer_encoded(rgb_decoder, [f.read_bytes() for f in files], model="decode").as_numpy("IMAGE")
         for f, image in zip(files, served):
             assert np.array_equal(image, read_image(f, RGB_SIZE)), f"{f.name}: decoded pixels differ"
+    # section 5: what the server decodes, centre-cropped as big's graph does, is timm's eval transform of the file
+    timm_data = pytest.importorskip("timm.data")
+    transform = timm_data.create_transform(
+        input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic", mean=(0, 0, 0), std=(1, 1, 1)
+    )
+    chosen = {"chelsea.png", "horse.png", "coffee-384-q75-progressive.jpg", "rocket-384-q75-progressive.jpg"}
+    originals = [p for p in small if p.name in chosen]
+    assert len(originals) == len(chosen)
+    served = infer_encoded(rgb_decoder, [f.read_bytes() for f in originals], model="decode").as_numpy("IMAGE")
+    for f, image in zip(originals, served):
+        with Image.open(f) as img:
+            expected = np.rint(transform(img.convert("RGB")).numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+        assert np.array_equal(image[16:240, 16:240], expected), f"{f.name}: big's crop differs from timm's"
     with pytest.raises(
         InferenceServerException,
         match=r"row 0: decompression bomb refused: PNG declares 512x512 = "
