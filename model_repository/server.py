@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from littlebig.metrics_text import fetch
 from littlebig.model_repository.health import HealthProbe  # the one health check (health.py says why)
 
 LOOPBACK = "127.0.0.1"
@@ -255,6 +256,18 @@ class TritonServer:
                 return pid
         return None
 
+    def frozen_stubs(self) -> list[int]:
+        """Stub processes that are stopped (SIGSTOP, a debugger): state T or t in /proc/<pid>/stat."""
+        frozen = []
+        for pid, argv in self.processes().items():
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if argv and "triton_python_backend_stub" in argv[0] and state in ("T", "t"):  # a zombie has no argv
+                frozen.append(pid)
+        return frozen
+
     def rss_bytes(self) -> int:
         """Resident memory of the server and all its stubs."""
         return sum(rss_bytes(pid) for pid in self.processes())
@@ -357,10 +370,32 @@ class Supervisor:
 
     Triton does not restart a dead Python stub, and a hung one holds every BLS instance that waits
     on it: a restart is the recovery for both. Restarts reuse the same ports and admin key.
+
+    A probe runs every ``interval`` s; ``failures`` failed probes in a row restart the server. A probe also
+    runs when traffic shows failures (every second the metrics port is read: a rise in Triton's failed
+    requests of any model, or in the cascade's DEGRADED rows or failed requests, at most one probe per
+    ``trigger_gap`` s). A probe that finds a Python stub dead (python_backend's "Stub process ... is not
+    healthy", r24.10 src/python_be.cc:1060, src/stub_launcher.cc:773; Triton never restarts it) restarts
+    the server at once, with no shutdown grace, unless a stub is frozen (``frozen_stubs``).
+
+    Why (issue 22): a big stub declared dead while the server stays up (one outcome of a stalled stub,
+    RELIABILITY.md "Stalls") failed every escalation, but only the scheduled probes saw it (2 failures,
+    10 s apart), and the restart then waited out the 5 s grace: 10-25 s late. A slow or stalled model is
+    not proof of death: its failed probes count toward ``failures`` on the schedule only, as before.
     """
+
+    #: Counters whose rise means requests are failing now.
+    FAILURE_COUNTERS = (
+        "nv_inference_request_failure",
+        "littlebig_degraded_rows_total",
+        "littlebig_failed_requests_total",
+    )
+    #: python_backend's message for a stub it has declared dead.
+    DEAD_STUB = "is not healthy"
 
     server: TritonServer
     interval: float = 10.0
+    trigger_gap: float = 2.0
     probe_timeout: float = 10.0
     failures: int = 2
     max_restarts: int = 10
@@ -369,14 +404,18 @@ class Supervisor:
     restarts: int = 0
     recoveries: list[float] = field(default_factory=list)  # seconds from detection to ready, per restart
     _streak: int = 0
+    _failures_seen: float | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def probe(self) -> HealthProbe:
         return HealthProbe(self.server.url, timeout=self.probe_timeout)
 
-    def step(self) -> bool:
-        """One health check, restarting when it calls for it; True when the server answered."""
+    def step(self, triggered: bool = False) -> bool:
+        """One health check, restarting when it calls for it; True when the server answered.
+
+        ``triggered``: run because traffic failed, not on the schedule; only a dead stub restarts then.
+        """
         process = self.server.process
         if process is not None and process.poll() is not None:
             self._restart(f"tritonserver exited with code {process.returncode}")
@@ -385,19 +424,30 @@ class Supervisor:
         if not failed:
             self._streak = 0
             return True
+        dead = {m: why for m, why in failed.items() if self.DEAD_STUB in why}
+        # A frozen stub (SIGSTOP) is declared dead too, but while it is frozen the cascade serves by its failure
+        # policy; restarting would fail everyone meanwhile. Its resume aborts the server (restart on exit) or
+        # leaves it declared dead and running: then it is restarted here.
+        if dead and not self.server.frozen_stubs():
+            # its model can never unload, so a clean shutdown would only wait out the grace: kill at once
+            self._restart(f"a Python stub is dead (Triton never restarts one): {dead}", grace=0.0)
+            return False
+        if triggered:
+            log.warning("health check after failing traffic failed (not counted: no dead stub): %s", failed)
+            return False
         self._streak += 1
         log.warning("health check failed (%d/%d): %s", self._streak, self.failures, failed)
         if self._streak >= self.failures:
             self._restart(f"health check failed {self._streak} times: {failed}")
         return False
 
-    def _restart(self, why: str) -> None:
+    def _restart(self, why: str, grace: float | None = None) -> None:
         if self.restarts >= self.max_restarts:
             raise SupervisorGaveUp(f"giving up after {self.restarts} restarts; last failure: {why}")
         self.restarts += 1
         log.error("restarting tritonserver (restart %d): %s", self.restarts, why)
         began = time.monotonic()
-        self.server.stop(timeout=self.stop_grace)
+        self.server.stop(timeout=self.stop_grace if grace is None else grace)
         try:
             self.server.start(timeout=self.ready_timeout)
         except ServerError as exc:
@@ -407,14 +457,34 @@ class Supervisor:
         self.recoveries.append(time.monotonic() - began)
         log.warning("tritonserver is back after %.1f s (restart %d)", self.recoveries[-1], self.restarts)
 
+    def failing_now(self) -> bool:
+        """True when a failure counter rose since the last call (False the first time, or when unreadable)."""
+        try:
+            metrics = fetch(f"http://{self.server.address}:{self.server.ports.metrics}/metrics", timeout=2)
+        except (OSError, ValueError):
+            return False
+        total = sum(metrics.total(name) for name in self.FAILURE_COUNTERS if name in metrics)
+        rose = self._failures_seen is not None and total > self._failures_seen
+        self._failures_seen = total
+        return rose
+
     def run(self, stop: threading.Event | StopSignals) -> None:
-        """Check every ``interval`` s (process exit every second) until ``stop`` is set."""
-        next_probe = time.monotonic() + self.interval
+        """Every second: the process and the failure counters; a probe every ``interval`` s, or when a failure
+        counter rose (at most one per ``trigger_gap`` s); until ``stop`` is set."""
+        now = time.monotonic()
+        next_probe, next_trigger = now + self.interval, now
         while not stop.wait(min(1.0, self.interval)):
             process = self.server.process
-            if process is None or process.poll() is not None or time.monotonic() >= next_probe:
+            now = time.monotonic()
+            if process is None or process.poll() is not None or now >= next_probe:
                 self.step()
                 next_probe = time.monotonic() + self.interval
+            elif self.failing_now() and now >= next_trigger:
+                self.step(triggered=True)
+                next_trigger = time.monotonic() + self.trigger_gap
+            else:
+                continue
+            self._failures_seen = None  # a restart resets Triton's counters: count from the next reading
 
     def start(self) -> Supervisor:
         """Supervise in a background thread (tests; ``littlebig serve`` calls ``run`` itself)."""

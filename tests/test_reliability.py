@@ -365,3 +365,23 @@ def test_oversize_requests_under_supervision(build_dir, tmp_path, test_split):
         assert crashing.returncode == -signal.SIGSEGV  # the upstream crash, not a clean refusal
         assert supervisor.restarts == 1 and server.process is not crashing and server.process.poll() is None
 
+
+@pytest.mark.slow
+def test_a_dead_stub_under_traffic_is_restarted_before_the_first_scheduled_probe(build_dir, tmp_path, test_split):
+    """big's stub killed while the server stays up, with traffic, and no scheduled probe for a minute: the
+    failing requests trigger a probe, which finds the stub dead ("is not healthy") and restarts at once (no
+    shutdown grace). Before, only the scheduled probes saw a dead stub, so recovery waited for them."""
+    data, _ = test_split
+    with own_server(build_dir, tmp_path, ServeOptions(big_instances=1, on_big_failure="little")) as server:
+        url = grpc_url(server)
+        supervisor = Supervisor(server, interval=60.0).start()
+        try:
+            time.sleep(1.5)  # the supervisor's first reading of the failure counters
+            old = kill_stub(server, "big")
+            recovery = wait_for_answer(url, data.images[:8], 45)  # its DEGRADED answers are the failing traffic
+        finally:
+            supervisor.stop()
+        print(f"\ndead stub under traffic: restarts {supervisor.restarts}, clean {recovery:.1f} s after the kill")
+        assert supervisor.restarts == 1 and server.stub_pid("big") not in (None, old)
+        # measured 7.7-9.0 s (stub declared dead ~1 s, a probe, ~3.5 s start); the schedule alone: >= 60 s
+        assert recovery < 20.0
