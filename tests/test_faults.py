@@ -161,12 +161,12 @@ def test_a_big_slower_than_the_timeout_costs_no_capacity_on_abandoned_work(build
         f"rows ({big_rows / max(escalated, 1):.1%}), {answered_by_big} answered by big; little-only p95 "
         f"{p95(little_only) * 1000:.0f} ms"
     )
-    # No "little timed out" collapse (40% of requests before): at most a rare request whose call to little
-    # took longer than the timeout or expired in little's queue (0.04-0.3% of requests in some runs, not
-    # yet explained, see RELIABILITY.md); big's own failure never reaches a client under this policy.
+    # No error at all: big's failure never reaches a client under this policy, and little runs inside the BLS
+    # model (the cpu default), so no call to little can time out. The rare "little timed out" of earlier runs
+    # came from little as a Triton model: the first BLS calls to it after the load, in the first ~0.6 s of the
+    # burst, took over the 0.5 s timeout (RELIABILITY.md, "Stalls and slow models").
     errors = [a.error for a in answers + little_only if a.error]
-    assert answers and len(errors) <= 0.01 * len(answers), errors[:3]
-    assert all("UNAVAILABLE: little " in e for e in errors), errors[:3]
+    assert answers and not errors, errors[:3]
     assert max(a.seconds for a in answers) < 1.5  # at most one wait for the timeout, plus queueing
     # Once big is known to be slow, nobody waits on it: escalated rows and little-only ones answer fast.
     assert p95(answers) < 0.25 and p95(little_only) < 0.25
