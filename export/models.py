@@ -61,6 +61,9 @@ RECIPES: dict[str, Recipe] = {
     # Two stages (progressive resizing): big64 from scratch, then big at 96 px from it (``--init``).
     "big64": Recipe("resnet18", (1, 64, 64), epochs=6),
     "big": Recipe("resnet18", (1, 96, 96), epochs=5, lr=1e-3),
+    # The optional middle stage of a three-model cascade (``--models little,middle,big``): about 16x
+    # little's MACs and a sixth of big's, distilled from big (``--teacher checkpoints/big.safetensors``).
+    "middle": Recipe("resnet10t", (1, 48, 48), epochs=6),
 }
 
 

@@ -36,14 +36,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = _subparser(
         sub,
         "train",
-        help="train the little or big model on Fashion-MNIST",
+        help="train one model of the cascade (little, middle, big) on Fashion-MNIST",
         epilog="resumable: rerun the same command after a stop to continue from the last epoch\n"
         "examples (the committed pair, checkpoints/README.md):\n"
         "  littlebig train big64 --out build/train/big64.safetensors\n"
         "  littlebig train big --init build/train/big64.safetensors\n"
         "  littlebig train little --teacher checkpoints/big.safetensors",
     )
-    p.add_argument("role", choices=["little", "big", "big64"], help="which recipe of the registry to train")
+    p.add_argument("role", choices=["little", "middle", "big", "big64"], help="which recipe of the registry to train")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default checkpoints/ROLE.safetensors)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--seed", type=int, default=0)
