@@ -20,17 +20,29 @@ Rules (a registry, each a function of val logits/labels); ``SERVE_RULE`` is the 
   which also bounds the loss (``H <= L``) and needs no labels (big's answer is its own reference, as in
   shadow traffic), but is looser: it also counts rows where both are wrong, or only big is. Same promise,
   a higher T.
+
+Cascades of K > 2 models (``StageOutputs``, ``calibrate_stages``) choose T_1..T_{K-1} jointly. The objective is
+the expected MACs on val (each row pays every stage it reaches); the constraint is the rule's, against the last
+model. ``paper``: cascade val accuracy >= the last model's. ``bounded`` / ``guaranteed``: the family of hypotheses
+is the product of a fixed, data-independent grid for T_1..T_{K-2} (``OUTER_GRID``) with the LTT grid for T_{K-1}.
+With the earlier thresholds fixed, the risk only grows as T_{K-1} falls (it moves rows from big to the stage
+before it, nothing else), so each outer point is a fixed-sequence walk, as for two models; the walks are
+Bonferroni-corrected, each at delta / |outer points|, so that the family-wise error is at most delta and *any*
+rejected point keeps the promise: the one with the least expected MACs is served. Two models: exactly the rules
+above (one outer point, no correction).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from littlebig.decision import confidence, confidence_bin_counts, escalate, softmax
+from littlebig.decision import ALWAYS_BIG, answering_stage, confidence, confidence_bin_counts, escalate, softmax
 
 EPS, DELTA = 0.005, 0.05
 #: The load governor's default accuracy budget (``littlebig repo --max-accuracy-drop``) and its T steps.
@@ -44,10 +56,12 @@ class Outputs:
     little_logits: np.ndarray
     big_logits: np.ndarray
     labels: np.ndarray
+    #: the confidence that decides escalation, where it is not little's own (``StageOutputs.last_transition``)
+    little_conf: np.ndarray | None = None
 
     @property
     def conf(self) -> np.ndarray:
-        return confidence(softmax(self.little_logits))
+        return confidence(softmax(self.little_logits)) if self.little_conf is None else self.little_conf
 
     @property
     def little_correct(self) -> np.ndarray:
@@ -68,7 +82,8 @@ class Outputs:
 
     def resample(self, rows: np.ndarray) -> Outputs:
         """The same split restricted to (or resampled at) ``rows``."""
-        return Outputs(self.little_logits[rows], self.big_logits[rows], self.labels[rows])
+        conf = None if self.little_conf is None else self.little_conf[rows]
+        return Outputs(self.little_logits[rows], self.big_logits[rows], self.labels[rows], conf)
 
 
 def evaluate(out: Outputs, threshold: float) -> dict[str, float]:
@@ -225,4 +240,145 @@ def calibrate(out: Outputs, rules: tuple[str, ...] = tuple(RULES)) -> dict[str, 
     for name in rules:
         threshold = RULES[name](out)
         record[name] = {**evaluate(out, threshold), "t_min": threshold_floor(out, threshold)}
+    return record
+
+
+# --- cascades of any length -------------------------------------------------------------------------------------
+
+#: The data-independent values tried for each threshold before the last (T_1..T_{K-2}) of a K > 2 cascade:
+#: the Bonferroni family's outer points. 1.0 sends every row on (the shorter cascade without that stage).
+OUTER_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 1.0)
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """Every stage's logits on one split (cheapest first), its labels and each stage's MACs per image."""
+
+    logits: tuple[np.ndarray, ...]
+    labels: np.ndarray
+    macs: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.logits) < 2 or len(self.macs) != len(self.logits):
+            raise ValueError(f"{len(self.logits)} stages' logits with {len(self.macs)} MACs figures")
+
+    @property
+    def stages(self) -> int:
+        return len(self.logits)
+
+    @cached_property
+    def confs(self) -> list[np.ndarray]:
+        """Confidence of every stage but the last (the last never escalates)."""
+        return [confidence(softmax(z)) for z in self.logits[:-1]]
+
+    @cached_property
+    def predictions(self) -> np.ndarray:
+        return np.stack([z.argmax(-1) for z in self.logits])
+
+    def pair(self) -> Outputs:
+        """The two-model view (first and last stage): every two-model rule applies to it unchanged."""
+        return Outputs(self.logits[0], self.logits[-1], self.labels)
+
+    def resample(self, rows: np.ndarray) -> StageOutputs:
+        return StageOutputs(tuple(z[rows] for z in self.logits), self.labels[rows], self.macs)
+
+    def stage(self, thresholds: list) -> np.ndarray:
+        """The stage answering each row (``decision.answering_stage``: the one rule)."""
+        return answering_stage(self.confs, list(thresholds))
+
+    def answer(self, stage: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(self.predictions, stage[None, :], 0)[0] if stage.ndim == 1 else (
+            np.take_along_axis(self.predictions[:, None, :], stage[None], 0)[0])
+
+    def harm(self, stage: np.ndarray) -> np.ndarray:
+        """Rows answered before the last stage, wrongly, where the last stage is right."""
+        last_right = self.predictions[-1] == self.labels
+        return (stage < self.stages - 1) & (self.answer(stage) != self.labels) & last_right
+
+    def disagree(self, stage: np.ndarray) -> np.ndarray:
+        """Rows answered before the last stage with another answer than the last stage's (label-free)."""
+        return (stage < self.stages - 1) & (self.answer(stage) != self.predictions[-1])
+
+    def expected_macs(self, stage: np.ndarray) -> np.ndarray:
+        """Mean MACs per row: a row pays every stage up to the one that answers it (axis -1 averaged)."""
+        return np.cumsum(self.macs)[stage].mean(-1)
+
+    def evaluate(self, thresholds: list) -> dict[str, object]:
+        stage = self.stage(thresholds)
+        shares = np.bincount(stage, minlength=self.stages) / len(stage)
+        return {
+            "thresholds": [float(t) for t in thresholds],
+            "threshold": float(thresholds[-1]),
+            "accuracy": float((self.answer(stage) == self.labels).mean()),
+            "escalation_rate": float(shares[-1]),
+            "stage_shares": shares.tolist(),
+            "expected_macs": float(self.expected_macs(stage)),
+        }
+
+    def last_transition(self, thresholds: list) -> Outputs:
+        """The two-model view of the last threshold with the earlier ones fixed: "little" is the stage that would
+        answer before the last, and its confidence that of the stage before the last where a row reaches it
+        (rows answered earlier never escalate: +inf). The governor's floor and steps are computed on it."""
+        outer = [*thresholds[:-1], 0.0]  # T_{K-1} = 0: nothing reaches the last stage
+        before = self.stage(outer)
+        reaches = before == self.stages - 2
+        conf = np.where(reaches, self.confs[-1], np.inf).astype(np.float64)
+        composite = np.take_along_axis(np.stack(self.logits[:-1]), before[None, :, None], 0)[0]
+        return Outputs(composite, self.logits[-1], self.labels, conf)
+
+
+def outer_points(stages: int) -> list[tuple[float, ...]]:
+    return list(itertools.product(OUTER_GRID, repeat=stages - 2))
+
+
+def _walk_last(out: StageOutputs, outer: tuple[float, ...], risk: str, eps: float, delta: float) -> float | None:
+    """Fixed-sequence LTT on T_{K-1} with T_1..T_{K-2} = ``outer``: the lowest grid T before the first that is not
+    rejected; None when even T_{K-1} = 1 (every row that reaches the last transition escalates) is not."""
+    n, chosen = len(out.labels), None
+    for t in ltt_grid():
+        losses = int(getattr(out, risk)(out.stage([*outer, t])).sum())
+        if binomial_cdf(losses, n, eps) > delta:
+            break
+        chosen = float(t)
+    return chosen
+
+
+def joint_thresholds(out: StageOutputs, rule: str, eps: float = EPS, delta: float = DELTA) -> list[float]:
+    """T_1..T_{K-1} of ``rule`` (module docstring): the least expected MACs that keeps the rule's promise."""
+    if out.stages == 2:
+        return [RULES[rule](out.pair())]
+    points = outer_points(out.stages)
+    found: list[list[float]] = []
+    for outer in points:
+        if rule == "paper":
+            target = float((out.predictions[-1] == out.labels).mean())
+            ts = np.unique(np.concatenate([[0.0, ALWAYS_BIG], out.confs[-1].astype(np.float64)]))
+            for chunk in range(0, len(ts), 256):
+                grid = ts[chunk : chunk + 256, None]
+                acc = (out.answer(out.stage([*outer, grid])) == out.labels).mean(-1)
+                ok = np.flatnonzero(acc >= target - 1e-12)
+                if len(ok):
+                    found.append([*outer, float(grid[ok[0], 0])])
+                    break
+        else:
+            risk = {"bounded": "harm", "guaranteed": "disagree"}[rule]
+            last = _walk_last(out, outer, risk, eps, delta / len(points))
+            if last is not None:
+                found.append([*outer, last])
+    if not found:  # never: (1, ..., 1) sends every row to the last stage (risk 0); kept for tiny val splits
+        return [ALWAYS_BIG] * (out.stages - 1)
+    return min(found, key=lambda ts: (out.expected_macs(out.stage(ts)), [-t for t in ts]))
+
+
+def calibrate_stages(out: StageOutputs, rules: tuple[str, ...] = tuple(RULES)) -> dict[str, dict[str, object]]:
+    """``calibrate`` for a cascade of any length: per rule, T_1..T_{K-1}, val figures per stage and T_min of the
+    last threshold (the one the governor lowers). Two models: ``calibrate``'s figures, plus the per-stage keys."""
+    unknown = set(rules) - set(RULES)
+    if unknown:
+        raise ValueError(f"unknown rule(s) {sorted(unknown)}; known: {sorted(RULES)}")
+    record = {}
+    for name in rules:
+        thresholds = joint_thresholds(out, name)
+        view = out.last_transition(thresholds)
+        record[name] = {**out.evaluate(thresholds), "t_min": threshold_floor(view, thresholds[-1])}
     return record

@@ -59,12 +59,52 @@ def check_threshold(value: object) -> float:
     return t
 
 
-def cascade(little_logits: np.ndarray, big_logits: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Offline cascade answer given both models' logits for every row (reference and calibration).
+def stage_names(count: int) -> tuple[str, ...]:
+    """The stages of a cascade of ``count`` models, cheapest first: little, middle (middle1, middle2, ...), big.
 
-    The served model computes big only for escalated rows; for those rows the result is the same.
+    These are also the served models' names; two stages are exactly ``ROLES``.
     """
-    little_probs = softmax(little_logits)
-    esc = escalate(confidence(little_probs), threshold)
-    probs = np.where(esc[:, None], softmax(big_logits), little_probs)
-    return {"label": probs.argmax(axis=-1).astype(np.int64), "probs": probs, "escalated": esc}
+    if count < 2:
+        raise ValueError(f"a cascade has at least two models, got {count}")
+    middles = ["middle"] if count == 3 else [f"middle{i}" for i in range(1, count - 1)]
+    return ("little", *middles, "big")
+
+
+def thresholds_for(thresholds: float | list[float] | tuple[float, ...] | np.ndarray, stages: int) -> list:
+    """One T per transition (stage k -> k + 1): a list of ``stages - 1`` values, or one value for every stage."""
+    if np.ndim(thresholds) == 0 or (np.ndim(thresholds) == 1 and not isinstance(thresholds, (list, tuple))):
+        return [thresholds] * (stages - 1)
+    if len(thresholds) != stages - 1:
+        raise ValueError(f"a cascade of {stages} models takes {stages - 1} thresholds, got {len(thresholds)}")
+    return list(thresholds)
+
+
+def answering_stage(confs: list[np.ndarray], thresholds: list) -> np.ndarray:
+    """Per row, the stage that answers: the first stage k whose confidence is not below T_{k+1} (``escalate``),
+    else the last. ``confs[k]`` is stage k's confidence (k < K - 1; the last stage's is never needed);
+    ``thresholds[k]`` is T_{k+1}: a number, one per row, or any shape that broadcasts (a grid of T for curves)."""
+    if len(thresholds) != len(confs):
+        raise ValueError(f"{len(confs) + 1} stages need {len(confs)} thresholds, got {len(thresholds)}")
+    shape = np.broadcast_shapes(*(np.shape(c) for c in confs), *(np.shape(t) for t in thresholds))
+    stage = np.full(shape, len(confs), dtype=np.int64)
+    for k in reversed(range(len(confs))):
+        stage[np.broadcast_to(~escalate(confs[k], thresholds[k]), shape)] = k
+    return stage
+
+
+def cascade_stages(logits: list[np.ndarray], thresholds: float | list) -> dict[str, np.ndarray]:
+    """Offline answer of a cascade of any length given every stage's logits for every row (the reference and
+    calibration). ``escalated``: the last stage answered. The served model runs stage k only on the rows every
+    earlier stage escalated; for those rows the result is the same."""
+    probs = [softmax(z) for z in logits]
+    stage = answering_stage([confidence(p) for p in probs[:-1]], thresholds_for(thresholds, len(logits)))
+    answer = np.choose(stage[:, None], probs) if len(probs) > 1 else probs[0]
+    return {
+        "label": answer.argmax(axis=-1).astype(np.int64), "probs": answer.astype(np.float32),
+        "escalated": stage == len(logits) - 1, "stage": stage,
+    }
+
+
+def cascade(little_logits: np.ndarray, big_logits: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """The two-model cascade (``cascade_stages`` of little and big)."""
+    return cascade_stages([little_logits, big_logits], [threshold])
