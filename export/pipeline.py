@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from littlebig.data import load_split
-from littlebig.decision import ROLES
+from littlebig.decision import ROLES, stage_names
 
 REFERENCE_BATCH = 256
 PARITY_IMAGES = 64
@@ -33,6 +33,11 @@ def read_export(build: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `littlebig export` (or `make export`) first")
     return json.loads(path.read_text())
+
+
+def stages_of(exported: dict[str, Any]) -> tuple[str, ...]:
+    """The cascade's stages, cheapest first (an export.json from before cascades of any length: little, big)."""
+    return tuple(exported.get("stages", ROLES))
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -98,7 +103,7 @@ def class_ids_of(weights: str, class_names: list[str]) -> list[str]:
     return list(class_names)
 
 
-def export_pair(
+def export_models(
     build: Path,
     weights: dict[str, str],
     names: dict[str, str | None],
@@ -107,7 +112,8 @@ def export_pair(
     max_images: int | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Load both models, export each with its preprocessing, check parity on real val images, count MACs.
+    """Load every model of the cascade (``weights``' keys: its stages, cheapest first, ``decision.stage_names``),
+    export each with its preprocessing, check parity on real val images, count MACs.
 
     timm's own weights (``pretrained``) get timm's PIL resize for every resize (``pil_resize``), which is
     what they were evaluated with; littlebig's checkpoints keep the graph they were trained with, with
@@ -117,13 +123,17 @@ def export_pair(
     from littlebig.export.models import Preprocessed, data_config, default_service_size, load_classifier
     from littlebig.export.onnx_export import check_parity, export_onnx
 
+    stages = tuple(weights)
+    if stages != stage_names(len(stages)):
+        raise ValueError(f"a cascade of {len(stages)} models has the stages {stage_names(len(stages))}, got {stages}")
     models, class_names = {}, {}
-    for role in ROLES:
+    for role in stages:
         models[role], class_names[role] = load_classifier(weights[role], names[role])
-    if class_names["little"] != class_names["big"]:
-        raise ValueError(
-            f"little and big were trained on different classes: {class_names['little']} vs {class_names['big']}"
-        )
+    for role in stages[:-1]:
+        if class_names[role] != class_names["big"]:
+            raise ValueError(
+                f"{role} and big were trained on different classes: {class_names[role]} vs {class_names['big']}"
+            )
     if service_size is None:  # default: big's floor(size / crop_pct), where big's graph then only crops
         service_size = default_service_size(data_config(models["big"]))
     class_ids = class_ids_of(weights["big"], class_names["big"])
@@ -140,8 +150,9 @@ def export_pair(
         "class_ids": class_ids,
         "data_dir": data_dir,
         "max_images": max_images,
+        "stages": list(stages),
     }
-    for role in tqdm(ROLES, desc="export"):
+    for role in tqdm(stages, desc="export"):
         model = models[role]
         pil_resize = weights[role].startswith("pretrained")
         net = Preprocessed(model, service_size, pil_resize=pil_resize)
@@ -195,16 +206,17 @@ def _source(exported: dict[str, Any]) -> str:
 def reference_logits(
     build: Path, split: str, *, device: str = "auto", batch_size: int | None = None, workers: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Both models' logits on a split, from the exported ONNX files (cached beside them).
+    """Every stage's logits on a split, from the exported ONNX files (cached beside them).
 
-    One pass over the data feeds both models, batch by batch, so an ImageNet folder is decoded once
+    One pass over the data feeds every model, batch by batch, so an ImageNet folder is decoded once
     and never held whole; ``device`` auto runs onnxruntime's CUDA provider where it is installed.
     """
     from littlebig.export.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
 
     exported = read_export(build)
     cache = export_dir(build) / f"logits-{split}.npz"
-    onnx_files = [export_dir(build) / exported[r]["onnx"] for r in ROLES]
+    stages = stages_of(exported)
+    onnx_files = [export_dir(build) / exported[r]["onnx"] for r in stages]
     source = _source(exported)
     if cache.exists() and all(cache.stat().st_mtime >= f.stat().st_mtime for f in onnx_files):
         with np.load(cache) as z:
@@ -216,10 +228,10 @@ def reference_logits(
     rows, batches = split_batches(
         split, exported["data_dir"], size, max_images=exported.get("max_images"),
         class_ids=exported.get("class_ids"), batch_size=batch_size, workers=workers,
-        desc=f"little+big on {split}",
+        desc=f"{'+'.join(stages)} on {split}",
     )
-    sessions = {role: onnx_session(path, device=device) for role, path in zip(ROLES, onnx_files, strict=True)}
-    chunks: dict[str, list[np.ndarray]] = {"labels": [], **{r: [] for r in ROLES}}
+    sessions = {role: onnx_session(path, device=device) for role, path in zip(stages, onnx_files, strict=True)}
+    chunks: dict[str, list[np.ndarray]] = {"labels": [], **{r: [] for r in stages}}
     sha = hashlib.sha256()
     for images, labels in batches:
         sha.update(np.ascontiguousarray(images).tobytes())
@@ -238,27 +250,41 @@ def reference_logits(
 
 
 def outputs(build: Path, split: str):
+    """little's and big's outputs (the first and last stage)."""
     from littlebig.export.calibrate import Outputs
 
     logits = reference_logits(build, split)
     return Outputs(logits["little"], logits["big"], logits["labels"])
 
 
+def stage_outputs(build: Path, split: str):
+    """Every stage's outputs with its MACs (``calibrate.StageOutputs``)."""
+    from littlebig.export.calibrate import StageOutputs
+
+    exported = read_export(build)
+    stages = stages_of(exported)
+    logits = reference_logits(build, split)
+    return StageOutputs(tuple(logits[r] for r in stages), logits["labels"], tuple(exported[r]["macs"] for r in stages))
+
+
 def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict[str, Any]:
     """Thresholds from the val split only; ``serve_rule`` names the one the server uses by default."""
     from littlebig.decision import CONFIDENCE_BINS
-    from littlebig.export.calibrate import DELTA, EPS, MAX_ACCURACY_DROP, calibrate, confidence_shares
+    from littlebig.export.calibrate import DELTA, EPS, MAX_ACCURACY_DROP, calibrate_stages, confidence_shares
 
     if serve_rule not in rules:
         raise ValueError(f"--serve-rule {serve_rule!r} must be one of the calibrated rules {list(rules)}")
-    val = outputs(build, "val")
+    staged = stage_outputs(build, "val")
+    val = staged.pair()
     record = {
         "split": "val",
         "rows": int(len(val.labels)),
         "serve_rule": serve_rule,
         "little_acc": float(val.little_correct.mean()),
         "big_acc": float(val.big_correct.mean()),
-        "rules": calibrate(val, rules),
+        "stages": list(stages_of(read_export(build))),
+        "stage_acc": [float((p == staged.labels).mean()) for p in staged.predictions],
+        "rules": calibrate_stages(staged, rules),
         "eps": EPS,  # what bounded and guaranteed promise: loss vs big <= eps with probability >= 1 - delta
         "delta": DELTA,
         "max_accuracy_drop": MAX_ACCURACY_DROP,

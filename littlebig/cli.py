@@ -62,9 +62,32 @@ def _weights(role: str, name: str | None, weights: str | None) -> tuple[str | No
 
     if weights:
         return name, weights
-    if name is None or name == RECIPES[role].model:
+    if role in RECIPES and (name is None or name == RECIPES[role].model):
         return name, str(default_checkpoint(role))
     return name, "pretrained"
+
+
+def _cascade_models(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
+    """stage -> (timm name, weights) from ``--models A,B,C [--weights W,W,W]``, or ``--little/--big``."""
+    from littlebig.decision import stage_names
+
+    if args.models is None:
+        if args.weights is not None:
+            raise ValueError("--weights goes with --models; the two-model spelling is --little-weights/--big-weights")
+        return {
+            "little": _weights("little", args.little, args.little_weights),
+            "big": _weights("big", args.big, args.big_weights),
+        }
+    if any(v is not None for v in (args.little, args.big, args.little_weights, args.big_weights)):
+        raise ValueError("--models names every model: drop --little/--big and their weights")
+    names = [n.strip() for n in args.models.split(",")]
+    weights = [w.strip() for w in args.weights.split(",")] if args.weights else [None] * len(names)
+    if len(names) < 2 or "" in names:
+        raise ValueError(f"--models takes two or more timm names, cheapest first, got {args.models!r}")
+    if len(weights) != len(names):
+        raise ValueError(f"--weights has {len(weights)} entries for {len(names)} models")
+    stages = stage_names(len(names))
+    return {stage: _weights(stage, name, w) for stage, name, w in zip(stages, names, weights, strict=True)}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -72,27 +95,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from littlebig.export.tensorrt import run_tensorrt_cli
 
         return run_tensorrt_cli(args.build, args.precision, args.max_batch_size)
-    from littlebig.export.models import DEFAULT_SERVICE_SIZE
+    from littlebig.export.models import DEFAULT_SERVICE_SIZE, RECIPES
     from littlebig.export.onnx_export import ParityError
-    from littlebig.export.pipeline import export_pair, parse_size
+    from littlebig.export.pipeline import export_models, parse_size
 
-    little = _weights("little", args.little, args.little_weights)
-    big = _weights("big", args.big, args.big_weights)
+    try:
+        models = _cascade_models(args)
+    except ValueError as exc:
+        print(f"littlebig export: {exc}", file=sys.stderr)
+        return 2
     size = parse_size(args.service_size) if args.service_size else None
-    if size is None and args.little is None and args.big is None:
+    registry = all(name is None or (s in RECIPES and name == RECIPES[s].model) for s, (name, _) in models.items())
+    if size is None and registry:  # the registry's own models: Fashion-MNIST's 28x28 images
         size = DEFAULT_SERVICE_SIZE
     try:
-        record = export_pair(
-            args.build, {"little": little[1], "big": big[1]}, {"little": little[0], "big": big[0]}, size, args.data_dir,
-            max_images=args.max_images, workers=args.workers,
+        record = export_models(
+            args.build, {s: w for s, (_, w) in models.items()}, {s: n for s, (n, _) in models.items()}, size,
+            args.data_dir, max_images=args.max_images, workers=args.workers,
         )
     except ParityError as exc:
         print(f"littlebig export: {exc}", file=sys.stderr)
         return 1
-    for role in ("little", "big"):
+    for role in record["stages"]:
         r = record[role]
         print(
-            f"{role:6s} {r['name']:24s} params {r['params'] / 1e6:6.2f}M  MACs {r['macs'] / 1e6:8.2f}M  "
+            f"{role:7s} {r['name']:24s} params {r['params'] / 1e6:6.2f}M  MACs {r['macs'] / 1e6:8.2f}M  "
             f"parity max abs {r['parity']['max_abs']:.1e}, argmax agreement {r['parity']['argmax_agreement']:.0%}"
         )
     print(f"wrote {args.build / 'export'} (service size {record['service_size']})")
@@ -103,8 +130,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = _subparser(
         sub,
         "export",
-        help="export the little/big pair to ONNX with preprocessing inside",
+        help="export the cascade's models (little/big, or any number) to ONNX with preprocessing inside",
         epilog="examples:\n  littlebig export\n"
+        "  littlebig export --models mobilenetv3_small_075,resnet10t,resnet18 --build build/three  "
+        "# three stages: little, middle, big\n"
         "  littlebig export --little deit_tiny_patch16_224 --big deit_base_patch16_384 "
         "--little-weights pretrained --big-weights pretrained --data-dir my_images/\n"
         "  littlebig export --little efficientnet_b0 --big tf_efficientnet_b7 --little-weights pretrained "
@@ -120,6 +149,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
             default=None,
             help="a littlebig safetensors checkpoint, or 'pretrained' for timm's hub weights",
         )
+    p.add_argument(
+        "--models", default=None,
+        help="two or more timm names, cheapest first (stages little, middle..., big); instead of --little/--big",
+    )
+    p.add_argument(
+        "--weights", default=None,
+        help="with --models: one weights entry per model, comma-separated (default: the registry's checkpoint "
+        "where the name is the stage's recipe, else 'pretrained')",
+    )
     p.add_argument(
         "--service-size",
         default=None,

@@ -54,7 +54,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig import control, decision
-from littlebig.export.pipeline import ROLES, export_dir, read_calibration, read_export
+from littlebig.export.pipeline import ROLES, export_dir, read_calibration, read_export, stages_of
 
 SOURCES = Path(__file__).resolve().parent
 BLS_NAME = decision.CASCADE
@@ -198,17 +198,19 @@ def _params(values: dict[str, Any]) -> dict[str, mc.ModelParameter]:
 
 def bls_config(
     exported: dict[str, Any],
-    threshold: float,
+    thresholds: list[float],
     rule: str,
     opts: ServeOptions,
     governor: dict[str, Any],
     preferred: bool = True,
 ) -> mc.ModelConfig:
-    """The cascade: IMAGE -> LABEL, PROBS (with class names), ESCALATED, DEGRADED, REASON.
+    """The cascade: IMAGE -> LABEL, PROBS (with class names), ESCALATED, DEGRADED, REASON, STAGE.
 
+    ``thresholds``: T_1..T_{K-1}, one per transition between the K stages (one, T, for little and big).
     ``governor``: ``governor_settings`` (T_min, the T steps and the drift alerts' reference).
     """
     reference = governor["reference"]
+    stages = stages_of(exported)
     h, w, c = exported["service_size"]
     return mc.ModelConfig(
         name=BLS_NAME,
@@ -223,8 +225,11 @@ def bls_config(
         instance_group=[mc.ModelInstanceGroup(count=opts.bls_instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
         parameters=_params(
             {
-                "threshold": repr(threshold),
+                "threshold": repr(thresholds[-1]),
+                "thresholds": json.dumps(thresholds),
                 "rule": rule,
+                "stage_models": json.dumps(list(stages)),
+                "stage_max_batch_sizes": json.dumps([opts.role_max_batch(s) for s in stages]),
                 "little_model": "little",
                 "big_model": "big",
                 "little_max_batch_size": opts.max_batch_size,
@@ -255,6 +260,7 @@ def cascade_outputs(exported: dict[str, Any]) -> list[mc.ModelOutput]:
         _tensor(mc.ModelOutput, "ESCALATED", mc.TYPE_BOOL, [1]),
         _tensor(mc.ModelOutput, "DEGRADED", mc.TYPE_BOOL, [1]),
         _tensor(mc.ModelOutput, "REASON", mc.TYPE_STRING, [1]),
+        _tensor(mc.ModelOutput, "STAGE", mc.TYPE_STRING, [1]),
     ]
 
 
@@ -512,13 +518,15 @@ def serves_plans(build: Path, opts: ServeOptions) -> bool:
     return opts.use_plans and all((export_dir(build) / f"{role}.plan").exists() for role in ROLES)
 
 
-def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tuple[float, str]:
-    """The calibrated T of the chosen rule (or the override), validated by the shared rule.
+def served_thresholds(build: Path, opts: ServeOptions, plans: bool = False) -> tuple[list[float], str]:
+    """T_1..T_{K-1} of the chosen rule (or the override, one value for every transition), validated by the
+    shared rule. Two models: [T].
 
     Served plans get the T calibrated on the plans' own val outputs (``littlebig export --tensorrt``):
     an FP16 plan's confidences differ from the FP32 ONNX ones the default calibration saw.
     """
     calibration = read_calibration(build)
+    stages = len(calibration.get("stages", ROLES))
     if plans:
         trt = export_dir(build) / "tensorrt.json"
         if not trt.exists():
@@ -529,10 +537,17 @@ def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tu
         calibration = {**calibration, "rules": json.loads(trt.read_text())["calibration"]["rules"]}
     rule = opts.rule or calibration["serve_rule"]
     if opts.threshold is not None:
-        return decision.check_threshold(opts.threshold), "override"
+        return [decision.check_threshold(opts.threshold)] * (stages - 1), "override"
     if rule not in calibration["rules"]:
         raise ValueError(f"rule {rule!r} was not calibrated; calibrated: {sorted(calibration['rules'])}")
-    return decision.check_threshold(calibration["rules"][rule]["threshold"]), rule
+    record = calibration["rules"][rule]
+    return [decision.check_threshold(t) for t in record.get("thresholds", [record["threshold"]])], rule
+
+
+def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tuple[float, str]:
+    """The served T in front of big (``served_thresholds``' last): the one the governor moves."""
+    thresholds, rule = served_thresholds(build, opts, plans)
+    return thresholds[-1], rule
 
 
 def served_val_outputs(build: Path, tensorrt: bool):
@@ -549,7 +564,7 @@ def served_val_outputs(build: Path, tensorrt: bool):
 
 
 def governor_settings(
-    build: Path, threshold: float, opts: ServeOptions, rule: str | None = None, tensorrt: bool = False
+    build: Path, threshold: float | list[float], opts: ServeOptions, rule: str | None = None, tensorrt: bool = False
 ) -> dict[str, Any]:
     """T_min and the governor's T steps for ``opts.max_accuracy_drop``, and the drift alerts' reference
     (val's escalation rate at the served T and its confidence-bin shares), all from the val outputs of the
@@ -557,11 +572,19 @@ def governor_settings(
 
     With TensorRT outputs, a T_min that ``tensorrt.json`` recorded for ``rule`` at the same T and budget must
     be the one found here: a stale logits cache is refused rather than served.
+
+    A cascade of K > 2 models (``threshold``: T_1..T_{K-1}): the governor moves T_{K-1}, with the earlier ones
+    fixed, so T_min and its steps come from that transition's view of val (``StageOutputs.last_transition``);
+    the drift reference is little's confidence shares (little sees every row) and the share of rows reaching big.
     """
     from littlebig.export.calibrate import MAX_ACCURACY_DROP, drift_reference, governor_levels, threshold_floor
 
     if opts.slo_p99_ms is not None and not opts.slo_p99_ms > 0:
         raise ValueError(f"slo_p99_ms must be > 0 (or left out to turn the governor off), got {opts.slo_p99_ms!r}")
+    thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
+    if len(thresholds) > 1:
+        return _stages_governor_settings(build, thresholds, opts, tensorrt)
+    threshold = thresholds[0]
     val = served_val_outputs(build, tensorrt)
     floor = threshold_floor(val, threshold, opts.max_accuracy_drop)
     if tensorrt and rule is not None and opts.max_accuracy_drop == MAX_ACCURACY_DROP:
@@ -577,6 +600,30 @@ def governor_settings(
         "levels": governor_levels(val, threshold, floor),
         "reference": drift_reference(val, threshold),
         "val_logits": "tensorrt" if tensorrt else "onnx",
+    }
+
+
+def _stages_governor_settings(
+    build: Path, thresholds: list[float], opts: ServeOptions, tensorrt: bool
+) -> dict[str, Any]:
+    """``governor_settings`` of a cascade of K > 2 models (ONNX val outputs: plans serve two models only)."""
+    from littlebig.export.calibrate import confidence_shares, governor_levels, threshold_floor
+    from littlebig.export.pipeline import stage_outputs
+
+    if tensorrt:
+        raise ValueError("TensorRT serving covers two-model cascades only")
+    val = stage_outputs(build, "val")
+    view = val.last_transition(thresholds)
+    floor = threshold_floor(view, thresholds[-1], opts.max_accuracy_drop)
+    return {
+        "t_min": floor,
+        "levels": governor_levels(view, thresholds[-1], floor),
+        "reference": {
+            "rows": int(len(val.labels)),
+            "escalation_rate": float(val.evaluate(thresholds)["escalation_rate"]),
+            "confidence_shares": confidence_shares(val.pair()),
+        },
+        "val_logits": "onnx",
     }
 
 
@@ -606,6 +653,12 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
         raise ValueError(f"standin_buckets must be positive integers, got {opts.standin_buckets!r}")
     exported = read_export(build)
+    stages = stages_of(exported)
+    if len(stages) > 2 and profile != "cpu":
+        raise ValueError(
+            f"a cascade of {len(stages)} models is served on the cpu profile only (the GPU profiles' TensorRT plans, "
+            "batch sizing and stand-ins are built for little and big); use --profile cpu, or export two models"
+        )
     plans = profile == "gpu" and serves_plans(build, opts)
     extra_summary: dict[str, Any] = {}
     if plans:
@@ -615,15 +668,18 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     fp16_accelerator = profile == "gpu" and not plans and opts.trt_accelerator and opts.trt_precision == "fp16"
     if fp16_accelerator:
         check_fp16_calibration(build)
-    threshold, rule = served_threshold(build, opts, plans or fp16_accelerator)
+    thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator)
+    threshold = thresholds[-1]
     # T_min, the governor's steps and the drift reference from the same outputs as T (issue 21, item 3)
-    governor = governor_settings(build, threshold, opts, rule, tensorrt=plans or fp16_accelerator)
+    served = thresholds if len(thresholds) > 1 else threshold
+    governor = governor_settings(build, served, opts, rule, tensorrt=plans or fp16_accelerator)
     if out.exists():
         shutil.rmtree(out)
-    for role in ROLES:
+    for role in stages:
         PROFILES[profile](role, exported, build, out, opts)
     bls_dir = out / BLS_NAME
-    write_config(bls_config(exported, threshold, rule, opts, governor, profile in PREFERRED_BATCH_PROFILES), bls_dir)
+    preferred = profile in PREFERRED_BATCH_PROFILES
+    write_config(bls_config(exported, thresholds, rule, opts, governor, preferred), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
     shutil.copy2(Path(control.__file__), bls_dir / "1" / "control.py")
@@ -642,9 +698,11 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     summary = {
         "profile": profile,
         "threshold": threshold,
+        "thresholds": thresholds,
+        "stages": list(stages),
         "rule": rule,
         "tensorrt_plans": plans,
-        "models": [*ROLES, BLS_NAME, DECODE_NAME, ENCODED_NAME],
+        "models": [*stages, BLS_NAME, DECODE_NAME, ENCODED_NAME],
         "service_size": exported["service_size"],
         "class_names": exported["class_names"],
         "options": vars(opts),

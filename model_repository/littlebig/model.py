@@ -3,8 +3,10 @@
 Per ``execute``: little runs once on the rows of every request (concatenated), the shared decision
 rule (``decision.py``, installed beside this file) picks the rows whose confidence is below T, and
 only those go to big, in chunks no larger than big's max_batch_size, all in flight at once
-(``async_exec``). Answers merge back in each request's order. A request whose threshold parameter is
-bad, or whose rows hit a failing model, gets its own error; the other requests are answered.
+(``async_exec``). A cascade of K > 2 models runs the same step once per stage, in one loop: stage k sees
+only the rows every earlier stage escalated. Answers merge back in each request's order. A request whose
+threshold parameter is bad, or whose rows hit a failing model, gets its own error; the other requests are
+answered.
 
 Timeouts never abandon work silently (RELIABILITY.md, "Stalls"):
 - each call carries ``bls_timeout_ms`` as its request timeout, and little and big have a queue
@@ -39,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, check_deadline
-from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax
+from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax, stage_names
 from decision import REASONS as REASON_NAMES
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (../shared/FACTS.md, GPU section).
@@ -50,10 +52,14 @@ CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 
 
 #: The model's metrics, one row per family: key -> (name, kind, help, label each metric adds: None for one
-#: metric, "upper" one per confidence bin, "role" one per little/big, "bls_instance" one per BLS instance).
+#: metric, "upper" one per confidence bin, "role" / "stage" one per model of the cascade, "bls_instance" one per BLS
+#: instance).
 METRICS = {
     "rows": ("littlebig_rows_total", "counter", "Rows (images) answered by the cascade", None),
-    "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big model", None),
+    "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big (last) model", None),
+    "stage_rows": (
+        "littlebig_stage_rows_total", "counter", "Rows answered by each stage of the cascade (little ... big)", "stage"
+    ),
     "degraded": (
         "littlebig_degraded_rows_total", "counter", "Escalated rows answered by little because big failed", None
     ),
@@ -147,11 +153,17 @@ class TritonPythonModel:
             )
         config = json.loads(args["model_config"])
         params = Parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
-        self.threshold = check_threshold(params["threshold"])  # the calibrated T
+        # The stages, cheapest first (little, [middle...,] big) and T_1..T_{K-1}, calibrated jointly; the governor
+        # moves the last one (the T in front of big), so ``self.threshold`` is that one.
+        models = json.loads(params["stage_models"])
+        self.models = dict(zip(stage_names(len(models)), models))
+        self.max_batch = dict(zip(self.models, (int(b) for b in json.loads(params["stage_max_batch_sizes"]))))
+        self.thresholds = [check_threshold(t) for t in json.loads(params["thresholds"])]
+        if len(self.thresholds) != len(models) - 1:
+            raise pb_utils.TritonModelException(f"{len(models)} stages need {len(models) - 1} thresholds")
+        self.threshold = self.thresholds[-1]
         levels = [check_threshold(t) for t in json.loads(params["governor_thresholds"])]
         self.governor = Governor(levels or [self.threshold], float(params["slo_p99_ms"]) / 1000)
-        self.models = {"little": params["little_model"], "big": params["big_model"]}
-        self.max_batch = {"little": int(params["little_max_batch_size"]), "big": int(params["big_max_batch_size"])}
         self.timeout_us = int(float(params["bls_timeout_ms"]) * 1000)
         self.fall_back_to_little = params["on_big_failure"] == "little"
         self.classes = next(o["dims"][0] for o in config["output"] if o["name"] == "PROBS")
@@ -165,11 +177,8 @@ class TritonPythonModel:
             options.inter_op_num_threads = int(params["inter_op_threads"])
             path = f"{args['model_repository']}/{args['model_version']}/little.onnx"
             self.little_session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
-        # little must answer (no shedding); big's rows are shed to the failure policy while it is slow.
-        self.breakers = {
-            "little": Breaker("little", self.timeout_us / 1e6, shed=False),
-            "big": Breaker("big", self.timeout_us / 1e6, shed=True),
-        }
+        # little must answer (no shedding); a later stage's rows are shed to the failure policy while it is slow.
+        self.breakers = {role: Breaker(role, self.timeout_us / 1e6, shed=role != "little") for role in self.models}
         # Each in-flight call holds one executor thread: room for one execute's chunks twice over
         # (the current ones and, at most, one overdue set), sized once instead of asyncio's default.
         chunks = sum(-(-int(config["max_batch_size"]) // b) for b in self.max_batch.values())
@@ -180,6 +189,7 @@ class TritonPythonModel:
             None: [{}],
             "upper": [{"upper": repr(edge)} for edge in CONFIDENCE_BINS],
             "role": [{"role": role} for role in self.models],
+            "stage": [{"stage": role} for role in self.models],
             # one T gauge per instance: each BLS instance (a process) governs its own T
             "bls_instance": [{"bls_instance": args.get("model_instance_name", "")}],
         }
@@ -344,7 +354,12 @@ class TritonPythonModel:
         self.governor.executed(done - received, done)
 
     async def _cascade(self, images, rows, spans, responses):
-        """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows)."""
+        """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows).
+
+        One loop over the stages: stage k runs only on the rows every earlier stage escalated (``escalate``, the
+        shared rule, with T_k), chunked to its own max_batch_size; each row keeps the probabilities of the last
+        stage that answered it. The governor moves only the last T; a request's own threshold is used for every T.
+        """
         owner = np.repeat(list(spans), [s.stop - s.start for s in spans.values()])  # row -> request
         failed = np.zeros(len(images), dtype=bool)  # rows little could not answer
         messages = {}  # request index -> error message
@@ -355,30 +370,48 @@ class TritonPythonModel:
                 messages.update(dict.fromkeys(np.unique(owner[a:b]).tolist(), err))
             else:
                 probs[a:b] = softmax(logits)
-        conf = confidence(probs)
+        roles = list(self.models)
+        last = len(roles) - 1
         governed = np.isnan(rows.own)  # rows the governor decides; a request's own threshold wins
-        thresholds = np.where(governed, self.governor.threshold, rows.own)
+        stage = np.zeros(len(images), dtype=np.int64)  # the stage whose answer each row holds
         reason = np.full(len(images), CONFIDENT, dtype=np.uint8)
-        esc = escalate(conf, thresholds) & ~failed
-        below_calibrated = escalate(conf, self.threshold)  # also the drift signal (_observe)
-        reason[governed & ~failed & ~esc & below_calibrated] = LOAD
-        now = time.monotonic()
-        late = esc & (rows.deadline - now < self.breakers["big"].predicted_latency_s(now))
-        reason[late] = DEADLINE
-        esc &= ~late
+        sent_to_big = np.zeros(len(images), dtype=bool)
         degraded = np.zeros(len(images), dtype=bool)
-        sent = np.flatnonzero(esc)
-        if len(sent):
-            for a, b, logits, err in await self._run("big", images[sent]):
-                if err is None:
-                    probs[sent[a:b]] = softmax(logits)
-                elif self.fall_back_to_little:
-                    degraded[sent[a:b]] = True
-                else:
-                    messages.update(dict.fromkeys(np.unique(owner[sent[a:b]]).tolist(), err))
-        reason[esc] = ESCALATED
+        conf = confidence(probs)  # little's, every row: the drift histogram
+        below_calibrated = np.zeros(len(images), dtype=bool)  # also the drift signal (_observe)
+        active = np.flatnonzero(~failed)  # rows still deciding whether to go on
+        for k, role in enumerate(roles[1:], start=1):
+            here = confidence(probs[active])
+            calibrated = self.thresholds[k - 1]
+            in_force = self.governor.threshold if k == last else calibrated
+            esc = escalate(here, np.where(governed[active], in_force, rows.own[active]))
+            if k == last:  # rows at the last transition below the calibrated T: what val would have escalated
+                below_calibrated[active] = escalate(here, calibrated)
+                kept = active[~esc]
+                reason[kept[governed[kept] & below_calibrated[kept]]] = LOAD
+            going = active[esc]
+            now = time.monotonic()
+            late = going[rows.deadline[going] - now < self.breakers[role].predicted_latency_s(now)]
+            reason[late] = DEADLINE
+            going = np.setdiff1d(going, late, assume_unique=True)
+            if k == last:
+                sent_to_big[going] = True
+            answered = np.zeros(len(going), dtype=bool)
+            if len(going):
+                for a, b, logits, err in await self._run(role, images[going]):
+                    if err is None:
+                        probs[going[a:b]] = softmax(logits)
+                        answered[a:b] = True
+                    elif self.fall_back_to_little:  # the stage before answers
+                        degraded[going[a:b]] = True
+                    else:
+                        messages.update(dict.fromkeys(np.unique(owner[going[a:b]]).tolist(), err))
+            active = going[answered]
+            stage[active] = k
+        reason[sent_to_big] = ESCALATED
         reason[degraded] = BIG_FAILED
         labels = probs.argmax(axis=-1).astype(np.int64).reshape(-1, 1)
+        stage_names_out = np.array([r.encode() for r in roles], dtype=np.object_)[stage]
         served = np.ones(len(images), dtype=bool)
         for i, s in spans.items():
             if i in messages:
@@ -389,15 +422,16 @@ class TritonPythonModel:
                 output_tensors=[
                     pb_utils.Tensor("LABEL", labels[s]),
                     pb_utils.Tensor("PROBS", probs[s]),
-                    pb_utils.Tensor("ESCALATED", esc[s].reshape(-1, 1)),
+                    pb_utils.Tensor("ESCALATED", sent_to_big[s].reshape(-1, 1)),
                     pb_utils.Tensor("DEGRADED", degraded[s].reshape(-1, 1)),
                     pb_utils.Tensor("REASON", REASONS[reason[s]].reshape(-1, 1)),
+                    pb_utils.Tensor("STAGE", stage_names_out[s].reshape(-1, 1)),
                 ]
             )
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
-        self._observe(conf[traffic], esc[traffic], reason[traffic], below_calibrated[traffic])
+        self._observe(conf[traffic], sent_to_big[traffic], reason[traffic], below_calibrated[traffic], stage[traffic])
 
-    def _observe(self, conf, esc, reason, below_calibrated):
+    def _observe(self, conf, esc, reason, below_calibrated, stage):
         """Traffic metrics once per execute: each call is an IPC round trip to the server, so none per row."""
         counts = {
             "rows": len(conf),
@@ -411,6 +445,9 @@ class TritonPythonModel:
             if count:
                 self.metrics[name][0].increment(count)
         for metric, count in zip(self.metrics["confidence"], confidence_bin_counts(conf)):
+            if count:
+                metric.increment(int(count))
+        for metric, count in zip(self.metrics["stage_rows"], np.bincount(stage, minlength=len(self.models))):
             if count:
                 metric.increment(int(count))
 
