@@ -334,12 +334,14 @@ def outer_points(stages: int) -> list[tuple[float, ...]]:
 def _walk_last(out: StageOutputs, outer: tuple[float, ...], risk: str, eps: float, delta: float) -> float | None:
     """Fixed-sequence LTT on T_{K-1} with T_1..T_{K-2} = ``outer``: the lowest grid T before the first that is not
     rejected; None when even T_{K-1} = 1 (every row that reaches the last transition escalates) is not."""
-    n, chosen = len(out.labels), None
-    for t in ltt_grid():
-        losses = int(getattr(out, risk)(out.stage([*outer, t])).sum())
-        if binomial_cdf(losses, n, eps) > delta:
-            break
-        chosen = float(t)
+    n, chosen, grid = len(out.labels), None, ltt_grid()
+    for start in range(0, len(grid), 128):  # the risk of 128 grid points at once; the walk itself is sequential
+        ts = grid[start : start + 128]
+        losses = getattr(out, risk)(out.stage([*outer, ts[:, None]])).sum(-1)
+        for t, loss in zip(ts, losses):
+            if binomial_cdf(int(loss), n, eps) > delta:
+                return chosen
+            chosen = float(t)
     return chosen
 
 
