@@ -12,15 +12,18 @@ from littlebig.decision import escalate
 from littlebig.export.calibrate import (
     DELTA,
     EPS,
+    OUTER_GRID,
     PROMISING_RULES,
     Outputs,
+    StageOutputs,
+    calibrate,
     candidate_thresholds,
     evaluate,
     sweep,
     threshold_spread,
 )
 from littlebig.export.macs import cascade_macs, macs_saved
-from littlebig.export.pipeline import ROLES, outputs, read_calibration, read_export
+from littlebig.export.pipeline import ROLES, read_calibration, read_export, stage_outputs, stages_of
 
 MACS_SAVED_TARGET = 0.80
 CI_LEVEL = 0.95
@@ -61,7 +64,12 @@ def verdict(ci: np.ndarray) -> str:
 def build_report(build: Path) -> dict[str, Any]:
     """Apply each calibrated T to the test split and account accuracy, escalation and MACs."""
     exported, calibration = read_export(build), read_calibration(build)
-    test, val = outputs(build, "test"), outputs(build, "val")
+    test_stages, val_stages = stage_outputs(build, "test"), stage_outputs(build, "val")
+    test, val = test_stages.pair(), val_stages.pair()
+    stages = stages_of(exported)
+    # The two-model cascade (little -> big) is always reported; a longer one is calibrated for it here, from the
+    # same val logits, so the two sit side by side (``stages`` below).
+    pair_rules = calibration["rules"] if len(stages) == 2 else calibrate(val, tuple(calibration["rules"]))
     macs = {r: exported[r]["macs"] for r in ROLES}
     report: dict[str, Any] = {
         "service_size": exported["service_size"],
@@ -82,7 +90,7 @@ def build_report(build: Path) -> dict[str, Any]:
             "test_acc": accs[role],
             "val_acc": calibration[f"{role}_acc"],
         }
-    for rule, calibrated in calibration["rules"].items():
+    for rule, calibrated in pair_rules.items():
         fig = evaluate(test, calibrated["threshold"])
         esc = escalate(test.conf, calibrated["threshold"])
         ci = paired_difference_ci(np.where(esc, test.big_correct, test.little_correct), test.big_correct)
@@ -111,12 +119,66 @@ def build_report(build: Path) -> dict[str, Any]:
                 + ("within the bound" if g["acc_drop_vs_big"] <= EPS else "OUTSIDE the bound")
             )
     report["ci"] = {"level": CI_LEVEL, "method": f"paired bootstrap over test images, {BOOTSTRAP_DRAWS} draws"}
+    if len(stages) > 2:
+        report["stages"] = stages_section(exported, calibration, test_stages)
     report["targets"] = _targets(report)
     (build / "report.json").write_text(json.dumps(report, indent=2))
     (build / "report.md").write_text(render_markdown(report))
-    plot_tradeoff(test, report, build / "tradeoff.png")
+    plot_tradeoff(test, report, build / "tradeoff.png", test_stages if len(stages) > 2 else None)
     plot_threshold_spread(report, build / "threshold-spread.png")
     return report
+
+
+def stages_section(exported: dict[str, Any], calibration: dict[str, Any], test: StageOutputs) -> dict[str, Any]:
+    """The K-stage cascade on test, rule by rule, with its thresholds calibrated jointly on val."""
+    stages = stages_of(exported)
+    big_correct = test.predictions[-1] == test.labels
+    big_macs = exported["big"]["macs"]
+    section: dict[str, Any] = {
+        "stages": list(stages),
+        "models": {s: {k: exported[s][k] for k in ("name", "params", "macs")} for s in stages},
+        "test_acc": {s: float((p == test.labels).mean()) for s, p in zip(stages, test.predictions)},
+        "rules": {},
+    }
+    for s in stages:
+        section["models"][s]["input_size"] = exported[s]["data_config"]["input_size"]
+    for rule, calibrated in calibration["rules"].items():
+        fig = test.evaluate(calibrated["thresholds"])
+        correct = test.answer(test.stage(calibrated["thresholds"])) == test.labels
+        ci = paired_difference_ci(correct, big_correct)
+        section["rules"][rule] = {
+            **fig,
+            "test_acc": fig["accuracy"],
+            "macs_saved": 1.0 - fig["expected_macs"] / big_macs,
+            "acc_diff_vs_big": fig["accuracy"] - float(big_correct.mean()),
+            "acc_diff_vs_big_ci95": [float(ci[0]), float(ci[1])],
+            "no_loss_verdict": verdict(ci),
+            "val_acc": calibrated["accuracy"],
+            "val_stage_shares": calibrated["stage_shares"],
+        }
+    return section
+
+
+def stage_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Two stages against K, per rule: thresholds, test accuracy with its CI against big, rows per stage, MACs saved."""
+    section = report["stages"]
+    names = section["stages"]
+    rows = [("rule", "cascade", "T", "test acc", "vs big, 95% CI (points)", f"rows per stage ({' / '.join(names)})",
+             "MACs saved")]
+    for rule, k in section["rules"].items():
+        two = report["rules"][rule]
+        for label, r, ts, shares in (
+            ("little -> big", two, [two["threshold"]], [1 - two["escalation_rate"], *[0.0] * (len(names) - 2),
+                                                         two["escalation_rate"]]),
+            (" -> ".join(names), k, k["thresholds"], k["stage_shares"]),
+        ):
+            rows.append((
+                rule, label, " / ".join(f"{t:.3f}" for t in ts), f"{r['test_acc']:.4f}",
+                f"{r['acc_diff_vs_big'] * 100:+.2f} [{r['acc_diff_vs_big_ci95'][0] * 100:+.2f}, "
+                f"{r['acc_diff_vs_big_ci95'][1] * 100:+.2f}]",
+                " / ".join(f"{x:.1%}" for x in shares), f"{r['macs_saved']:.1%}",
+            ))
+    return rows
 
 
 def _targets(report: dict[str, Any]) -> dict[str, bool]:
@@ -218,13 +280,48 @@ def render_markdown(report: dict[str, Any]) -> str:
         + f"\n## T over val resamples\n{format_table(spread_rows(report))}\n\n"
         f"Each rule rerun on {next(iter(report['rules'].values()))['val_resampling']['draws']} bootstrap resamples of "
         "val; each resampled T applied to the whole val split gives the escalation rate that val draw would serve.\n"
-        f"\n## Targets (served rule: {report['serve_rule']})\n{checks}\n\n![tradeoff](tradeoff.png)\n"
+        + _stages_markdown(report)
+        + f"\n## Targets (served rule: {report['serve_rule']})\n{checks}\n\n![tradeoff](tradeoff.png)\n"
         "![threshold spread](threshold-spread.png)\n"
     )
 
 
-def plot_tradeoff(test: Outputs, report: dict[str, Any], path: Path) -> None:
-    """Test accuracy against MACs relative to big, over every threshold, with the chosen Ts marked."""
+def _stages_markdown(report: dict[str, Any]) -> str:
+    if "stages" not in report:
+        return ""
+    section = report["stages"]
+    models = ", ".join(
+        f"{s} {m['name']} @{m['input_size'][1]} ({m['macs'] / 1e6:.2f} M MACs, test acc {section['test_acc'][s]:.4f})"
+        for s, m in section["models"].items()
+    )
+    return (
+        f"\n## Two stages against {len(section['stages'])}\n{models}. Each cascade calibrated by the same rule on "
+        "the same val logits (the longer one jointly: export/calibrate.py); figures on test.\n\n"
+        f"{format_table(stage_rows(report))}\n"
+    )
+
+
+def stage_frontier(test: StageOutputs, big_macs: float) -> tuple[np.ndarray, np.ndarray]:
+    """The K-stage cascade's best test accuracy at each MACs budget (the upper-left frontier) over OUTER_GRID for the
+    earlier thresholds and a fine grid for the last: (MACs relative to big, accuracy), MACs ascending."""
+    import itertools
+
+    last = np.linspace(0.0, 1.0, 201)[:, None]
+    points = []
+    for outer in itertools.product(OUTER_GRID, repeat=test.stages - 2):
+        stage = test.stage([*outer, last])
+        acc = (test.answer(stage) == test.labels).mean(-1)
+        points.append(np.stack([test.expected_macs(stage) / big_macs, acc], 1))
+    pts = np.concatenate(points)
+    pts = pts[np.lexsort((-pts[:, 1], pts[:, 0]))]
+    best = np.maximum.accumulate(pts[:, 1])
+    keep = np.concatenate([[True], best[1:] > best[:-1]])
+    return pts[keep, 0], best[keep]
+
+
+def plot_tradeoff(test: Outputs, report: dict[str, Any], path: Path, stages: StageOutputs | None = None) -> None:
+    """Test accuracy against MACs relative to big, over every threshold, with the chosen Ts marked; with ``stages``
+    (a cascade of K > 2 models) its frontier and chosen points too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,6 +358,13 @@ def plot_tradeoff(test: Outputs, report: dict[str, Any], path: Path) -> None:
             color="black",
             label=f"{rule}: T={r['threshold']:.3f}, saves {r['macs_saved']:.1%}",
         )
+    if stages is not None:
+        x, y = stage_frontier(stages, mb)
+        names = report["stages"]["stages"]
+        ax.step(x, y * 100, where="post", color="tab:purple", lw=1.5, label=f"{len(names)} stages: best over T's")
+        for (rule, r), marker in zip(report["stages"]["rules"].items(), ("*", "D", "P"), strict=False):
+            ax.scatter([r["expected_macs"] / mb], [r["test_acc"] * 100], marker=marker, s=120, zorder=4,
+                       color="tab:purple", label=f"{len(names)} stages, {rule}: saves {r['macs_saved']:.1%}")
     ax.axhline(report["big"]["test_acc"] * 100, color="tab:red", ls=":", lw=0.8)
     ax.set_xlabel("MACs per image relative to big alone")
     ax.set_ylabel("test accuracy (%)")

@@ -208,8 +208,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _logits(args, "val")
     record = calibrate_step(args.build, tuple(args.rules), args.serve_rule)
     print(f"val: little {record['little_acc']:.4f}, big {record['big_acc']:.4f} ({record['rows']} images)")
+    if len(record["stages"]) > 2:
+        print(f"stages {' -> '.join(record['stages'])}: val acc " + ", ".join(f"{a:.4f}" for a in record["stage_acc"]))
     for rule, r in record["rules"].items():
-        print(f"{rule:10s} T={r['threshold']:.6f}  val acc {r['accuracy']:.4f}  escalated {r['escalation_rate']:.1%}")
+        ts = "/".join(f"{t:.6f}" for t in r["thresholds"])
+        shares = " / ".join(f"{x:.1%}" for x in r["stage_shares"])
+        rows = "" if len(r["thresholds"]) == 1 else f"  rows per stage {shares}"
+        print(f"{rule:10s} T={ts}  val acc {r['accuracy']:.4f}  escalated {r['escalation_rate']:.1%}{rows}")
     return 0
 
 
@@ -231,11 +236,14 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from littlebig.export.report import build_report, format_table, summary_rows
+    from littlebig.export.report import build_report, format_table, stage_rows, summary_rows
 
     _logits(args, "test")
     report = build_report(args.build)
     print(format_table(summary_rows(report)))
+    if "stages" in report:
+        print(f"\ntwo stages against {len(report['stages']['stages'])} (each calibrated on val by the same rule):")
+        print(format_table(stage_rows(report)))
     for name, ok in report["targets"].items():
         print(f"target {name}: {'met' if ok else 'MISSED'}")
     print(f"wrote {args.build / 'report.json'}, report.md, tradeoff.png")
