@@ -37,23 +37,15 @@ class AsyncLittleBigClient(_ClientBase):
     ...     result = await client.classify(images)
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        model: str = "littlebig",
-        *,
-        timeout_s: float = 30.0,
-        retries: int = 3,
-        backoff_s: float = 0.2,
-        max_backoff_s: float = 5.0,
-        max_in_flight: int = 64,
-        send: str = "encoded",
-    ) -> None:
+    def __init__(self, url: str = DEFAULT_URL, model: str = "littlebig", *, max_in_flight: int = 64, **options: Any):
+        """``options``: LittleBigClient's (timeout_s, retries, backoff_s, max_backoff_s, send)."""
+        super().__init__(url, model, **options)
+        self._slots = asyncio.Semaphore(max_in_flight)
+
+    def _connect(self, url: str) -> Any:
         import tritonclient.grpc.aio as aioclient
 
-        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s, send)
-        self._client = aioclient.InferenceServerClient(url)
-        self._slots = asyncio.Semaphore(max_in_flight)
+        return aioclient.InferenceServerClient(url)
 
     async def close(self) -> None:
         await self._client.close()

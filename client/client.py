@@ -327,11 +327,12 @@ class _ClientBase:
 
     def __init__(
         self,
-        url: str,
-        model: str,
-        timeout_s: float,
-        retries: int,
-        backoff_s: float,
+        url: str = DEFAULT_URL,
+        model: str = "littlebig",
+        *,
+        timeout_s: float = 30.0,
+        retries: int = 3,
+        backoff_s: float = 0.2,
         max_backoff_s: float = 5.0,
         send: str = "encoded",
     ) -> None:
@@ -346,6 +347,11 @@ class _ClientBase:
         self.last_attempts = 0  # attempts the last call made (1 = no retry)
         self._grpc = grpcclient  # InferInput, shared by both transports
         self._service: Service | None = None
+        self._client = self._connect(url)
+
+    def _connect(self, url: str) -> Any:
+        """The transport's tritonclient InferenceServerClient (sync or asyncio)."""
+        raise NotImplementedError
 
     def _policy(self, kind: type):
         """A tenacity Retrying (or AsyncRetrying) for one call, per the class docstring."""
@@ -384,21 +390,10 @@ class LittleBigClient(_ClientBase):
     and resized here, as arrays always are); either way the answers are the same.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        model: str = "littlebig",
-        *,
-        timeout_s: float = 30.0,
-        retries: int = 3,
-        backoff_s: float = 0.2,
-        max_backoff_s: float = 5.0,
-        send: str = "encoded",
-    ) -> None:
+    def _connect(self, url: str) -> Any:
         import tritonclient.grpc as grpcclient
 
-        super().__init__(url, model, timeout_s, retries, backoff_s, max_backoff_s, send)
-        self._client = grpcclient.InferenceServerClient(url)
+        return grpcclient.InferenceServerClient(url)
 
     def close(self) -> None:
         self._client.close()
