@@ -15,20 +15,20 @@ import numpy as np
 
 from bench.perf import write_input_data
 from littlebig.data import load_split
-from littlebig.export.pipeline import ROLES, export_dir, read_export
+from littlebig.export.pipeline import export_dir, read_export, stages_of
 
 
 def snapshot(build: Path, dest: Path) -> Path:
-    """A private copy of the pair, its calibration and its cached val/test logits: every candidate serves the
-    same files even if build/ moves, and the generator's val figures (governor, drift reference) come from the
-    cache instead of a new pass over val."""
+    """A private copy of the cascade's models (the pair, or every stage), its calibration and its cached val/test
+    logits: every candidate serves the same files even if build/ moves, and the generator's val figures (governor,
+    drift reference) come from the cache instead of a new pass over val."""
     import shutil
 
     exported = read_export(build)
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "export").mkdir(parents=True)
-    names = ["export.json", *(exported[role]["onnx"] for role in ROLES)]
+    names = ["export.json", *(exported[role]["onnx"] for role in stages_of(exported))]
     names += [n for n in ("logits-val.npz", "logits-test.npz") if (export_dir(build) / n).exists()]
     for name in names:  # copy2 keeps mtimes: the logits caches stay newer than the ONNX files
         shutil.copy2(export_dir(build) / name, dest / "export" / name)

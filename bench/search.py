@@ -17,6 +17,7 @@ length and finalist count to what is left. Both are recorded in the search table
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -39,6 +40,8 @@ STAT_KEYS = ("success", "queue", "compute_input", "compute_infer", "compute_outp
 ROLE_FIELDS = {
     "little": ("little_instances", "intra_op_threads", "max_batch_size", "queue_delay_us"),
     "big": ("big_instances", "intra_op_threads", "big_max_batch_size", "queue_delay_us"),
+    # a cascade's middle stage is deployed with big's settings (ServeOptions.role_max_batch / role_instances)
+    "middle": ("big_instances", "intra_op_threads", "big_max_batch_size", "queue_delay_us"),
     BLS: (
         "bls_instances",
         "little_instances",
@@ -64,23 +67,36 @@ SHORT = {
 
 @dataclass(frozen=True)
 class Candidate:
-    """One deployment of one role: the ServeOptions fields it sets (the rest are the defaults)."""
+    """One deployment of one role: the ServeOptions fields it sets (the rest are the defaults).
+
+    A littlebig candidate serves a cascade of ``stages`` (little, [middle...,] big), each its own copy. ``build``
+    (None: the search's) and ``variant`` let one search hold cascades of several builds (``bench/stages.py``: the
+    two-stage and the three-stage one): ``variant`` tells their names apart.
+    """
 
     role: str
     options: tuple[tuple[str, Any], ...]
     stage: str = "grid"
+    stages: tuple[str, ...] = PAIR
+    variant: str = ""
+    build: Path | None = None
 
     @property
     def name(self) -> str:
-        """The served model name: role and settings, e.g. ``big__bi2_t1``."""
-        return f"{self.role}__" + "_".join(f"{SHORT.get(k, k)}{v}" for k, v in self.options)
+        """The served model name: role (and variant) and settings, e.g. ``big__bi2_t1``, ``littlebig_three__bls2``."""
+        role = f"{self.role}_{self.variant}" if self.variant else self.role
+        return f"{role}__" + "_".join(f"{SHORT.get(k, k)}{v}" for k, v in self.options)
 
     def opts(self) -> dict[str, Any]:
         return dict(self.options)
 
-    def composing(self) -> tuple[str, str] | None:
-        """A littlebig candidate's own little and big models."""
-        return (f"{self.name}__little", f"{self.name}__big") if self.role == BLS else None
+    def composing(self) -> tuple[str, ...] | None:
+        """A littlebig candidate's own stage models, cheapest first (little, [middle...,] big)."""
+        return tuple(f"{self.name}__{s}" for s in self.stages) if self.role == BLS else None
+
+    def callees(self) -> dict[str, str]:
+        """A littlebig candidate's stage -> its own model of that stage."""
+        return dict(zip(self.stages, self.composing() or (), strict=True))
 
     def models(self) -> list[str]:
         """Every model this candidate serves, composing ones first (load order)."""
@@ -128,7 +144,13 @@ def refinements(leader: Candidate) -> list[Candidate]:
         # little as its own Triton model (one Python-backend hop more per execute) against the default, in process
         {"little_in_process": not o.get("little_in_process", True)},
     ]
-    return [candidate(BLS, "refine", **{**o, **c}) for c in changes if any(o.get(k) != v for k, v in c.items())]
+    return [
+        dataclasses.replace(
+            candidate(BLS, "refine", **{**o, **c}), stages=leader.stages, variant=leader.variant, build=leader.build
+        )  # fmt: skip
+        for c in changes
+        if any(o.get(k) != v for k, v in c.items())
+    ]
 
 
 # ---------------------------------------------------------------- repository ---------------------------------------
@@ -147,18 +169,24 @@ def _rename(src: Path, dst: Path, name: str, params: dict[str, str] | None = Non
 
 
 def install(build: Path, repo: Path, cand: Candidate, scratch: Path, base: dict | None = None) -> dict[str, Any]:
-    """Generate ``cand``'s deployment (over ``base`` options) and install its models in ``repo``; its summary."""
+    """Generate ``cand``'s deployment (over ``base`` options; from ``cand.build`` where it names one) and install
+    its models in ``repo``; its summary. A littlebig candidate's BLS model calls its own stage models
+    (``stage_models``, what model.py reads; ``little_model`` and ``big_model`` kept consistent)."""
     from littlebig.model_repository.generate import ServeOptions, generate
 
     gen = scratch / cand.name
-    summary = generate(build, gen, "cpu", ServeOptions(**{**(base or {}), **cand.opts()}))
+    summary = generate(cand.build or build, gen, "cpu", ServeOptions(**{**(base or {}), **cand.opts()}))
     if cand.role != BLS:
         _rename(gen / cand.role, repo / cand.name, cand.name)
     else:
-        little, big = cand.composing()
-        _rename(gen / "little", repo / little, little)
-        _rename(gen / "big", repo / big, big)
-        _rename(gen / BLS, repo / cand.name, cand.name, {"little_model": little, "big_model": big})
+        if tuple(summary.get("stages", PAIR)) != cand.stages:
+            raise ValueError(f"{cand.name}: the build serves the stages {summary.get('stages')}, not {cand.stages}")
+        callees = cand.callees()
+        for stage, model in callees.items():
+            _rename(gen / stage, repo / model, model)
+        params = {"stage_models": json.dumps(list(callees.values())), "little_model": callees["little"],
+                  "big_model": callees["big"]}  # fmt: skip
+        _rename(gen / BLS, repo / cand.name, cand.name, params)
     shutil.rmtree(gen)
     return summary
 
@@ -198,21 +226,33 @@ def stats_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, floa
     return out
 
 
-def bls_own(stats: dict[str, dict[str, float]], little: str, big: str, bls: str) -> dict[str, float]:
-    """Per littlebig execute: its time, the part spent waiting on little and on big, and its own rest.
+def bls_own(stats: dict[str, dict[str, float]], bls: str, callees: dict[str, str]) -> dict[str, float]:
+    """Per littlebig execute: its time, the part spent waiting on each stage's model, and its own rest.
 
-    The wait on a model is its request time as Triton sees it (``success``: queue + compute). little gets one
-    request per execute. big's chunks of one execute are sent together and run in parallel, so the wait on big
-    is one chunk's request time times the share of executes that escalated anything (at most one chunk per
-    execute is counted). The rest is the BLS model's own work: parsing, the rule, merging, responses, metrics,
-    and the IPC of its calls and of its own execute; with little in process (the cpu default), little's own
-    onnxruntime run too (the wait on the little model is then 0).
+    ``callees``: stage -> model, cheapest first (little, [middle...,] big). The wait on a model is its request time
+    as Triton sees it (``success``: queue + compute). little gets one request per execute. A later stage's chunks
+    of one execute are sent together and run in parallel, so the wait on it is one chunk's request time times the
+    share of executes that sent it anything (at most one chunk per execute is counted); the stages run one after
+    another, so their waits add. The rest is the BLS model's own work: parsing, the rule, merging, responses,
+    metrics, and the IPC of its calls and of its own execute; with little in process (the cpu default), little's
+    own onnxruntime run too (the wait on the little model is then 0). Keys: ``exec_ms``, ``in_<stage>_ms`` each,
+    ``own_ms`` (two stages: ``in_little_ms`` and ``in_big_ms``).
     """
     n = max(stats[bls]["executions"], 1)
     exec_ms = stats[bls]["exec_total_ms"] / n
-    little_ms = stats[little]["request_total_ms"] / n
-    big_ms = stats[big]["request_ms"] * min(1.0, stats[big]["requests"] / n)
-    return {"exec_ms": exec_ms, "in_little_ms": little_ms, "in_big_ms": big_ms, "own_ms": exec_ms - little_ms - big_ms}
+    waits = {}
+    for i, (stage, model) in enumerate(callees.items()):
+        if i == 0:
+            waits[stage] = stats[model]["request_total_ms"] / n
+        else:
+            waits[stage] = stats[model]["request_ms"] * min(1.0, stats[model]["requests"] / n)
+    return {"exec_ms": exec_ms, **{f"in_{s}_ms": w for s, w in waits.items()}, "own_ms": exec_ms - sum(waits.values())}
+
+
+def stage_rows(metrics, model: str) -> dict[str, float]:
+    """``littlebig_stage_rows_total`` of one BLS model, per stage (rows each stage answered), from a scrape of the
+    metrics port (``littlebig.metrics_text.Metrics``)."""
+    return metrics.by("littlebig_stage_rows_total", "stage", model=model)
 
 
 # ---------------------------------------------------------------- budget -------------------------------------------
@@ -268,6 +308,7 @@ class Search:
     work: Path
     warm: Any  # callable(model, batches): a few requests so no window pays for first-call set-up
     base: dict[str, Any] = field(default_factory=dict)  # ServeOptions every candidate starts from
+    metrics_url: str | None = None  # where set: each littlebig point also records littlebig_stage_rows_total
     installed: dict[str, Candidate] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
     point_seconds: list[tuple[float, float]] = field(default_factory=list)  # (wall s, window s) per point
@@ -303,11 +344,16 @@ class Search:
 
     def point(self, cand: Candidate, batch: int, conc: int, window: Window, model: str | None = None) -> dict:
         """perf_analyzer on one candidate (or one of its composing models) with the server's stats deltas."""
+        from littlebig.metrics_text import fetch
+
         target = model or cand.name
         watched = cand.models() if model is None else [target]
+        cascade = cand.role == BLS and model is None
+        scrape = cascade and self.metrics_url is not None
         before = {m: server_stats(self.client, m) for m in watched}
+        answered_before = stage_rows(fetch(self.metrics_url), cand.name) if scrape else {}
         t0 = time.monotonic()
-        composing = list(cand.composing()) if cand.role == BLS and model is None else None
+        composing = list(cand.composing()) if cascade else None
         # perf_analyzer fails on a model never called: little in process (the cpu default) is never called
         if composing and cand.opts().get("little_in_process", True):
             composing = composing[1:]
@@ -318,10 +364,16 @@ class Search:
         row = {**p.as_dict(), "model": target, "role": cand.role if model is None else "composing",
                "candidate": cand.name, "options": cand.opts(), "server": stats,
                "wall_s": round(self.point_seconds[-1][0], 2)}  # fmt: skip
-        if cand.role == BLS and model is None:
-            little, big = cand.composing()
-            row["bls"] = bls_own(stats, little, big, cand.name)
-            row["escalated_rows"] = stats[big]["rows"]
+        if cascade:
+            callees = cand.callees()
+            row["bls"] = bls_own(stats, cand.name, callees)
+            row["escalated_rows"] = stats[callees["big"]]["rows"]
+            # rows that reached each stage: little sees every row (in process or not), a later stage what it ran
+            row["stage_reach_rows"] = {s: stats[cand.name if i == 0 else m]["rows"]
+                                       for i, (s, m) in enumerate(callees.items())}  # fmt: skip
+            if scrape:
+                answered = stage_rows(fetch(self.metrics_url), cand.name)
+                row["stage_rows"] = {s: answered.get(s, 0.0) - answered_before.get(s, 0.0) for s in cand.stages}
         return row
 
     def failed_point(self, cand: Candidate, batch: int, conc: int, model: str | None, exc: Exception) -> dict:
@@ -333,8 +385,10 @@ class Search:
                "role": cand.role if model is None else "composing", "candidate": cand.name, "options": cand.opts(),
                "server": {}, "failed": str(exc)[-500:]}  # fmt: skip
         if cand.role == BLS and model is None:
-            row["bls"] = dict.fromkeys(("exec_ms", "in_little_ms", "in_big_ms", "own_ms"), nan)
+            keys = ("exec_ms", *(f"in_{s}_ms" for s in cand.stages), "own_ms")
+            row["bls"] = dict.fromkeys(keys, nan)
             row["escalated_rows"] = 0
+            row["stage_reach_rows"] = dict.fromkeys(cand.stages, 0)
         return row
 
     def overhead_s(self) -> float:
@@ -405,16 +459,18 @@ def confirm(
     batches: tuple[int, ...],
     concurrencies: tuple[int, ...],
     window: Window,
+    composing_points: bool = True,
 ) -> list[dict]:
-    """Every finalist over the whole sweep, interleaved per (batch, concurrency); littlebig's composing models
-    at concurrency 1, batch 1 too (the BLS overhead compares against exactly the models it calls)."""
+    """Every finalist over the whole sweep, interleaved per (batch, concurrency); with ``composing_points``,
+    littlebig's composing models at concurrency 1, batch 1 too (the BLS overhead compares against exactly the
+    models it calls)."""
     for cand in finalists:
         search.load(cand, batches)
     rows: list[dict] = []
     last_p99_ms: dict[tuple[str, int], float] = {}
     plan = [(b, c, cand) for b in batches for c in concurrencies for cand in finalists]
     b1, c1 = min(batches), min(concurrencies)
-    extra = [(b1, c1, cand, m) for cand in finalists if cand.role == BLS for m in cand.composing()]
+    extra = [(b1, c1, cand, m) for cand in finalists if cand.role == BLS and composing_points for m in cand.composing()]
     for item in tqdm([*plan, *extra], desc="confirm", unit="point"):
         b, c, cand = item[:3]
         model = item[3] if len(item) > 3 else None

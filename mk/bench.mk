@@ -30,3 +30,18 @@ bench: setup
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(MAKE) --no-print-directory perf-analyzer
 	$(BIN)/python -m bench.run --build $(BUILD) --perf-venv $(PERF_VENV) --budget-s $(BENCH_BUDGET_S) $(BENCH_ARGS)
+
+# `make bench-stages` (GitHub issue 24): big alone, the two-stage cascade of $(BUILD) and the three-stage cascade of
+# $(BUILD3), each at the best deployment the search finds on one time budget split between them, in one run on the
+# same test images (bench/stages.py); little and middle alone too, for each cascade's R*. Writes
+# $(BUILD)/bench-stages.{json,png}. The whole run takes about the budget plus a few minutes.
+BENCH_STAGES_BUDGET_S ?= 1500
+BENCH_STAGES_ARGS ?=
+
+.PHONY: bench-stages
+
+bench-stages: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json $(BUILD3)/calibration.json
+	$(MAKE) --no-print-directory perf-analyzer
+	$(BIN)/python -m bench.stages --build $(BUILD) --build-three $(BUILD3) --perf-venv $(PERF_VENV) \
+	  --budget-s $(BENCH_STAGES_BUDGET_S) $(BENCH_STAGES_ARGS)

@@ -201,3 +201,84 @@ def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_proce
     assert np.array_equal(np.concatenate(labels), expected["label"])
     assert np.array_equal(np.concatenate(escalated), expected["escalated"])
     assert int(after) - int(before) == (0 if in_process else len(images))  # BLS calls to the little model
+
+
+# ---------------------------------------------------------------- cascades of any length (issue 24) ---------------
+def test_ideal_rate_of_k_stages_is_the_rows_time_back_to_back():
+    """R* = 1 / sum_k(q_k / R_k), against the time each row spends in the stages it reaches, row by row."""
+    from bench.rates import bound_stages, ideal, ideal_stages, reaching
+
+    rates = [1000.0, 400.0, 100.0]  # little, middle, big, images/s each
+    answering = np.array([0] * 60 + [1] * 30 + [2] * 10)  # the stage that answers each of 100 rows
+    # a row answered at stage k ran every stage up to k: 1/R_0 + ... + 1/R_k seconds
+    seconds = sum(sum(1.0 / rates[j] for j in range(k + 1)) for k in answering)
+    answered = [float((answering == k).mean()) for k in range(3)]
+    assert reaching(answered) == pytest.approx([1.0, 0.4, 0.1])
+    assert ideal_stages(rates, reaching(answered)) == pytest.approx(len(answering) / seconds)
+    assert ideal_stages(rates, [1.0, 0.4, 0.1]) == pytest.approx(1 / 0.003)  # 1 ms in each stage per image
+    assert bound_stages(rates, [1.0, 0.4, 0.1]) == pytest.approx(1 / 0.003 / 100.0)
+    # two stages are the pair's formula, with the escalation rate p as the share reaching big
+    assert ideal_stages([1000.0, 100.0], [1.0, 0.25]) == pytest.approx(ideal(1000.0, 100.0, 0.25))
+    with pytest.raises(ValueError):
+        ideal_stages(rates, [1.0, 0.4])
+
+
+def test_a_three_stage_candidate_serves_its_own_stage_models():
+    import dataclasses
+    from pathlib import Path
+
+    from bench.search import BLS, bls_own, grid, refinements
+    from littlebig.model_repository.generate import ServeOptions
+
+    two = grid(vars(ServeOptions()))[BLS][0]
+    three = dataclasses.replace(two, stages=("little", "middle", "big"), variant="three", build=Path("b3"))
+    assert three.name != two.name and three.name.startswith("littlebig_three__")
+    assert three.callees() == {s: f"{three.name}__{s}" for s in ("little", "middle", "big")}
+    assert three.models() == [*three.composing(), three.name]
+    for cand in refinements(three):  # refinements stay with the leader's cascade and build
+        assert (cand.stages, cand.variant, cand.build) == (three.stages, "three", Path("b3"))
+    # per execute: little in process (no wait on its model), then middle and big one after another
+    stats = {
+        three.name: {"executions": 10, "exec_total_ms": 100.0},
+        three.callees()["little"]: {"request_total_ms": 0.0, "request_ms": 0.0, "requests": 0},
+        three.callees()["middle"]: {"request_total_ms": 30.0, "request_ms": 3.0, "requests": 10},
+        three.callees()["big"]: {"request_total_ms": 25.0, "request_ms": 5.0, "requests": 5},
+    }
+    own = bls_own(stats, three.name, three.callees())
+    assert own == pytest.approx({"exec_ms": 10.0, "in_little_ms": 0.0, "in_middle_ms": 3.0, "in_big_ms": 2.5,
+                                 "own_ms": 4.5})  # fmt: skip
+
+
+def test_stages_summary_compares_best_against_best():
+    """bench/stages.py's summary: each group's best per batch, three/two and each/big, R* from served shares."""
+    from bench.stages import summarise
+
+    def row(group, name, rate, reach=None, answered=None):
+        r = {"group": group, "candidate": name, "batch": 8, "concurrency": 4, "throughput": rate, "options": {}}
+        if reach:
+            r["stage_reach_rows"], r["stage_rows"] = reach, answered
+        return r
+
+    rows = [
+        row("little", "little__a", 1000.0),
+        row("middle", "middle__a", 400.0),
+        row("big", "big__a", 100.0),
+        row("big", "big__b", 150.0),  # big at its best
+        row("two", "lb2", 300.0, {"little": 100, "big": 20}, {"little": 80, "big": 20}),
+        row("three", "lb3", 330.0, {"little": 100, "middle": 40, "big": 10}, {"little": 60, "middle": 30, "big": 10}),
+    ]
+    offline = {
+        "two": {"stages": ["little", "big"], "macs": {"little": 1.0, "big": 10.0}, "val": {"expected_macs": 3.0},
+                "images": {"expected_macs": 3.0}},
+        "three": {"stages": ["little", "middle", "big"], "macs": {"little": 1.0, "middle": 4.0, "big": 10.0},
+                  "val": {"expected_macs": 3.6}, "images": {"expected_macs": 3.6}},
+    }  # fmt: skip
+    s = summarise(rows, (8,), (4,), 8, offline)
+    assert s["ratios"] == pytest.approx({"three_over_two": 1.1, "two_over_big": 2.0, "three_over_big": 2.2})
+    assert s["winners"]["big"]["candidate"] == "big__b"
+    three = s["per_batch"]["8"]["ideal"]["three"]
+    assert three["reach"] == pytest.approx([1.0, 0.4, 0.1])
+    assert three["ideal_throughput"] == pytest.approx(1 / (1 / 1000 + 0.4 / 400 + 0.1 / 150))
+    assert s["per_batch"]["8"]["ideal"]["two"]["ideal_throughput"] == pytest.approx(1 / (1 / 1000 + 0.2 / 150))
+    assert s["served_shares"]["lb3"]["answered"] == pytest.approx([0.6, 0.3, 0.1])
+    assert s["expected_macs"]["three"]["served"] == pytest.approx(1.0 + 0.4 * 4.0 + 0.1 * 10.0)
