@@ -5,9 +5,14 @@ the real test images and their perf_analyzer input, warm-up requests, and the ma
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +97,29 @@ def entry_parser(prog: str, doc: str, out_help: str, images: int, images_help: s
     ap.add_argument("--out", type=Path, help=out_help)
     ap.add_argument("--images", type=int, default=images, help=images_help)
     return ap
+
+
+def finish(
+    result: dict[str, Any],
+    out: Path,
+    entry: str,
+    argv: list[str] | None,
+    started: float,
+    print_table: Callable[[dict[str, Any]], None],
+    plot: Callable[[dict[str, Any], Path], None] | None,
+) -> int:
+    """Stamp a bench record with where it came from (the machine, the command that reruns it, the date, its wall
+    time), write its JSON and PNG (``plot``, where there is one) and print its table."""
+    result.update({
+        "machine": machine(),
+        "command": " ".join([f"python -m {entry}", *(argv if argv is not None else sys.argv[1:])]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(time.monotonic() - started, 1),
+    })  # fmt: skip
+    out.write_text(json.dumps(result, indent=2, default=float))
+    if plot is not None:
+        plot(result, out.with_suffix(".png"))
+    print_table(result)
+    written = f"{out} and {out.with_suffix('.png')}" if plot is not None else str(out)
+    print(f"\nwrote {written} in {result['wall_seconds']:.0f} s")
+    return 0

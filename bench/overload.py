@@ -22,12 +22,10 @@ calibrated value within 30 s after the load falls; at 1x, accuracy equal to the 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +270,7 @@ def source() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import entry_parser, load_test_images, machine, snapshot
+    from bench.common import entry_parser, finish, load_test_images, snapshot
     from littlebig.cli import add_serve_options, given_serve_options
     from littlebig.model_repository.generate import ServeOptions, governor_settings, served_threshold
 
@@ -352,19 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         "images": {"split": "test", "count": len(images), "service_size": exported["service_size"]},
         "models": {role: exported[role]["name"] for role in ROLES},
         "perf_analyzer": {"version": pa_version, "protocol": "grpc", "mode": "async, --request-intervals"},
-        "machine": machine(),
         "source": served_source,
-        "command": " ".join(["python -m bench.overload", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(time.monotonic() - started, 1),
     }
     result["littlebig_unloaded"]["p99_ms"] = result["littlebig_unloaded"]["p99_us"] / 1000
-    out.write_text(json.dumps(result, indent=2, default=float))
-    if "on" in runs:
-        plot(result, out.with_suffix(".png"))
-    print_table(result)
-    print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['wall_seconds']:.0f} s")
-    return 0
+    return finish(result, out, "bench.overload", argv, started, print_table, plot if "on" in runs else None)
 
 
 if __name__ == "__main__":

@@ -12,18 +12,16 @@ Why each number is there (GitHub issues 6 and 12):
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.common import entry_parser, load_test_images, machine, parse_points, snapshot, warm_up
+from bench.common import entry_parser, finish, load_test_images, parse_points, snapshot, warm_up
 from bench.perf import PerfAnalyzer, Window
 from littlebig.decision import CASCADE, cascade
 from littlebig.export.pipeline import ROLES, export_dir, read_export
@@ -288,16 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "export": {role: {k: exported[role].get(k) for k in ("name", "weights", "onnx")} for role in ROLES},
         "offline_floor": offline,
         "perf_analyzer": {"version": pa_version, "protocol": "grpc"},
-        "machine": machine(),
-        "command": " ".join(["python -m bench.run", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(time.monotonic() - started, 1),
     }
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print_table(result)
-    print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['wall_seconds']:.0f} s")
-    return 0
+    return finish(result, out, "bench.run", argv, started, print_table, plot)
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def _rename(src: Path, dst: Path, name: str, params: dict[str, str] | None = Non
 def install(build: Path, repo: Path, cand: Candidate, scratch: Path, base: dict | None = None) -> dict[str, Any]:
     """Generate ``cand``'s deployment (over ``base`` options; from ``cand.build`` where it names one) and install
     its models in ``repo``; its summary. A littlebig candidate's BLS model calls its own stage models
-    (``stage_models``, what model.py reads; ``little_model`` and ``big_model`` kept consistent)."""
+    (``stage_models``, what model.py reads)."""
     from littlebig.model_repository.generate import ServeOptions, generate
 
     gen = scratch / cand.name
@@ -184,8 +184,7 @@ def install(build: Path, repo: Path, cand: Candidate, scratch: Path, base: dict 
         callees = cand.callees()
         for stage, model in callees.items():
             _rename(gen / stage, repo / model, model)
-        params = {"stage_models": json.dumps(list(callees.values())), "little_model": callees["little"],
-                  "big_model": callees["big"]}  # fmt: skip
+        params = {"stage_models": json.dumps(list(callees.values()))}
         _rename(gen / BLS, repo / cand.name, cand.name, params)
     shutil.rmtree(gen)
     return summary

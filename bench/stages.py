@@ -26,18 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.common import entry_parser, load_test_images, machine, parse_points, snapshot, warm_up
+from bench.common import entry_parser, finish, load_test_images, parse_points, snapshot, warm_up
 from bench.perf import PerfAnalyzer, Window
 from bench.rates import bound_stages, ideal_stages, reaching
 from littlebig.decision import CASCADE, cascade_stages
@@ -479,16 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         "builds": {"two": str(args.build), "three": str(build_three)},
         "images": {"split": "test", "count": len(images), "service_size": exported["service_size"]},
         "perf_analyzer": {"version": pa_version, "protocol": "grpc"},
-        "machine": machine(),
-        "command": " ".join(["python -m bench.stages", *(argv if argv is not None else sys.argv[1:])]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": round(time.monotonic() - started, 1),
     }
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print_table(result)
-    print(f"\nwrote {out} and {out.with_suffix('.png')} in {result['wall_seconds']:.0f} s")
-    return 0
+    return finish(result, out, "bench.stages", argv, started, print_table, plot)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ def check_cascade_contract(repo, service_size, classes):
     assert outs["PROBS"].data_type == mc.TYPE_FP32 and list(outs["PROBS"].dims) == [classes]
     assert (repo / "littlebig" / outs["PROBS"].label_filename).read_text().splitlines().__len__() == classes
     assert 0.0 <= float(cfg.parameters["threshold"].string_value) <= 1.0
-    assert {"little_model", "big_model", "big_max_batch_size"} <= set(cfg.parameters)
+    assert {"stage_models", "stage_max_batch_sizes", "thresholds"} <= set(cfg.parameters)
+    assert json.loads(cfg.parameters["stage_models"].string_value) == ["little", "big"]
     for f in ("model.py", "decision.py", "control.py"):  # the BLS model, the shared rule, its control loop
         assert (repo / "littlebig" / "1" / f).exists()
     # Runs on a stock NGC image: the standard library, numpy, the backend utils and the decision rule at
