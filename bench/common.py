@@ -123,3 +123,35 @@ def finish(
     written = f"{out} and {out.with_suffix('.png')}" if plot is not None else str(out)
     print(f"\nwrote {written} in {result['wall_seconds']:.0f} s")
     return 0
+
+
+def add_search_arguments(ap: argparse.ArgumentParser, budget_env: str, budget_s: float) -> None:
+    """The deployment search's arguments (bench/search.py ``session``), shared by ``make bench`` and
+    ``make bench-stages``; the budget defaults to ``$budget_env`` or ``budget_s``."""
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--concurrency", default="1,2,4,8,16,32")
+    ap.add_argument("--headline-batch", type=int, help="batch of the headline figures (default: the largest)")
+    ap.add_argument(
+        "--budget-s", type=float, default=float(os.environ.get(budget_env, budget_s)),
+        help=f"time budget of the search, screen + confirm (default ${budget_env} or {budget_s:g})",
+    )
+    ap.add_argument("--screen-share", type=float, default=0.4, help="share of the budget for the screen")
+    ap.add_argument("--screen-points", default="8x16,1x16,1x1", help="BATCHxCONCURRENCY points every candidate runs")
+    ap.add_argument("--screen-ms", type=int, default=500, help="perf_analyzer window while screening")
+    ap.add_argument("--finalists", type=int, default=2, help="most finalists per role confirmed over the sweep")
+
+
+def headline_batch(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The batch of the headline figures: --headline-batch, which must be one of --batches, or the largest."""
+    batches = tuple(int(b) for b in args.batches.split(","))
+    headline = args.headline_batch or max(batches)
+    if headline not in batches:
+        ap.error(f"--headline-batch {headline} is not among --batches {args.batches}")
+    return headline
+
+
+def work_dir(out: Path) -> Path:
+    """Where an entry point writing ``out`` keeps its repositories, logs and perf_analyzer files."""
+    work = out.parent / f"{out.stem}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    return work

@@ -12,7 +12,6 @@ Why each number is there (GitHub issues 6 and 12):
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,16 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.common import entry_parser, finish, load_test_images, parse_points, snapshot, warm_up
+from bench.common import (
+    add_search_arguments,
+    entry_parser,
+    finish,
+    headline_batch,
+    load_test_images,
+    snapshot,
+    warm_up,
+    work_dir,
+)
 from bench.perf import PerfAnalyzer, Window
 from littlebig.decision import CASCADE, cascade
 from littlebig.export.pipeline import ROLES, export_dir, read_export
@@ -164,34 +172,11 @@ def plot(result: dict, path: Path) -> None:
 # ---------------------------------------------------------------- main -------------------------------------------
 def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work: Path, pa: PerfAnalyzer) -> dict:
     """Screen every candidate, confirm the finalists over the sweep: the search table (bench/search.py)."""
-    import tritonclient.grpc as grpcclient
-
-    from littlebig.model_repository.generate import ServeOptions
-    from littlebig.model_repository.server import Ports, TritonServer
-
-    batches = tuple(int(b) for b in args.batches.split(","))
-    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
-    points = parse_points(args.screen_points)
-    budget = S.Budget(args.budget_s, args.screen_share)
-    repo, scratch = work / "model_repository", work / "generated"
-    for d in (repo, scratch):
-        if d.exists():
-            import shutil
-
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-    defaults = {**vars(ServeOptions()), **opts_base}
-    cands = S.grid(defaults)
-    # explicit model control: candidates load and unload on one server, one at a time while screening
-    server = TritonServer(repo, Ports.free(), log_file=work / "tritonserver.log",
-                          extra_args=["--model-control-mode=explicit"], restricted_apis=())  # fmt: skip
-    with server.start():
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
-        search = S.Search(
-            build=args.build, repo=repo, scratch=scratch, pa=pa, client=client, server=server,
-            url=f"127.0.0.1:{server.ports.grpc}", input_data=input_data, work=work,
-            warm=lambda model, b: warm_up(client, images, model, b), base=opts_base,
-        )  # fmt: skip
+    warm = lambda client, model, b: warm_up(client, images, model, b)  # noqa: E731
+    with S.session(args, args.build, opts_base, input_data, work, pa, warm) as run:
+        batches, concurrencies, points, budget = run.batches, run.concurrencies, run.points, run.budget
+        search, defaults = run.search, run.defaults
+        cands = S.grid(defaults)
         window = Window(args.screen_ms, stability_pct=1000, max_trials=3)  # screening: 3 windows, no retry
         total = sum(len(v) for v in cands.values()) + 6
         with tqdm(total=total, desc="screen", unit="candidate") as bar:
@@ -209,7 +194,6 @@ def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work
         finalists = [search.installed[r["candidate"]] for role in MODELS for r in S.ranked(screened, role)[:k]]
         confirm_window = Window(window_ms)
         rows = S.confirm(search, finalists, batches, concurrencies, confirm_window)
-        client.close()
     return {
         "defaults": {k: v for k, v in defaults.items() if k in S.ROLE_FIELDS[BLS]},
         "budget_s": args.budget_s,
@@ -232,27 +216,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = entry_parser("python -m bench.run", __doc__, "bench JSON (default BUILD/bench.json; the PNG goes beside it)",
                       512, "real Fashion-MNIST test images to send")  # fmt: skip
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--concurrency", default="1,2,4,8,16,32")
-    ap.add_argument("--headline-batch", type=int, help="batch of the headline figures (default: the largest)")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_BUDGET_S", 900)),
-                    help="time budget of the search, screen + confirm (default $BENCH_BUDGET_S or 900)")  # fmt: skip
-    ap.add_argument("--screen-share", type=float, default=0.4, help="share of the budget for the screen")
-    ap.add_argument("--screen-points", default="8x16,1x16,1x1", help="BATCHxCONCURRENCY points every candidate runs")
-    ap.add_argument("--screen-ms", type=int, default=500, help="perf_analyzer window while screening")
-    ap.add_argument("--finalists", type=int, default=2, help="most finalists per role confirmed over the sweep")
+    add_search_arguments(ap, "BENCH_BUDGET_S", 900)
     ap.add_argument("--offline-seconds", type=float, default=1.5)
     add_serve_options(ap, build=False)  # the base every candidate starts from (e.g. --rule)
     args = ap.parse_args(argv)
 
     started = time.monotonic()
     batches = tuple(int(b) for b in args.batches.split(","))
-    headline = args.headline_batch or max(batches)
-    if headline not in batches:
-        ap.error(f"--headline-batch {headline} is not among --batches {args.batches}")
+    headline = headline_batch(ap, args)
     out = args.out or args.build / "bench.json"
-    work = out.parent / f"{out.stem}-work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(out)
     base = given_serve_options(args)
     pa = PerfAnalyzer(args.perf_venv)
     pa_version = pa.version()

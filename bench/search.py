@@ -16,11 +16,13 @@ length and finalist count to what is left. Both are recorded in the search table
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,3 +583,58 @@ def breakdown(rows: list[dict], summary: dict) -> list[dict]:
             entry["bls"] = row["bls"]
         out.append(entry)
     return out
+
+
+@dataclass
+class Session:
+    """One search run: the sweep's settings from the entry point's arguments, and the Search over a fresh
+    repository on one explicit-model-control server (``session``)."""
+
+    batches: tuple[int, ...]
+    concurrencies: tuple[int, ...]
+    points: list[tuple[int, int]]
+    budget: Budget
+    defaults: dict[str, Any]
+    search: Search
+
+
+@contextlib.contextmanager
+def session(
+    args, build: Path, base: dict, input_data: Path, work: Path, pa: PerfAnalyzer,
+    warm: Callable[[Any, str, tuple[int, ...]], None], metrics: bool = False,
+) -> Iterator[Session]:
+    """``args``: the entry point's --batches, --concurrency, --screen-points, --budget-s and --screen-share;
+    ``warm(client, model, batches)`` warms a model up; ``metrics``: the Search scrapes the metrics port too."""
+    import tritonclient.grpc as grpcclient
+
+    from bench.common import parse_points
+    from littlebig.model_repository.generate import ServeOptions
+    from littlebig.model_repository.server import Ports, TritonServer
+
+    repo, scratch = work / "model_repository", work / "generated"
+    for d in (repo, scratch):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    # explicit model control: candidates load and unload on one server, one at a time while screening
+    server = TritonServer(repo, Ports.free(), log_file=work / "tritonserver.log",
+                          extra_args=["--model-control-mode=explicit"], restricted_apis=())  # fmt: skip
+    with server.start():
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
+        try:
+            search = Search(
+                build=build, repo=repo, scratch=scratch, pa=pa, client=client, server=server,
+                url=f"127.0.0.1:{server.ports.grpc}", input_data=input_data, work=work,
+                warm=lambda model, b: warm(client, model, b), base=base,
+                **({"metrics_url": f"http://127.0.0.1:{server.ports.metrics}/metrics"} if metrics else {}),
+            )  # fmt: skip
+            yield Session(
+                batches=tuple(int(b) for b in args.batches.split(",")),
+                concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+                points=parse_points(args.screen_points),
+                budget=Budget(args.budget_s, args.screen_share),
+                defaults={**vars(ServeOptions()), **base},
+                search=search,
+            )
+        finally:
+            client.close()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,16 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.common import entry_parser, finish, load_test_images, parse_points, snapshot, warm_up
+from bench.common import (
+    add_search_arguments,
+    entry_parser,
+    finish,
+    headline_batch,
+    load_test_images,
+    snapshot,
+    warm_up,
+    work_dir,
+)
 from bench.perf import PerfAnalyzer, Window
 from bench.rates import bound_stages, ideal_stages, reaching
 from littlebig.decision import CASCADE, cascade_stages
@@ -114,38 +122,15 @@ def candidates(defaults: dict, two: Path, three: Path, three_stages: tuple[str, 
 def run_search(args, base: dict, images: np.ndarray, input_data: Path, work: Path, pa: PerfAnalyzer,
                two: Path, three: Path) -> dict:  # fmt: skip
     """Screen every group within its share of the budget, then confirm each group's best over the sweep."""
-    import shutil
-
-    import tritonclient.grpc as grpcclient
-
-    from littlebig.model_repository.generate import ServeOptions
-    from littlebig.model_repository.server import Ports, TritonServer
-
-    batches = tuple(int(b) for b in args.batches.split(","))
-    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
-    points = parse_points(args.screen_points)
-    budget = S.Budget(args.budget_s, args.screen_share)
-    repo, scratch = work / "model_repository", work / "generated"
-    for d in (repo, scratch):
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-    defaults = {**vars(ServeOptions()), **base}
-    cands = candidates(defaults, two, three, tuple(stages_of(read_export(three))))
-    refine_estimate = len(S.refinements(cands["two"][0]))
-    counts = {g: len(c) + (refine_estimate if GROUPS[g] == BLS else 0) for g, c in cands.items()}
-    server = TritonServer(repo, Ports.free(), log_file=work / "tritonserver.log",
-                          extra_args=["--model-control-mode=explicit"], restricted_apis=())  # fmt: skip
+    warm = lambda client, model, b: warm_up(client, images, model, b)  # noqa: E731
     screened: dict[str, list[dict]] = {}
     slices: dict[str, float] = {}
-    with server.start():
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.ports.grpc}")
-        search = S.Search(
-            build=two, repo=repo, scratch=scratch, pa=pa, client=client, server=server,
-            url=f"127.0.0.1:{server.ports.grpc}", input_data=input_data, work=work,
-            warm=lambda model, b: warm_up(client, images, model, b), base=base,
-            metrics_url=f"http://127.0.0.1:{server.ports.metrics}/metrics",
-        )  # fmt: skip
+    with S.session(args, two, base, input_data, work, pa, warm, metrics=True) as run:
+        batches, concurrencies, points, budget = run.batches, run.concurrencies, run.points, run.budget
+        search = run.search
+        cands = candidates(run.defaults, two, three, tuple(stages_of(read_export(three))))
+        refine_estimate = len(S.refinements(cands["two"][0]))
+        counts = {g: len(c) + (refine_estimate if GROUPS[g] == BLS else 0) for g, c in cands.items()}
         window = Window(args.screen_ms, stability_pct=1000, max_trials=3)  # screening: 3 windows, no retry
         screen_s = args.screen_share * args.budget_s
         with tqdm(total=sum(counts.values()), desc="screen", unit="candidate") as bar:
@@ -170,7 +155,6 @@ def run_search(args, base: dict, images: np.ndarray, input_data: Path, work: Pat
         confirm_window = Window(window_ms)
         flat = [c for g in GROUPS for c in finalists[g]]
         rows = S.confirm(search, flat, batches, concurrencies, confirm_window, composing_points=False)
-        client.close()
     group_of = {c.name: g for g in GROUPS for c in finalists[g]}
     for r in rows:
         r["group"] = group_of[r["candidate"]]
@@ -423,23 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                       "bench JSON (default BUILD/bench-stages.json; the PNG goes beside it)",
                       512, "real test images to send")  # fmt: skip
     ap.add_argument("--build-three", type=Path, help="the three-stage build (default BUILD/three)")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--concurrency", default="1,2,4,8,16,32")
-    ap.add_argument("--headline-batch", type=int, help="batch of the headline figures (default: the largest)")
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BENCH_STAGES_BUDGET_S", 1500)),
-                    help="time budget of the search, screen + confirm ($BENCH_STAGES_BUDGET_S or 1500)")  # fmt: skip
-    ap.add_argument("--screen-share", type=float, default=0.4, help="share of the budget for the screen")
-    ap.add_argument("--screen-points", default="8x16,1x16,1x1", help="BATCHxCONCURRENCY points every candidate runs")
-    ap.add_argument("--screen-ms", type=int, default=500, help="perf_analyzer window while screening")
-    ap.add_argument("--finalists", type=int, default=2, help="most finalists per group confirmed over the sweep")
+    add_search_arguments(ap, "BENCH_STAGES_BUDGET_S", 1500)
     add_serve_options(ap, build=False)  # the base every candidate starts from (e.g. --rule)
     args = ap.parse_args(argv)
 
     started = time.monotonic()
     batches = tuple(int(b) for b in args.batches.split(","))
-    headline = args.headline_batch or max(batches)
-    if headline not in batches:
-        ap.error(f"--headline-batch {headline} is not among --batches {args.batches}")
+    headline = headline_batch(ap, args)
     build_three = args.build_three or args.build / "three"
     for b, want in ((args.build, 2), (build_three, 3)):
         got = len(stages_of(read_export(b)))
@@ -447,8 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{b} exports a cascade of {got} models: this bench compares 2 ({args.build}) with 3 "
                      f"({build_three})")  # fmt: skip
     out = args.out or args.build / "bench-stages.json"
-    work = out.parent / f"{out.stem}-work"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(out)
     base = given_serve_options(args)
     pa = PerfAnalyzer(args.perf_venv)
     pa_version = pa.version()
