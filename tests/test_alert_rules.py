@@ -24,7 +24,7 @@ RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
 RULES = RULES_DIR / "littlebig.rules.yml"
 RULE_TESTS = RULES_DIR / "littlebig.rules.test.yml"
 MODEL_PY = RULES_DIR.parent.parent / "model_repository" / "littlebig" / "model.py"
-#: The alerts' thresholds, as written in the rules (test_thresholds_are_the_documented_ones checks).
+#: The alerts' documented thresholds (test_the_alerts_fire_exactly_past_their_documented_thresholds checks them).
 Z_MAX, PSI_MAX, MIN_ROWS, SHARE_FLOOR = 4.0, 0.2, 500, 0.001
 DRIFT_ALERTS = ("LittlebigEscalationRateDrift", "LittlebigConfidenceShift")
 REPLAY_ROWS = 3000
@@ -64,13 +64,81 @@ def test_promtool_unit_tests_on_synthetic_series():
     assert "SUCCESS" in out
 
 
-def test_thresholds_are_the_documented_ones():
-    by_name = rules()
-    rate, shift = (by_name[a]["expr"] for a in DRIFT_ALERTS)
-    assert f"> {Z_MAX:g}" in rate and f">= {MIN_ROWS}" in rate
-    assert f"> {PSI_MAX:g}" in shift and f">= {MIN_ROWS}" in shift
-    assert by_name["model:littlebig_confidence_psi:10m"]["expr"].count(f"{SHARE_FLOOR:g})") == 4
-    assert all(by_name[a].get("for") for a in DRIFT_ALERTS)
+#: Val's bin shares in the synthetic tests (littlebig.rules.test.yml), p and n_val: the reference of every case below.
+VAL_SHARES = (0.0, 0.0, 0.005, 0.015, 0.035, 0.04, 0.045, 0.06, 0.065, 0.15, 0.24, 0.345)
+P_VAL, N_VAL = 0.42, 5000
+
+
+def z_of(rows: int, escalations: int) -> float:
+    """The documented statistic, by hand: (r - p) / sqrt(p (1 - p) (1/n + 1/n_val))."""
+    return (escalations / rows - P_VAL) / math.sqrt(P_VAL * (1 - P_VAL) * (1 / rows + 1 / N_VAL))
+
+
+def psi_of(counts: list[int]) -> float:
+    """The documented PSI, by hand: sum (a - e) ln(a / e) with both shares floored at SHARE_FLOOR."""
+    total = sum(counts)
+    pairs = [(max(c / total, SHARE_FLOOR), max(e, SHARE_FLOOR)) for c, e in zip(counts, VAL_SHARES, strict=True)]
+    return sum((a - e) * math.log(a / e) for a, e in pairs)
+
+
+def shifted_bins(rows: int, moved: int) -> list[int]:
+    """Val-like bins of ``rows`` rows with ``moved`` of them taken from the top bin to the (0.5, 0.6] bin."""
+    counts = [10 * round(rows * e / 10) for e in VAL_SHARES]  # whole rows per minute
+    counts[-1] += rows - sum(counts) - moved
+    counts[4] += moved
+    return counts
+
+
+def fires(tmp_path: Path, alert: str, rows: int, escalations: int, bins: list[int]) -> bool:
+    """Whether ``alert``'s expression (read from the rules file) holds at 15m for counters growing by ``rows``,
+    ``escalations`` and ``bins`` every 10 minutes (promtool evaluates the recording rules it reads)."""
+    from littlebig.decision import CONFIDENCE_BINS
+
+    if rows % 10 or escalations % 10 or any(c % 10 for c in bins):
+        raise ValueError("per-10m counts must be multiples of 10 (the series grow once a minute)")
+    labels = 'job="triton", pod="littlebig-0", model="littlebig", version="1"'
+    series = [(f"littlebig_rows_total{{{labels}}}", f"0+{rows // 10}x20"),
+              (f"littlebig_calibration_escalations_total{{{labels}}}", f"0+{escalations // 10}x20"),
+              (f"littlebig_calibrated_escalation_rate{{{labels}}}", f"{P_VAL}+0x20"),
+              (f"littlebig_calibration_rows{{{labels}}}", f"{N_VAL}+0x20")]  # fmt: skip
+    for edge, count, share in zip(CONFIDENCE_BINS, bins, VAL_SHARES, strict=True):
+        series.append((f'littlebig_little_confidence_rows_total{{{labels}, upper="{edge!r}"}}', f"0+{count // 10}x20"))
+        series.append((f'littlebig_calibrated_confidence_share{{{labels}, upper="{edge!r}"}}', f"{share}+0x20"))
+    expr = f"count({rules()[alert]['expr'].strip()}) or vector(0)"
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": name, "values": values} for name, values in series],
+            "promql_expr_test": [{"expr": expr, "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": 1}]}],
+        }],
+    }  # fmt: skip
+    path = tmp_path / f"{alert}-{rows}-{escalations}-{'-'.join(map(str, bins))}.yml"
+    path.write_text(yaml.safe_dump(test))
+    proc = subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    return proc.returncode == 0
+
+
+def test_the_alerts_fire_exactly_past_their_documented_thresholds(tmp_path):
+    """Each alert's expression, evaluated by promtool on series built to sit just either side of the documented
+    threshold (z = 4, PSI = 0.2, at least 500 rows), computed here by hand from the documented formulas."""
+    val_like = shifted_bins(20000, 0)
+    # z: 20,000 rows per 10m; 9,030 escalations give z = 4.04, 9,020 give z = 3.97.
+    assert z_of(20000, 9030) > Z_MAX > z_of(20000, 9020)
+    assert fires(tmp_path, "LittlebigEscalationRateDrift", 20000, 9030, val_like)
+    assert not fires(tmp_path, "LittlebigEscalationRateDrift", 20000, 9020, val_like)
+    # rows: a huge z (r = 0.9) fires at 500 rows and not at 490.
+    for rows, expected in ((500, True), (490, False)):
+        assert fires(tmp_path, "LittlebigEscalationRateDrift", rows, round(0.09 * rows) * 10, shifted_bins(rows, 0)) \
+            is expected, rows
+    # PSI: move rows from the top bin to (0.5, 0.6] until PSI passes 0.2; one step (10 rows of 20,000) either side.
+    moved = next(m for m in range(0, 20000, 10) if psi_of(shifted_bins(20000, m)) > PSI_MAX)
+    above, below = shifted_bins(20000, moved), shifted_bins(20000, moved - 10)
+    assert psi_of(above) > PSI_MAX > psi_of(below)
+    assert fires(tmp_path, "LittlebigConfidenceShift", 20000, 8400, above)
+    assert not fires(tmp_path, "LittlebigConfidenceShift", 20000, 8400, below)
+    assert all(rules()[a].get("for") for a in DRIFT_ALERTS)
 
 
 def test_rules_read_metrics_the_model_exports():
