@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
+from littlebig.imaging import centre_crop, cover
+
 CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 DATA_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 INTERPOLATION = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
@@ -198,9 +200,7 @@ def resize_geometry(
     if mode == "squash":
         resize_to = (scale_h, scale_w)
     elif mode == "center" and scale_h == scale_w:
-        short, long = min(src_h, src_w), max(src_h, src_w)
-        new_long = int(scale_h * long / short)
-        resize_to = (scale_h, new_long) if src_h <= src_w else (new_long, scale_h)
+        resize_to = cover(source, (scale_h, scale_w))
     elif mode == "center":
         ratio = min(src_h / scale_h, src_w / scale_w)
         resize_to = (round(src_h / ratio), round(src_w / ratio))
@@ -208,9 +208,7 @@ def resize_geometry(
         raise ValueError(f"crop_mode {crop_mode!r} is not supported (center or squash)")
     if resize_to[0] < height or resize_to[1] < width:
         raise ValueError(f"resize to {resize_to} is smaller than the model's input {input_size}")
-    top = int(round((resize_to[0] - height) / 2.0))
-    left = int(round((resize_to[1] - width) / 2.0))
-    return resize_to, (top, left)
+    return resize_to, centre_crop(resize_to, (height, width))
 
 
 class Preprocessed(nn.Module):

@@ -44,6 +44,21 @@ def _eight_bit(img):
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8), "L")
 
 
+def cover(source: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(H, W) of torchvision's ``Resize`` of the shorter side: the source's aspect ratio, covering ``target`` (H, W),
+    the other side truncated (``int``) and never below the target's. Shared by the client/decoder framing
+    (``fit_to_service``) and the models' exported graphs (``export.models.resize_geometry``)."""
+    (h, w), (height, width) = source, target
+    if height / h >= width / w:
+        return height, max(width, int(height * w / h))
+    return max(height, int(width * h / w)), width
+
+
+def centre_crop(resized: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of torchvision's ``CenterCrop`` of ``crop`` (H, W) from an image of ``resized`` (H, W)."""
+    return int(round((resized[0] - crop[0]) / 2.0)), int(round((resized[1] - crop[1]) / 2.0))
+
+
 def fit_to_service(img, size: tuple[int, int, int]) -> np.ndarray:
     """A decoded PIL image -> uint8 [H, W, C] at the service size, framed as timm's eval transform does:
     the shorter side resized (PIL bicubic, antialiased) to cover H x W, then the centre crop.
@@ -59,14 +74,10 @@ def fit_to_service(img, size: tuple[int, int, int]) -> np.ndarray:
     img = _eight_bit(img).convert(mode)
     w, h = img.size
     if (w, h) != (width, height):
-        # torchvision's Resize(shorter side) rule: the other side truncated, never below the crop.
-        if height / h >= width / w:
-            new_h, new_w = height, max(width, int(height * w / h))
-        else:
-            new_h, new_w = max(height, int(width * h / w)), width
+        new_h, new_w = cover((h, w), (height, width))
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = int(round((new_w - width) / 2.0)), int(round((new_h - height) / 2.0))
+        top, left = centre_crop((new_h, new_w), (height, width))
         img = img.crop((left, top, left + width, top + height))
     return np.asarray(img, dtype=np.uint8).reshape(height, width, channels)
 
