@@ -131,7 +131,7 @@ def test_a_past_deadline_keeps_rows_with_the_stage_before(three_stage_build, thr
 
 def test_the_two_model_cascade_names_its_answering_stage(server, grpc_client, test_split, served_threshold):
     data, logits = test_split
-    rows = np.arange(200)
+    rows = np.arange(64)  # littlebig's max_batch_size
     res = infer(grpc_client, data.images[rows])
     esc = res.as_numpy("ESCALATED").reshape(-1)
     stage = np.array([s.decode() for s in res.as_numpy("STAGE").reshape(-1)])
