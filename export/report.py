@@ -368,7 +368,9 @@ def plot_tradeoff(test: Outputs, report: dict[str, Any], path: Path, stages: Sta
     ax.axhline(report["big"]["test_acc"] * 100, color="tab:red", ls=":", lw=0.8)
     ax.set_xlabel("MACs per image relative to big alone")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Little-Big on the test split: {report['little']['name']} -> {report['big']['name']}")
+    names = [m["name"] for m in report["stages"]["models"].values()] if stages is not None else [
+        report["little"]["name"], report["big"]["name"]]
+    ax.set_title(f"Little-Big on the test split: {' -> '.join(names)}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
