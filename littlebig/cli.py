@@ -329,7 +329,7 @@ def _cmd_repo(args: argparse.Namespace) -> int:
     summary = generate(args.build, args.out, args.profile, serve_options(args))
     print(
         f"wrote {args.profile} repository {args.out}: models {', '.join(summary['models'])}; "
-        f"T={summary['threshold']:.6f} ({summary['rule']})"
+        "T=" + "/".join(f"{t:.6f}" for t in summary["thresholds"]) + f" ({summary['rule']})"
     )
     return 0
 
