@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args.build = snapshot(args.build, work / "build")
     exported, images, input_data = load_test_images(args.build, work, args.images)
     t_cal, rule = served_threshold(args.build, ServeOptions(**base))
-    t_min = governor_settings(args.build, t_cal, ServeOptions(**base))["t_min"]
+    t_min = governor_settings(args.build, [t_cal], ServeOptions(**base))["t_min"]
     ref = reference(args.build, len(images), t_cal, t_min)
 
     saturation: dict[str, Any] = {}

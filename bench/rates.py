@@ -10,13 +10,15 @@ from collections.abc import Sequence
 
 
 def ideal(r_little: float, r_big: float, p: float) -> float:
-    """R* = 1 / (1/R_little + p/R_big): little on every image, big on the escalated fraction p, back to back."""
-    return 1.0 / (1.0 / r_little + p / r_big)
+    """R* = 1 / (1/R_little + p/R_big): little on every image, big on the escalated fraction p, back to back
+    (``ideal_stages`` of two stages)."""
+    return ideal_stages((r_little, r_big), (1.0, p))
 
 
 def bound(r_little: float, r_big: float, p: float) -> float:
-    """R*/R_big = 1 / (R_big/R_little + p): the best speed-up over big any cascade of this pair can serve."""
-    return 1.0 / (r_big / r_little + p)
+    """R*/R_big = 1 / (R_big/R_little + p): the best speed-up over big any cascade of this pair can serve
+    (``bound_stages`` of two stages)."""
+    return bound_stages((r_little, r_big), (1.0, p))
 
 
 def reaching(answered: Sequence[float]) -> list[float]:

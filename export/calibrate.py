@@ -287,8 +287,9 @@ class StageOutputs:
         return answering_stage(self.confs, list(thresholds))
 
     def answer(self, stage: np.ndarray) -> np.ndarray:
-        return np.take_along_axis(self.predictions, stage[None, :], 0)[0] if stage.ndim == 1 else (
-            np.take_along_axis(self.predictions[:, None, :], stage[None], 0)[0])
+        """The answering stage's prediction per row, for a stage array of any leading shape (a grid of T)."""
+        predictions = self.predictions.reshape(self.stages, *(1,) * (stage.ndim - 1), -1)
+        return np.take_along_axis(predictions, stage[None], 0)[0]
 
     def harm(self, stage: np.ndarray) -> np.ndarray:
         """Rows answered before the last stage, wrongly, where the last stage is right."""
@@ -351,10 +352,10 @@ def joint_thresholds(out: StageOutputs, rule: str, eps: float = EPS, delta: floa
         return [RULES[rule](out.pair())]
     points = outer_points(out.stages)
     found: list[list[float]] = []
+    target = float((out.predictions[-1] == out.labels).mean())  # paper: the last model's val accuracy
+    ts = np.unique(np.concatenate([[0.0, ALWAYS_BIG], out.confs[-1].astype(np.float64)]))  # paper: every last T
     for outer in points:
         if rule == "paper":
-            target = float((out.predictions[-1] == out.labels).mean())
-            ts = np.unique(np.concatenate([[0.0, ALWAYS_BIG], out.confs[-1].astype(np.float64)]))
             for chunk in range(0, len(ts), 256):
                 grid = ts[chunk : chunk + 256, None]
                 acc = (out.answer(out.stage([*outer, grid])) == out.labels).mean(-1)

@@ -251,10 +251,7 @@ def reference_logits(
 
 def outputs(build: Path, split: str):
     """little's and big's outputs (the first and last stage)."""
-    from littlebig.export.calibrate import Outputs
-
-    logits = reference_logits(build, split)
-    return Outputs(logits["little"], logits["big"], logits["labels"])
+    return stage_outputs(build, split).pair()
 
 
 def stage_outputs(build: Path, split: str):

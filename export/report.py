@@ -12,13 +12,13 @@ from littlebig.decision import escalate
 from littlebig.export.calibrate import (
     DELTA,
     EPS,
-    OUTER_GRID,
     PROMISING_RULES,
     Outputs,
     StageOutputs,
     calibrate,
     candidate_thresholds,
     evaluate,
+    outer_points,
     sweep,
     threshold_spread,
 )
@@ -304,11 +304,9 @@ def _stages_markdown(report: dict[str, Any]) -> str:
 def stage_frontier(test: StageOutputs, big_macs: float) -> tuple[np.ndarray, np.ndarray]:
     """The K-stage cascade's best test accuracy at each MACs budget (the upper-left frontier) over OUTER_GRID for the
     earlier thresholds and a fine grid for the last: (MACs relative to big, accuracy), MACs ascending."""
-    import itertools
-
     last = np.linspace(0.0, 1.0, 201)[:, None]
     points = []
-    for outer in itertools.product(OUTER_GRID, repeat=test.stages - 2):
+    for outer in outer_points(test.stages):
         stage = test.stage([*outer, last])
         acc = (test.answer(stage) == test.labels).mean(-1)
         points.append(np.stack([test.expected_macs(stage) / big_macs, acc], 1))

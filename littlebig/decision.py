@@ -70,9 +70,9 @@ def stage_names(count: int) -> tuple[str, ...]:
     return ("little", *middles, "big")
 
 
-def thresholds_for(thresholds: float | list[float] | tuple[float, ...] | np.ndarray, stages: int) -> list:
-    """One T per transition (stage k -> k + 1): a list of ``stages - 1`` values, or one value for every stage."""
-    if np.ndim(thresholds) == 0 or (np.ndim(thresholds) == 1 and not isinstance(thresholds, (list, tuple))):
+def thresholds_for(thresholds: float | list[float] | tuple[float, ...], stages: int) -> list:
+    """One T per transition (stage k -> k + 1): a list of ``stages - 1`` values, or one number for every stage."""
+    if not isinstance(thresholds, (list, tuple)):
         return [thresholds] * (stages - 1)
     if len(thresholds) != stages - 1:
         raise ValueError(f"a cascade of {stages} models takes {stages - 1} thresholds, got {len(thresholds)}")
@@ -98,7 +98,7 @@ def cascade_stages(logits: list[np.ndarray], thresholds: float | list) -> dict[s
     earlier stage escalated; for those rows the result is the same."""
     probs = [softmax(z) for z in logits]
     stage = answering_stage([confidence(p) for p in probs[:-1]], thresholds_for(thresholds, len(logits)))
-    answer = np.choose(stage[:, None], probs) if len(probs) > 1 else probs[0]
+    answer = np.choose(stage[:, None], probs)
     return {
         "label": answer.argmax(axis=-1).astype(np.int64), "probs": answer.astype(np.float32),
         "escalated": stage == len(logits) - 1, "stage": stage,

@@ -560,7 +560,7 @@ def served_val_outputs(build: Path, tensorrt: bool):
 
 
 def governor_settings(
-    build: Path, threshold: float | list[float], opts: ServeOptions, rule: str | None = None, tensorrt: bool = False
+    build: Path, thresholds: list[float], opts: ServeOptions, rule: str | None = None, tensorrt: bool = False
 ) -> dict[str, Any]:
     """T_min and the governor's T steps for ``opts.max_accuracy_drop``, and the drift alerts' reference
     (val's escalation rate at the served T and its confidence-bin shares), all from the val outputs of the
@@ -569,18 +569,18 @@ def governor_settings(
     With TensorRT outputs, a T_min that ``tensorrt.json`` recorded for ``rule`` at the same T and budget must
     be the one found here: a stale logits cache is refused rather than served.
 
-    A cascade of K > 2 models (``threshold``: T_1..T_{K-1}): the governor moves T_{K-1}, with the earlier ones
-    fixed, so T_min and its steps come from that transition's view of val (``StageOutputs.last_transition``);
-    the drift reference is little's confidence shares (little sees every row) and the share of rows reaching big.
+    ``thresholds``: T_1..T_{K-1} (two models: [T]). A cascade of K > 2 models: the governor moves T_{K-1}, with
+    the earlier ones fixed, so T_min and its steps come from that transition's view of val
+    (``StageOutputs.last_transition``); the drift reference is little's confidence shares (little sees every
+    row) and the share of rows reaching big.
     """
     from littlebig.export.calibrate import MAX_ACCURACY_DROP, drift_reference, governor_levels, threshold_floor
 
     if opts.slo_p99_ms is not None and not opts.slo_p99_ms > 0:
         raise ValueError(f"slo_p99_ms must be > 0 (or left out to turn the governor off), got {opts.slo_p99_ms!r}")
-    thresholds = list(threshold) if isinstance(threshold, (list, tuple)) else [threshold]
     if len(thresholds) > 1:
         return _stages_governor_settings(build, thresholds, opts, tensorrt)
-    threshold = thresholds[0]
+    (threshold,) = thresholds
     val = served_val_outputs(build, tensorrt)
     floor = threshold_floor(val, threshold, opts.max_accuracy_drop)
     if tensorrt and rule is not None and opts.max_accuracy_drop == MAX_ACCURACY_DROP:
@@ -667,8 +667,7 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator)
     threshold = thresholds[-1]
     # T_min, the governor's steps and the drift reference from the same outputs as T (issue 21, item 3)
-    served = thresholds if len(thresholds) > 1 else threshold
-    governor = governor_settings(build, served, opts, rule, tensorrt=plans or fp16_accelerator)
+    governor = governor_settings(build, thresholds, opts, rule, tensorrt=plans or fp16_accelerator)
     if out.exists():
         shutil.rmtree(out)
     for role in stages:
