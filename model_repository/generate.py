@@ -53,7 +53,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from littlebig import control, decision
+from littlebig import control, decision, shadow
 from littlebig.export.pipeline import ROLES, export_dir, read_calibration, read_export, stages_of
 
 SOURCES = Path(__file__).resolve().parent
@@ -95,6 +95,13 @@ class ServeOptions:
     #: every T above it) is at most this far below the calibrated T's (export/calibrate.py threshold_floor).
     max_accuracy_drop: float = 0.005
     rule: str | None = None  # None: calibration's serve_rule
+    #: Shadow sampling (issue 23): a seeded share R of traffic rows is drawn; the drawn rows answered confidently
+    #: also go to big after their response is built, and every drawn row is recorded (littlebig/shadow.py).
+    #: 0: off. 0.01-0.05 is typical.
+    shadow_rate: float = 0.0
+    shadow_seed: int = 0
+    #: Where each BLS instance writes its rotating shadow records. None: ``logs/`` beside the repository folder.
+    shadow_log_dir: str | None = None
     threshold: float | None = None  # overrides the calibrated T
     #: little/big queue policy: work queued longer than this is REJECTed instead of run. None: the BLS
     #: timeout. Must be >= it: Triton honours a request's own (the BLS call's) timeout only when shorter.
@@ -203,11 +210,13 @@ def bls_config(
     opts: ServeOptions,
     governor: dict[str, Any],
     preferred: bool = True,
+    eps: float = -1.0,
 ) -> mc.ModelConfig:
     """The cascade: IMAGE -> LABEL, PROBS (with class names), ESCALATED, DEGRADED, REASON, STAGE.
 
     ``thresholds``: T_1..T_{K-1}, one per transition between the K stages (one, T, for little and big).
     ``governor``: ``governor_settings`` (T_min, the T steps and the drift alerts' reference).
+    ``eps``: calibration's accuracy-loss budget (the shadow loss alert's; -1: unknown, the alert stays blind).
     """
     reference = governor["reference"]
     stages = stages_of(exported)
@@ -243,6 +252,10 @@ def bls_config(
                 "calibration_rows": reference["rows"],
                 "calibrated_escalation_rate": reference["escalation_rate"],
                 "calibrated_confidence_shares": json.dumps(reference["confidence_shares"]),
+                "calibrated_eps": eps,
+                "shadow_rate": repr(opts.shadow_rate),
+                "shadow_seed": opts.shadow_seed,
+                "shadow_log_dir": opts.shadow_log_dir or "",
             }
         ),
     )
@@ -674,11 +687,15 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         PROFILES[profile](role, exported, build, out, opts)
     bls_dir = out / BLS_NAME
     preferred = profile in PREFERRED_BATCH_PROFILES
-    write_config(bls_config(exported, thresholds, rule, opts, governor, preferred), bls_dir)
+    if not 0.0 <= opts.shadow_rate <= 1.0:
+        raise ValueError(f"shadow_rate must be in [0, 1], got {opts.shadow_rate!r}")
+    eps = float(read_calibration(build).get("eps", -1.0))
+    write_config(bls_config(exported, thresholds, rule, opts, governor, preferred, eps), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
     shutil.copy2(Path(control.__file__), bls_dir / "1" / "control.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
+    shutil.copy2(Path(shadow.__file__), bls_dir / "1" / "shadow.py")
     if opts.little_in_process:
         shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
     (bls_dir / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")
@@ -706,6 +723,7 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         "t_min": governor["t_min"],
         "governor_thresholds": governor["levels"],
         "drift_reference": governor["reference"],
+        "calibrated_eps": eps,
         "val_logits": governor["val_logits"],
         **extra_summary,
     }

@@ -33,6 +33,7 @@ output that arrives in GPU memory (counted; never expected).
 
 import asyncio
 import json
+import os
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -43,17 +44,21 @@ import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, check_deadline
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax, stage_names
 from decision import REASONS as REASON_NAMES
+from shadow import DROP_REASONS, RecordWriter, Sampler
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (../shared/FACTS.md, GPU section).
 NUMPY_MAJOR_SUPPORTED = 1
 #: REASON per row, indexed by its code: who answered, and why little answered a row it was unsure of.
 REASONS = np.array([r.encode() for r in REASON_NAMES], dtype=np.object_)
 CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
+#: Shadow calls one BLS instance keeps in flight at most; a draw beyond them is dropped (``busy``), so shadow work
+#: never piles up in front of big (issue 23).
+SHADOW_MAX_CALLS = 4
 
 
 #: The model's metrics, one row per family: key -> (name, kind, help, label each metric adds: None for one
 #: metric, "upper" one per confidence bin, "role" / "stage" one per model of the cascade, "bls_instance" one per BLS
-#: instance).
+#: instance, "drop" one per reason shadow work was dropped).
 METRICS = {
     "rows": ("littlebig_rows_total", "counter", "Rows (images) answered by the cascade", None),
     "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big (last) model", None),
@@ -82,6 +87,29 @@ METRICS = {
     "confidence": (
         "littlebig_little_confidence_rows_total", "counter",
         "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total", "upper",
+    ),
+    "confident": (
+        "littlebig_confident_rows_total", "counter",
+        "Rows answered before big because the stage was confident (REASON confident): what shadow sampling draws from",
+        None,
+    ),
+    "shadow_rows": (
+        "littlebig_shadow_rows_total", "counter",
+        "Confident rows also answered by big in the shadow (after their response), per little confidence bin",
+        "upper",
+    ),
+    "shadow_disagreements": (
+        "littlebig_shadow_disagreements_total", "counter",
+        "Shadow rows whose big answer differs from the served one, per little confidence bin", "upper",
+    ),
+    "shadow_dropped": (
+        "littlebig_shadow_dropped_rows_total", "counter",
+        "Confident rows drawn for the shadow whose big call was not made (load, breaker, deadline, busy) or failed",
+        "drop",
+    ),
+    "shadow_rate": ("littlebig_shadow_rate", "gauge", "Share of rows drawn for shadow sampling (R)", None),
+    "calibrated_eps": (
+        "littlebig_calibrated_eps", "gauge", "Accuracy-loss budget eps of the calibration (the loss alert's)", None
     ),
     "threshold": ("littlebig_threshold", "gauge", "T in force for rows without their own threshold", "bls_instance"),
     "calibrated_escalation_rate": (
@@ -182,7 +210,24 @@ class TritonPythonModel:
         # Each in-flight call holds one executor thread: room for one execute's chunks twice over
         # (the current ones and, at most, one overdue set), sized once instead of asyncio's default.
         chunks = sum(-(-int(config["max_batch_size"]) // b) for b in self.max_batch.values())
-        self.executor = ThreadPoolExecutor(max_workers=2 * chunks + 2, thread_name_prefix="littlebig-bls")
+        self.executor = ThreadPoolExecutor(
+            max_workers=2 * chunks + 2 + SHADOW_MAX_CALLS, thread_name_prefix="littlebig-bls"
+        )
+        # Shadow sampling (issue 23): a seeded draw per row; records beside the repository (``logs/``) unless told.
+        instance = args.get("model_instance_name", "")
+        self.sampler = Sampler(float(params["shadow_rate"]), int(params["shadow_seed"]), instance)
+        self.shadow_in_flight = set()
+        self.records = None
+        if self.sampler.rate > 0:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(args["model_repository"])))
+            directory = params["shadow_log_dir"] or os.path.join(root, "logs")
+            try:
+                self.records = RecordWriter(directory, instance)
+            except OSError as exc:
+                raise pb_utils.TritonModelException(
+                    f"littlebig: cannot write shadow records in {directory} ({exc}): give a writable "
+                    "--shadow-log-dir, or serve with --shadow-rate 0"
+                ) from exc
         self.executor_installed = False
         labels = {"model": args["model_name"], "version": args["model_version"]}
         per_label = {
@@ -191,7 +236,8 @@ class TritonPythonModel:
             "role": [{"role": role} for role in self.models],
             "stage": [{"stage": role} for role in self.models],
             # one T gauge per instance: each BLS instance (a process) governs its own T
-            "bls_instance": [{"bls_instance": args.get("model_instance_name", "")}],
+            "bls_instance": [{"bls_instance": instance}],
+            "drop": [{"reason": reason} for reason in DROP_REASONS],
         }
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
         # Keep the families referenced: a metric whose family is collected stops updating.
@@ -209,10 +255,14 @@ class TritonPythonModel:
         self.metrics["calibrated_escalation_rate"][0].set(float(params["calibrated_escalation_rate"]))
         self.metrics["calibration_rows"][0].set(float(params["calibration_rows"]))
         self.metrics["threshold"][0].set(self.governor.threshold)
+        self.metrics["shadow_rate"][0].set(self.sampler.rate)
+        self.metrics["calibrated_eps"][0].set(float(params["calibrated_eps"]))
 
     def finalize(self):
         """Unload: stop the executor's threads (a call still running past its timeout is not waited for)."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.records is not None:
+            self.records.close()
 
     @staticmethod
     def _is_probe(request) -> bool:
@@ -246,20 +296,21 @@ class TritonPythonModel:
             raise ValueError(f"invalid 'deadline_ms' parameter: {exc}") from None
         return own, deadline
 
+    def _call(self, role, images):
+        """One BLS call of ``role`` on ``images`` (a future)."""
+        return pb_utils.InferenceRequest(
+            model_name=self.models[role],
+            requested_output_names=["LOGITS"],
+            inputs=[pb_utils.Tensor("IMAGE", images)],
+            timeout=self.timeout_us,  # honoured by the queue policy: expired work is rejected, not run
+            preferred_memory=self.cpu_memory,  # GPU backends' outputs come back in host memory
+        ).async_exec()
+
     def _send(self, role, images, spans):
         """One BLS call per span; each call's latency is recorded when it finishes, however late."""
         sent = time.monotonic()
         breaker = self.breakers[role]
-        calls = [
-            pb_utils.InferenceRequest(
-                model_name=self.models[role],
-                requested_output_names=["LOGITS"],
-                inputs=[pb_utils.Tensor("IMAGE", images[a:b])],
-                timeout=self.timeout_us,  # honoured by the queue policy: expired work is rejected, not run
-                preferred_memory=self.cpu_memory,  # GPU backends' outputs come back in host memory
-            ).async_exec()
-            for a, b in spans
-        ]
+        calls = [self._call(role, images[a:b]) for a, b in spans]
         for call in calls:
             breaker.sent(call, sent)
             call.add_done_callback(breaker.finished)
@@ -291,20 +342,25 @@ class TritonPythonModel:
                 chunks.append((a, b, None, f"{role} timed out after {self.timeout_us / 1000:.0f} ms"))
             elif call.exception() is not None:
                 chunks.append((a, b, None, f"{role} failed: {call.exception()}"))
-            elif call.result().has_error():
-                chunks.append((a, b, None, f"{role} failed: {call.result().error().message()}"))
             else:
                 # A chunk whose LOGITS cannot be read (missing, or in GPU memory with no torch to copy it) fails
                 # alone, through the failure policy, like any other failure of that call (issue 21, item 2).
                 try:
-                    tensor = pb_utils.get_output_tensor_by_name(call.result(), "LOGITS")
-                    logits = as_numpy(tensor, lambda role=role: self._on_gpu(role))
+                    chunks.append((a, b, self._logits(role, call.result()), None))
                 except Exception as exc:
-                    chunks.append((a, b, None, f"{role} failed: its LOGITS could not be read: {exc}"))
-                else:
-                    chunks.append((a, b, logits, None))
+                    chunks.append((a, b, None, f"{role} failed: {exc}"))
         breaker.track([c for c in calls if not c.done()])
         return chunks
+
+    def _logits(self, role, response):
+        """A finished call's LOGITS as a host array; RuntimeError says why there are none."""
+        if response.has_error():
+            raise RuntimeError(response.error().message())
+        try:
+            tensor = pb_utils.get_output_tensor_by_name(response, "LOGITS")
+            return as_numpy(tensor, lambda: self._on_gpu(role))
+        except Exception as exc:
+            raise RuntimeError(f"its LOGITS could not be read: {exc}") from exc
 
     async def execute(self, requests):
         if not self.executor_installed:  # the stub's event loop exists only once execute runs
@@ -380,6 +436,7 @@ class TritonPythonModel:
         conf = confidence(probs)  # little's, every row: the drift histogram
         below_calibrated = np.zeros(len(images), dtype=bool)  # also the drift signal (_observe)
         active = np.flatnonzero(~failed)  # rows still deciding whether to go on
+        held = probs  # each row's probabilities before big ran (the shadow records' "answer"; replaced at k == last)
         for k, role in enumerate(roles[1:], start=1):
             here = confidence(probs[active])
             calibrated = self.thresholds[k - 1]
@@ -396,6 +453,7 @@ class TritonPythonModel:
             going = np.setdiff1d(going, late, assume_unique=True)
             if k == last:
                 sent_to_big[going] = True
+                held = probs.copy()
             answered = np.zeros(len(going), dtype=bool)
             if len(going):
                 for a, b, logits, err in await self._run(role, images[going]):
@@ -429,12 +487,88 @@ class TritonPythonModel:
                 ]
             )
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
-        self._observe(conf[traffic], sent_to_big[traffic], reason[traffic], below_calibrated[traffic], stage[traffic])
+        confident = (reason == CONFIDENT) & (stage < last)  # answered before big, confidently: shadow candidates
+        self._observe(
+            conf[traffic], sent_to_big[traffic], reason[traffic], below_calibrated[traffic], stage[traffic],
+            int((confident & traffic).sum()),
+        )
+        # Drawn after the responses are built, and never awaited: shadow work cannot delay an answer.
+        drawn = self.sampler.select(len(images)) & traffic
+        if drawn.any():
+            by_big = drawn & sent_to_big & (stage == last)  # big answered these anyway: recorded, no call
+            self._record("escalated", held[by_big], labels[by_big, 0])
+            self._shadow(images, np.flatnonzero(drawn & confident), held, conf, rows.deadline)
+            unknown = drawn & ~by_big & ~confident  # load, deadline, failure: big's answer is not known
+            self._record("unknown", held[unknown], np.full(int(unknown.sum()), -1))
 
-    def _observe(self, conf, esc, reason, below_calibrated, stage):
+    def _record(self, kind, held, big):
+        """Shadow records of rows drawn: the answer before big (confidence, label) and big's label (-1 unknown)."""
+        if self.records is not None and len(held):
+            self.records.write(kind, confidence(held), held.argmax(axis=-1), np.asarray(big), time.time())
+
+    def _shadow(self, images, rows, held, little_conf, deadlines):
+        """Send drawn confident ``rows`` to big without waiting: ``_shadow_done`` counts and records the answers.
+
+        Dropped first (counted by reason, recorded as unknown): under the governor's load levels, while big's
+        breaker is open, for rows whose deadline is closer than big's predicted latency, and beyond
+        ``SHADOW_MAX_CALLS`` calls in flight."""
+        if not len(rows):
+            return
+        now = time.monotonic()
+        big = self.breakers["big"]
+        if self.governor.level > 0:
+            dropped = {"load": rows}
+        elif big.refusal(now) is not None:
+            dropped = {"breaker": rows}
+        else:
+            tight = deadlines[rows] - now < big.predicted_latency_s(now)
+            dropped = {"deadline": rows[tight]}
+            rows = rows[~tight]
+            max_batch = self.max_batch["big"]
+            chunks = [rows[a:a + max_batch] for a in range(0, len(rows), max_batch)]
+            room = max(SHADOW_MAX_CALLS - len(self.shadow_in_flight), 0)
+            dropped["busy"] = np.concatenate([rows[:0], *chunks[room:]])
+            for chunk in chunks[:room]:
+                call = self._call("big", images[chunk])
+                self.shadow_in_flight.add(call)
+                bins = np.searchsorted(CONFIDENCE_BINS, little_conf[chunk])
+                call.add_done_callback(lambda done, held=held[chunk], bins=bins: self._shadow_done(done, held, bins))
+        for why, dropped_rows in dropped.items():
+            self._drop(why, held[dropped_rows])
+
+    def _drop(self, why, held):
+        if len(held):
+            self.metrics["shadow_dropped"][DROP_REASONS.index(why)].increment(len(held))
+            self._record("unknown", held, np.full(len(held), -1))
+
+    def _shadow_done(self, call, held, bins):
+        """A shadow call's completion (on the stub's event loop, after the response went): count and record."""
+        self.shadow_in_flight.discard(call)
+        try:
+            if call.cancelled():
+                raise RuntimeError("cancelled")
+            if call.exception() is not None:
+                raise RuntimeError(str(call.exception()))
+            big = self._logits("big", call.result()).argmax(axis=-1)
+        except Exception:
+            self._drop("failed", held)
+            return
+        disagree = big != held.argmax(axis=-1)
+        per_bin = {
+            "shadow_rows": np.bincount(bins, minlength=len(CONFIDENCE_BINS)),
+            "shadow_disagreements": np.bincount(bins, weights=disagree, minlength=len(CONFIDENCE_BINS)),
+        }
+        for key, counts in per_bin.items():
+            for metric, count in zip(self.metrics[key], counts):
+                if count:
+                    metric.increment(int(count))
+        self._record("shadow", held, big)
+
+    def _observe(self, conf, esc, reason, below_calibrated, stage, confident):
         """Traffic metrics once per execute: each call is an IPC round trip to the server, so none per row."""
         counts = {
             "rows": len(conf),
+            "confident": confident,
             "escalated": int(esc.sum()),
             "degraded": int((reason == BIG_FAILED).sum()),
             "load": int((reason == LOAD).sum()),

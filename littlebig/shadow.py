@@ -1,0 +1,135 @@
+"""Shadow sampling: how much accuracy the cascade is losing now, measured against big on live rows (issue 23).
+
+The cascade can lose accuracy against big only on rows an earlier stage answers and big would answer
+differently (README, "Calibration"). The BLS model sends a seeded random share R of the rows it answered
+confidently to big as well, after their responses are built (``Sampler``), and counts per confidence bin how
+often big disagrees. The label-free loss at the T in force is then
+
+    loss = (confident rows / rows) x (disagreements / shadow rows)
+
+an upper bound of the accuracy lost against big (disagreeing where both are wrong, or where only big is, costs
+nothing). Its confidence bounds (``wilson_cc``) are the ones the Prometheus rules compute
+(deploy/prometheus/littlebig.rules.yml), and the monitor shows.
+
+Every traffic row is drawn with the same probability R, whatever happens to it next, and the draw is written
+to a rotating record file (``RecordWriter``): a confident row with big's shadow answer, an escalated row with the
+answer big gave anyway, a row whose big answer is unknown (dropped shadow work, load, deadline, failure) as
+``unknown``. So the records are a uniform R-sample of traffic, and ``recalibrate --from-shadow`` can run the
+calibration's exact test on them, counting an unknown row as a loss (conservative, never biased in its favour).
+
+This file is copied beside the BLS model.py (as ``decision.py`` and ``control.py`` are): stdlib and numpy only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+from logging.handlers import RotatingFileHandler
+
+import numpy as np
+
+#: z of the alert's one-sided bound: P(N(0, 1) > 3.719) = 1e-4 (deploy/prometheus/littlebig.rules.yml says why).
+Z_ALERT = 3.719
+#: z of the bound the monitor shows beside the estimate: one-sided 95%.
+Z_SHOW = 1.645
+#: Shadow rows the loss alert needs in its window (why: littlebig.rules.yml).
+MIN_SHADOW_ROWS = 400
+#: Why a sampled row's shadow call was not made (or failed): the ``reason`` label of the drop counter.
+DROP_REASONS = ("load", "breaker", "deadline", "busy", "failed")
+#: What a record holds about big: its answer from a shadow call (``shadow``), from the escalation itself
+#: (``escalated``), or nothing (``unknown``: the shadow call was dropped or failed, or big never answered the row).
+RECORD_KINDS = ("shadow", "escalated", "unknown")
+#: Record files: one per BLS instance, rotated at this size, this many old files kept (bounded on disk).
+RECORD_FILE, RECORD_MAX_BYTES, RECORD_BACKUPS = "shadow-{instance}.jsonl", 16 * 2**20, 4
+
+
+class Sampler:
+    """A seeded Bernoulli(R) draw per row (one generator per BLS instance: ``seed`` and the instance name)."""
+
+    def __init__(self, rate: float, seed: int, instance: str = "") -> None:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"shadow rate must be in [0, 1], got {rate!r}")
+        self.rate = rate
+        self.rng = np.random.default_rng([seed, *instance.encode()])
+
+    def select(self, rows: int) -> np.ndarray:
+        """Which of ``rows`` rows are drawn (all False, and no draw, at R = 0)."""
+        if self.rate == 0.0:
+            return np.zeros(rows, dtype=bool)
+        return self.rng.random(rows) < self.rate
+
+
+def wilson_cc(k: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson's score interval with continuity correction for k successes in n: (lower, upper), each one-sided at
+    ``z``. The Prometheus rules compute exactly this; tests compare the two with promtool, and with the exact
+    Clopper-Pearson bounds in the alert's regime. (0, 1) when n = 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    lower = (2 * n * p + z * z - 1 - z * math.sqrt(max(z * z - 2 - 1 / n + 4 * p * (n * (1 - p) + 1), 0.0))) / (
+        2 * (n + z * z)
+    )
+    upper = (2 * n * p + z * z + 1 + z * math.sqrt(max(z * z + 2 - 1 / n + 4 * p * (n * (1 - p) - 1), 0.0))) / (
+        2 * (n + z * z)
+    )
+    return (0.0 if k <= 0 else min(max(lower, 0.0), 1.0)), (1.0 if k >= n else min(max(upper, 0.0), 1.0))
+
+
+def loss_bound(rows: float, confident: float, shadow_rows: float, disagreements: float, z: float) -> dict[str, float]:
+    """The label-free loss against big (module docstring) and its one-sided bounds at ``z``: the confident share
+    is measured on every row (its error is negligible beside the shadow sample's) and scales the disagreement
+    rate's Wilson bounds. NaN where there are no rows or no shadow rows yet."""
+    if rows <= 0 or shadow_rows <= 0:
+        return {"share": math.nan, "rate": math.nan, "estimate": math.nan, "lower": math.nan, "upper": math.nan}
+    share = confident / rows
+    lower, upper = wilson_cc(disagreements, shadow_rows, z)
+    rate = disagreements / shadow_rows
+    return {"share": share, "rate": rate, "estimate": share * rate, "lower": share * lower, "upper": share * upper}
+
+
+class RecordWriter:
+    """The instance's shadow records: JSON lines, rotated at ``RECORD_MAX_BYTES`` (``RECORD_BACKUPS`` kept).
+
+    Thread-safe (a logging handler), so the shadow calls' completion callbacks write too."""
+
+    def __init__(self, directory: str, instance: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, RECORD_FILE.format(instance=instance.replace(os.sep, "_") or "0"))
+        self.logger = logging.getLogger(f"littlebig.shadow.{path}")
+        self.logger.propagate = False
+        self.logger.setLevel(logging.INFO)
+        if not self.logger.handlers:
+            handler = RotatingFileHandler(path, maxBytes=RECORD_MAX_BYTES, backupCount=RECORD_BACKUPS)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self.logger.addHandler(handler)
+        self.path = path
+
+    def write(self, kind: str, conf: np.ndarray, answer: np.ndarray, big: np.ndarray, when: float) -> None:
+        """One line per row: little's (the answering stage's) confidence and label, big's label (-1: unknown)."""
+        for c, a, b in zip(conf.tolist(), answer.tolist(), big.tolist()):
+            self.logger.info(json.dumps({"t": round(when, 3), "kind": kind, "conf": c, "answer": a, "big": b}))
+
+    def close(self) -> None:
+        for handler in list(self.logger.handlers):
+            handler.close()
+            self.logger.removeHandler(handler)
+
+
+def read_records(directory: str) -> dict[str, np.ndarray]:
+    """Every record of every instance's files (rotated ones too) in ``directory``, as columns."""
+    paths = sorted(glob.glob(os.path.join(directory, RECORD_FILE.format(instance="*") + "*")))
+    if not paths:
+        raise FileNotFoundError(f"no shadow records ({RECORD_FILE.format(instance='*')}) in {directory}")
+    rows = [json.loads(line) for path in paths for line in open(path, encoding="utf-8") if line.strip()]
+    if not rows:
+        raise ValueError(f"the shadow record files in {directory} are empty: serve with --shadow-rate > 0 first")
+    return {
+        "t": np.array([r["t"] for r in rows], dtype=np.float64),
+        "kind": np.array([r["kind"] for r in rows]),
+        "conf": np.array([r["conf"] for r in rows], dtype=np.float32),
+        "answer": np.array([r["answer"] for r in rows], dtype=np.int64),
+        "big": np.array([r["big"] for r in rows], dtype=np.int64),
+    }
