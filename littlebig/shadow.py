@@ -33,10 +33,8 @@ import numpy as np
 
 #: z of the alert's one-sided bound: P(N(0, 1) > 3.719) = 1e-4 (deploy/prometheus/littlebig.rules.yml says why).
 Z_ALERT = 3.719
-#: z of the bound the monitor shows beside the estimate: one-sided 95%.
-Z_SHOW = 1.645
 #: Shadow rows the loss alert needs in its window (why: littlebig.rules.yml).
-MIN_SHADOW_ROWS = 400
+MIN_SHADOW_ROWS = 1000
 #: Why a sampled row's shadow call was not made (or failed): the ``reason`` label of the drop counter.
 DROP_REASONS = ("load", "breaker", "deadline", "busy", "failed")
 #: What a record holds about big: its answer from a shadow call (``shadow``), from the escalation itself
@@ -65,7 +63,7 @@ class Sampler:
 def wilson_cc(k: float, n: float, z: float) -> tuple[float, float]:
     """Wilson's score interval with continuity correction for k successes in n: (lower, upper), each one-sided at
     ``z``. The Prometheus rules compute exactly this; tests compare the two with promtool, and with the exact
-    Clopper-Pearson bounds in the alert's regime. (0, 1) when n = 0."""
+    Clopper-Pearson bounds in the alert's regime. Lower is 0 when k = 0; (0, 1) when n = 0."""
     if n <= 0:
         return 0.0, 1.0
     p = k / n
@@ -75,7 +73,7 @@ def wilson_cc(k: float, n: float, z: float) -> tuple[float, float]:
     upper = (2 * n * p + z * z + 1 + z * math.sqrt(max(z * z + 2 - 1 / n + 4 * p * (n * (1 - p) - 1), 0.0))) / (
         2 * (n + z * z)
     )
-    return (0.0 if k <= 0 else min(max(lower, 0.0), 1.0)), (1.0 if k >= n else min(max(upper, 0.0), 1.0))
+    return (0.0 if k <= 0 else min(max(lower, 0.0), 1.0)), min(max(upper, 0.0), 1.0)
 
 
 def loss_bound(rows: float, confident: float, shadow_rows: float, disagreements: float, z: float) -> dict[str, float]:

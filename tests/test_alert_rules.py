@@ -89,6 +89,30 @@ def shifted_bins(rows: int, moved: int) -> list[int]:
     return counts
 
 
+LABELS = 'job="triton", pod="littlebig-0", model="littlebig", version="1"'
+
+
+def holds(tmp_path: Path, series: list[tuple[str, str]], expr: str, at: str, interval: str = "1m") -> bool:
+    """Whether PromQL ``expr`` gives a non-empty result at ``at`` on ``series`` (name, promtool values), with the
+    rules file's recording rules evaluated by promtool."""
+    test = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": interval,
+            "input_series": [{"series": name, "values": values} for name, values in series],
+            "promql_expr_test": [{
+                "expr": f"count({expr.strip()}) or vector(0)", "eval_time": at,
+                "exp_samples": [{"labels": "{}", "value": 1}],
+            }],
+        }],
+    }  # fmt: skip
+    path = tmp_path / f"case-{len(list(tmp_path.glob('case-*')))}.yml"
+    path.write_text(yaml.safe_dump(test))
+    proc = subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    return proc.returncode == 0
+
+
 def fires(tmp_path: Path, alert: str, rows: int, escalations: int, bins: list[int]) -> bool:
     """Whether ``alert``'s expression (read from the rules file) holds at 15m for counters growing by ``rows``,
     ``escalations`` and ``bins`` every 10 minutes (promtool evaluates the recording rules it reads)."""
@@ -96,28 +120,14 @@ def fires(tmp_path: Path, alert: str, rows: int, escalations: int, bins: list[in
 
     if rows % 10 or escalations % 10 or any(c % 10 for c in bins):
         raise ValueError("per-10m counts must be multiples of 10 (the series grow once a minute)")
-    labels = 'job="triton", pod="littlebig-0", model="littlebig", version="1"'
-    series = [(f"littlebig_rows_total{{{labels}}}", f"0+{rows // 10}x20"),
-              (f"littlebig_calibration_escalations_total{{{labels}}}", f"0+{escalations // 10}x20"),
-              (f"littlebig_calibrated_escalation_rate{{{labels}}}", f"{P_VAL}+0x20"),
-              (f"littlebig_calibration_rows{{{labels}}}", f"{N_VAL}+0x20")]  # fmt: skip
+    series = [(f"littlebig_rows_total{{{LABELS}}}", f"0+{rows // 10}x20"),
+              (f"littlebig_calibration_escalations_total{{{LABELS}}}", f"0+{escalations // 10}x20"),
+              (f"littlebig_calibrated_escalation_rate{{{LABELS}}}", f"{P_VAL}+0x20"),
+              (f"littlebig_calibration_rows{{{LABELS}}}", f"{N_VAL}+0x20")]  # fmt: skip
     for edge, count, share in zip(CONFIDENCE_BINS, bins, VAL_SHARES, strict=True):
-        series.append((f'littlebig_little_confidence_rows_total{{{labels}, upper="{edge!r}"}}', f"0+{count // 10}x20"))
-        series.append((f'littlebig_calibrated_confidence_share{{{labels}, upper="{edge!r}"}}', f"{share}+0x20"))
-    expr = f"count({rules()[alert]['expr'].strip()}) or vector(0)"
-    test = {
-        "rule_files": [str(RULES)],
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [{"series": name, "values": values} for name, values in series],
-            "promql_expr_test": [{"expr": expr, "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": 1}]}],
-        }],
-    }  # fmt: skip
-    path = tmp_path / f"{alert}-{rows}-{escalations}-{'-'.join(map(str, bins))}.yml"
-    path.write_text(yaml.safe_dump(test))
-    proc = subprocess.run([promtool(), "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
-    return proc.returncode == 0
+        series.append((f'littlebig_little_confidence_rows_total{{{LABELS}, upper="{edge!r}"}}', f"0+{count // 10}x20"))
+        series.append((f'littlebig_calibrated_confidence_share{{{LABELS}, upper="{edge!r}"}}', f"{share}+0x20"))
+    return holds(tmp_path, series, rules()[alert]["expr"], "15m")
 
 
 def test_the_alerts_fire_exactly_past_their_documented_thresholds(tmp_path):
@@ -139,6 +149,89 @@ def test_the_alerts_fire_exactly_past_their_documented_thresholds(tmp_path):
     assert fires(tmp_path, "LittlebigConfidenceShift", 20000, 8400, above)
     assert not fires(tmp_path, "LittlebigConfidenceShift", 20000, 8400, below)
     assert all(rules()[a].get("for") for a in DRIFT_ALERTS)
+
+
+# --- the shadow loss bound (issue 23) ----------------------------------------------------------------------
+
+def shadow_series(rows: int, confident: int, shadow: int, disagreements: int, eps: float) -> list[tuple[str, str]]:
+    """Counters growing by the given counts every 30 minutes (a sample each 3m: whole rows), on two bins."""
+    if any(c % 10 for c in (rows, confident, shadow, disagreements)):
+        raise ValueError("per-30m counts must be multiples of 10 (the series grow every 3 minutes)")
+    half = (shadow // 20, disagreements // 20)  # split over two bins: the rules sum them
+    rest = (shadow // 10 - half[0], disagreements // 10 - half[1])
+    series = [(f"littlebig_rows_total{{{LABELS}}}", f"0+{rows // 10}x20"),
+              (f"littlebig_confident_rows_total{{{LABELS}}}", f"0+{confident // 10}x20"),
+              (f"littlebig_calibrated_eps{{{LABELS}}}", f"{eps!r}+0x20")]  # fmt: skip
+    for edge, (s, d) in (("0.99", half), ("1.0", rest)):
+        series.append((f'littlebig_shadow_rows_total{{{LABELS}, upper="{edge}"}}', f"0+{s}x20"))
+        series.append((f'littlebig_shadow_disagreements_total{{{LABELS}, upper="{edge}"}}', f"0+{d}x20"))
+    return series
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [(30000, 24000, 1200, 0), (30000, 24000, 1200, 10), (30000, 24000, 1200, 120), (5000, 2500, 400, 400),
+     (1000, 1000, 50, 20)],
+)  # fmt: skip
+def test_the_loss_bounds_promtool_computes_are_the_python_ones(tmp_path, counts):
+    """The recording rules' estimate and Wilson bounds equal littlebig.shadow.loss_bound's on the same counters
+    (to 1e-9), from no disagreement to all, evaluated by promtool."""
+    from littlebig.shadow import Z_ALERT, loss_bound
+
+    rows, confident, shadow, disagreements = counts
+    expected = loss_bound(rows, confident, shadow, disagreements, Z_ALERT)
+    series = shadow_series(*counts, eps=0.005)
+    for key, record in (("estimate", "estimate30m"), ("lower", "lower30m"), ("upper", "upper30m")):
+        value = expected[key]
+        expr = f"abs(model:littlebig_accuracy_loss:{record} - {value!r}) < 1e-9"
+        assert holds(tmp_path, series, expr, "45m", interval="3m"), (key, value)
+
+
+def miss_probability(n: int, rate: float, side: str) -> float:
+    """Exact probability, over Binomial(n, rate) disagreements, that the rules' Wilson bound misses the true rate:
+    the lower bound above it, or the upper bound below it (export/calibrate.py's binomial tail)."""
+    from littlebig.export.calibrate import binomial_cdf
+    from littlebig.shadow import Z_ALERT, wilson_cc
+
+    if side == "lower":
+        first = next((k for k in range(n + 1) if wilson_cc(k, n, Z_ALERT)[0] > rate), n + 1)
+        return 0.0 if first > n else 1.0 - binomial_cdf(first - 1, n, rate)
+    last = max((k for k in range(n + 1) if wilson_cc(k, n, Z_ALERT)[1] < rate), default=-1)
+    return 0.0 if last < 0 else binomial_cdf(last, n, rate)
+
+
+def test_the_wilson_bound_is_sound_where_the_alert_reads_it():
+    """The rules' bound is a normal approximation (nominal miss 1e-4 each side). Its exact miss probability, for
+    disagreement rates from 0.5% to 30% (the alert's budget rate eps / confident share is at least eps = 0.5%): at
+    n >= 1,000 shadow rows, at most 7e-4 for the lower bound (a false page per look at a loss exactly at the
+    budget) and at most 1e-4 for the upper one; at n = 400 the lower bound misses more than 1e-3 of the time, which
+    is why the alert needs 1,000 rows."""
+    from littlebig.shadow import MIN_SHADOW_ROWS
+
+    rates = (0.005, 0.00625, 0.02, 0.05, 0.1, 0.3)
+    assert MIN_SHADOW_ROWS == 1000
+    for n in (MIN_SHADOW_ROWS, 3000):
+        for rate in rates:
+            assert miss_probability(n, rate, "lower") <= 7e-4, (n, rate)
+            assert miss_probability(n, rate, "upper") <= 1e-4, (n, rate)
+    assert max(miss_probability(400, rate, "lower") for rate in rates) > 1e-3
+
+
+def test_the_loss_alert_fires_exactly_past_the_budget_with_enough_rows(tmp_path):
+    """LittlebigAccuracyLossAboveBudget holds when the loss's lower bound is just above eps and not just below,
+    and not at 990 shadow rows where 1,000 fire."""
+    from littlebig.shadow import MIN_SHADOW_ROWS, Z_ALERT, loss_bound
+
+    expr = rules()["LittlebigAccuracyLossAboveBudget"]["expr"]
+    lower = loss_bound(30000, 24000, 1200, 60, Z_ALERT)["lower"]
+    assert holds(tmp_path, shadow_series(30000, 24000, 1200, 60, eps=lower * (1 - 1e-6)), expr, "45m", "3m")
+    assert not holds(tmp_path, shadow_series(30000, 24000, 1200, 60, eps=lower * (1 + 1e-6)), expr, "45m", "3m")
+    assert f"increase30m >= {MIN_SHADOW_ROWS}" in expr
+    for shadow, expected in ((1000, True), (990, False)):
+        series = shadow_series(30000, 24000, shadow, 100, eps=0.005)
+        assert holds(tmp_path, series, expr, "45m", "3m") is expected, shadow
+    # no rows in the window: nothing (a NaN bound is not above anything)
+    assert not holds(tmp_path, shadow_series(30000, 24000, 0, 0, eps=0.005), expr, "45m", "3m")
 
 
 def test_rules_read_metrics_the_model_exports():
