@@ -385,3 +385,26 @@ def calibrate_stages(out: StageOutputs, rules: tuple[str, ...] = tuple(RULES)) -
         view = out.last_transition(thresholds)
         record[name] = {**out.evaluate(thresholds), "t_min": threshold_floor(view, thresholds[-1])}
     return record
+
+
+def calibrate_from_shadow(
+    conf: np.ndarray, at_risk: np.ndarray, eps: float = EPS, delta: float = DELTA
+) -> dict[str, float]:
+    """T from live shadow records (``littlebig.shadow``), with ``guaranteed``'s test and promise.
+
+    The records are a uniform Bernoulli(R) draw of traffic rows, each with the confidence at the last transition
+    and whether it is at risk: big disagrees with the answer before big, or big's answer is unknown (a dropped or
+    failed shadow call, load, deadline: counted as a loss, so the test stays valid, only conservative). So the
+    rows are i.i.d. draws of traffic and ``learn_then_test`` applies unchanged, with the same promise as on val:
+    with probability >= 1 - delta, disagreement (>= the accuracy lost against big) <= eps on traffic like these
+    rows. Live rows carry no labels, so harm (``bounded``) cannot be measured; disagreement bounds it.
+    """
+    threshold = learn_then_test(conf, at_risk, eps, delta)
+    kept = ~escalate(conf, threshold)
+    return {
+        "threshold": threshold,
+        "thresholds": [threshold],
+        "rows": int(len(conf)),
+        "escalation_rate": float(1.0 - kept.mean()) if len(conf) else 1.0,
+        "disagreement": float((kept & at_risk).mean()) if len(conf) else 0.0,
+    }

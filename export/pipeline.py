@@ -292,6 +292,50 @@ def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict
     return record
 
 
+#: The rule name of a T recalibrated from live shadow records (``littlebig recalibrate --from-shadow``), and its file.
+SHADOW_RULE, SHADOW_CALIBRATION = "shadow", "calibration-shadow.json"
+
+
+def shadow_calibration_step(build: Path, records_dir: Path, since: float | None = None) -> dict[str, Any]:
+    """T from the shadow records in ``records_dir`` (those at or after ``since``, Unix seconds), written to
+    ``build/calibration-shadow.json``; ``littlebig repo --rule shadow`` serves it. Two-stage cascades only."""
+    import numpy as np
+
+    from littlebig.export.calibrate import calibrate_from_shadow
+    from littlebig.shadow import read_records
+
+    calibration = read_calibration(build)
+    if len(calibration.get("stages", ROLES)) != 2:
+        raise ValueError(
+            "recalibration from shadow records covers two-model cascades: a record holds the answer before big, "
+            "not every stage's, so the earlier thresholds of a longer cascade cannot be re-tested"
+        )
+    records = read_records(str(records_dir))
+    keep = records["t"] >= (since if since is not None else -np.inf)
+    if not keep.any():
+        raise ValueError(f"no shadow record in {records_dir} at or after {since}")
+    kind = records["kind"][keep]
+    unknown = kind == "unknown"
+    at_risk = unknown | (records["answer"][keep] != records["big"][keep])
+    result = calibrate_from_shadow(records["conf"][keep], at_risk, calibration["eps"], calibration["delta"])
+    record = {
+        **result,
+        "rule": SHADOW_RULE,
+        "promise": "guaranteed (disagreement with big, counting unknown rows as losses) on live rows",
+        "eps": calibration["eps"],
+        "delta": calibration["delta"],
+        "records_dir": str(records_dir),
+        "since": since,
+        "first": float(records["t"][keep].min()),
+        "last": float(records["t"][keep].max()),
+        "kinds": {k: int((kind == k).sum()) for k in ("shadow", "escalated", "unknown")},
+        "calibrated_threshold": calibration["rules"][calibration["serve_rule"]]["threshold"],
+        "calibrated_rule": calibration["serve_rule"],
+    }
+    (build / SHADOW_CALIBRATION).write_text(json.dumps(record, indent=2))
+    return record
+
+
 def read_calibration(build: Path) -> dict[str, Any]:
     path = build / "calibration.json"
     if not path.exists():

@@ -235,6 +235,57 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_calibrate)
 
 
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from littlebig.export.pipeline import SHADOW_CALIBRATION, SHADOW_RULE, shadow_calibration_step
+
+    record = shadow_calibration_step(args.build, args.from_shadow, args.since)
+    kinds = ", ".join(f"{n} {k}" for k, n in record["kinds"].items())
+    print(
+        f"{record['rows']} live rows ({kinds}): T={record['threshold']:.6f} (was {record['calibrated_threshold']:.6f}, "
+        f"{record['calibrated_rule']}); escalated {record['escalation_rate']:.1%}, disagreement "
+        f"{record['disagreement']:.2%} (eps {record['eps']}, delta {record['delta']}) "
+        f"-> {args.build / SHADOW_CALIBRATION}"
+    )
+    if args.repository is None:
+        print(f"serve it: littlebig repo --rule {SHADOW_RULE} ... (then restart the server)")
+        return 0
+    from littlebig.model_repository.generate import ServeOptions, generate
+
+    summary_path = args.repository / "littlebig-repository.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path} not found: --repository must be one `littlebig repo` generated")
+    summary = json.loads(summary_path.read_text())
+    opts = replace(ServeOptions(**summary["options"]), rule=SHADOW_RULE, threshold=None)
+    generate(args.build, args.repository, summary["profile"], opts)
+    print(
+        f"regenerated {args.repository} ({summary['profile']}) with T={record['threshold']:.6f}: restart the server "
+        "(model control none), or load littlebig again where the server runs with --model-control-mode=explicit"
+    )
+    return 0
+
+
+def _add_recalibrate(sub: argparse._SubParsersAction) -> None:
+    p = _subparser(
+        sub,
+        "recalibrate",
+        help="choose T again from live shadow records (littlebig serve --shadow-rate R)",
+        epilog="example: littlebig recalibrate --from-shadow build/logs --repository build/model_repository\n"
+        "The records are a uniform R-sample of traffic; T is guaranteed's exact test on them "
+        "(README, Shadow sampling).",
+    )
+    p.add_argument("--from-shadow", type=Path, required=True, help="folder of the shadow records (shadow-*.jsonl*)")
+    p.add_argument("--since", type=float, default=None, help="only records at or after this Unix time")
+    p.add_argument("--build", type=Path, default=BUILD, help="calibration.json's folder; the result goes beside it")
+    p.add_argument(
+        "--repository", type=Path, default=None,
+        help="regenerate this repository with the new T (its recorded deployment options, rule shadow)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_recalibrate)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from littlebig.export.report import build_report, format_table, stage_rows, summary_rows
 
@@ -609,10 +660,43 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_client_errors(_cmd_demo))
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from littlebig.monitor import run
+
+    return run(args.metrics_url, interval=args.interval, window=args.window, once=args.once, as_json=args.json)
+
+
+def _add_monitor(sub: argparse._SubParsersAction) -> None:
+    import os
+
+    p = _subparser(
+        sub,
+        "monitor",
+        help="live traffic, drift and shadow-loss figures from the server's metrics port (no Prometheus needed)",
+        epilog="examples:\n  littlebig monitor --metrics-url http://127.0.0.1:8002/metrics\n"
+        "  littlebig monitor --once --json --interval 10   # one frame over 10 s, for scripts\n"
+        "the statistics and thresholds of deploy/prometheus/littlebig.rules.yml, over the monitor's own window\n"
+        "exit codes: 0 done (Ctrl-C too), 2 the metrics URL cannot be read",
+    )
+    p.add_argument(
+        "--metrics-url",
+        default=os.environ.get("LITTLEBIG_METRICS_URL", "http://127.0.0.1:8002/metrics"),
+        help="Triton's metrics endpoint (default http://127.0.0.1:8002/metrics, or $LITTLEBIG_METRICS_URL)",
+    )
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (and frames)")
+    p.add_argument(
+        "--window", type=float, default=1800.0, help="seconds of scrapes the figures cover (rates, drift, loss)"
+    )
+    p.add_argument("--once", action="store_true", help="one frame from two scrapes --interval apart, then exit")
+    p.add_argument("--json", action="store_true", help="the figures as JSON (one object per frame) instead of text")
+    p.set_defaults(func=_cmd_monitor)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_export,
     _add_calibrate,
+    _add_recalibrate,
     _add_report,
     _add_repo,
     _add_serve,
@@ -620,6 +704,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_eval,
     _add_health,
     _add_demo,
+    _add_monitor,
 ]
 
 

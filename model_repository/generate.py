@@ -54,7 +54,15 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig import control, decision, shadow
-from littlebig.export.pipeline import ROLES, export_dir, read_calibration, read_export, stages_of
+from littlebig.export.pipeline import (
+    ROLES,
+    SHADOW_CALIBRATION,
+    SHADOW_RULE,
+    export_dir,
+    read_calibration,
+    read_export,
+    stages_of,
+)
 
 SOURCES = Path(__file__).resolve().parent
 BLS_NAME = decision.CASCADE
@@ -547,6 +555,11 @@ def served_thresholds(build: Path, opts: ServeOptions, plans: bool = False) -> t
     rule = opts.rule or calibration["serve_rule"]
     if opts.threshold is not None:
         return [decision.check_threshold(opts.threshold)] * (stages - 1), "override"
+    if rule == SHADOW_RULE:  # recalibrated on live shadow records (littlebig recalibrate --from-shadow)
+        path = build / SHADOW_CALIBRATION
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `littlebig recalibrate --from-shadow DIR` first")
+        calibration = {**calibration, "rules": {SHADOW_RULE: json.loads(path.read_text())}}
     if rule not in calibration["rules"]:
         raise ValueError(f"rule {rule!r} was not calibrated; calibrated: {sorted(calibration['rules'])}")
     record = calibration["rules"][rule]
