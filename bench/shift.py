@@ -242,41 +242,46 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     tl = [r for r in result["timeline"] if "error" not in r]
     t = np.array([r["t"] for r in tl])
-    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True, gridspec_kw={"height_ratios": [3, 3, 3, 1]})
     ax = axes[0]
-    ax.plot(t, [r["z"] for r in tl], label="drift z (escalation rate at calibrated T)")
+    ax.plot(t, [r["z"] for r in tl], label="drift z (escalation rate at the calibrated T vs val)")
     ax.axhline(4, color="grey", ls=":", label="|z| = 4")
     ax.set_ylabel("z")
     ax = axes[1]
     loss = np.array([[r["loss"], r["loss_lower"], r["loss_upper"]] for r in tl], dtype=float) * 100
-    ax.plot(t, loss[:, 0], label="shadow loss estimate")
-    ax.fill_between(t, loss[:, 1], loss[:, 2], alpha=0.3, label="bounds (z = 3.719)")
+    ax.plot(t, loss[:, 0], label="shadow loss estimate (30m window, scaled)")
+    ax.fill_between(t, loss[:, 1], loss[:, 2], alpha=0.3, label="one-sided bounds (z = 3.719)")
     ax.axhline(result["eps"] * 100, color="red", ls="--", label="eps")
     ax.set_ylabel("loss vs big (points)")
     ax = axes[2]
-    batches = result["batches"]
+    batches = sorted(result["batches"], key=lambda b: b["t"])
     bt = np.array([b["t"] for b in batches])
-    order = np.argsort(bt)
+    k = 50
     for key, label in (("served_correct", "served (littlebig)"), ("big_correct", "big on the same rows")):
-        hits = np.array([b[key] for b in batches], dtype=float)[order]
-        rows = np.array([b["rows"] for b in batches], dtype=float)[order]
-        k = 100
+        hits = np.array([b[key] for b in batches], dtype=float)
+        rows = np.array([b["rows"] for b in batches], dtype=float)
         acc = np.convolve(hits, np.ones(k), "valid") / np.convolve(rows, np.ones(k), "valid")
-        ax.plot(bt[order][k - 1 :], acc * 100, label=label)
+        ax.plot(bt[k - 1 :], acc * 100, label=label)
     ax.set_ylabel(f"accuracy, last {k} batches (%)")
+    ax = axes[3]
+    step = np.median(np.diff(t)) if len(t) > 1 else 1.0
+    for y, (alert, color) in enumerate(((DRIFT_ALERT, "orange"), (LOSS_ALERT, "red"))):
+        spans = [(r["t"] - step / 2, step) for r in tl if alert in r["firing"]]
+        ax.broken_barh(spans, (y - 0.4, 0.8), color=color)
+    ax.set_yticks([0, 1], ["drift alert", "loss alert"])
+    ax.set_ylim(-0.6, 1.6)
     ax.set_xlabel("seconds")
     for ax in axes:
         for name, (start, end) in result["phases"].items():
-            ax.axvspan(start, end, alpha=0.06, color={"clean": "green", "shift": "red", "after": "blue"}[name])
-        for alert, color in ((DRIFT_ALERT, "orange"), (LOSS_ALERT, "red")):
-            firing = [r["t"] for r in tl if alert in r["firing"]]
-            if firing:
-                ax.plot(firing, np.full(len(firing), ax.get_ylim()[1]), "|", color=color, ms=12,
-                        label=f"{alert} firing" if ax is axes[0] or ax is axes[1] else None)  # fmt: skip
+            ax.axvspan(start, end, alpha=0.08, color={"clean": "green", "shift": "red", "after": "blue"}[name])
+    for ax in axes[:3]:
         ax.legend(fontsize=7, loc="upper left")
+    for name, (start, end) in result["phases"].items():
+        axes[0].text((start + end) / 2, 1.02, name, transform=axes[0].get_xaxis_transform(), ha="center", fontsize=8)
     after = result["recalibrated"]["threshold"]
-    axes[0].set_title(f"{result['shift']} shift: clean -> shift -> recalibrated (T {result['threshold']:.3f} -> "
-                      f"{after:.3f}); Prometheus time x{result['time_scale']:g}")  # fmt: skip
+    fig.suptitle(f"{result['shift']} shift: clean -> shift -> recalibrated from the shadow records (T "
+                 f"{result['threshold']:.3f} -> {after:.3f}); Prometheus durations / {result['time_scale']:g}",
+                 fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -290,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", type=Path, default=Path("build"))
     ap.add_argument("--shift", choices=sorted(SHIFTS), default="contrast")
     ap.add_argument("--strength", type=float, default=0.7, help="contrast factor (1: no shift)")
-    ap.add_argument("--shadow-rate", type=float, default=0.3,
-                    help="R: 0.3, so a 90 s window holds 1,000 shadow rows of the shifted stream")  # fmt: skip
+    ap.add_argument("--shadow-rate", type=float, default=0.4,
+                    help="R: 0.4, so a 90 s window holds 1,000 shadow rows of the shifted stream")  # fmt: skip
     ap.add_argument("--pace", type=float, default=100.0, help="rows per second (big keeps up at 84%% escalated)")
     ap.add_argument("--phase-rows", type=int, default=15000, help="rows per phase (150 s at the default pace)")
     ap.add_argument("--time-scale", type=float, default=20.0, help="Prometheus durations divided by this")
@@ -305,7 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     shifted = SHIFTS[args.shift](test.images, args.strength)
     threshold, rule = served_threshold(build, ServeOptions())
     clean = reference_logits(build, "test")  # cached by make calibrate / report
-    logits = {"clean": {r: clean[r] for r in ("little", "big")}, "shifted": stream_logits(build, shifted, "shifted")}
+    cache = build / f"shift-logits-{args.shift}-{args.strength:g}.npz"
+    if not cache.exists():
+        np.savez(cache, **stream_logits(build, shifted, "shifted"))
+    logits = {"clean": {r: clean[r] for r in ("little", "big")}, "shifted": dict(np.load(cache))}
     check = offline(logits, test.labels, threshold)
     for name, r in check.items():
         print(f"offline {name:8s}: little {r['little_acc']:.4f}, big {r['big_acc']:.4f}, cascade {r['cascade_acc']:.4f}"

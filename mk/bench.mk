@@ -45,3 +45,18 @@ bench-stages: setup
 	$(MAKE) --no-print-directory perf-analyzer
 	$(BIN)/python -m bench.stages --build $(BUILD) --build-three $(BUILD3) --perf-venv $(PERF_VENV) \
 	  --budget-s $(BENCH_STAGES_BUDGET_S) $(BENCH_STAGES_ARGS)
+
+# `make bench-shadow` (issue 23): what shadow sampling costs. littlebig at the best deployment of the newest
+# `make bench` record in bench/results, at shadow rates 0, 0.01 and 0.05, each its own repository and server (one at
+# a time), interleaved over 2 rounds, the real perf_analyzer on 512 real test images at the record's headline batch
+# and concurrency (bench/shadow.py). Writes $(BUILD)/bench-shadow.{json,png} and copies them to
+# bench/results/bench-shadow-<UTC stamp>.{json,png}. About 5 minutes on the 2-core reference machine (6 x 30 s
+# measured, ~15 s per server around each).
+BENCH_SHADOW_ARGS ?=
+
+.PHONY: bench-shadow
+
+bench-shadow: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
+	$(MAKE) --no-print-directory perf-analyzer
+	$(BIN)/python -m bench.shadow --build $(BUILD) --perf-venv $(PERF_VENV) --copy-to bench/results $(BENCH_SHADOW_ARGS)

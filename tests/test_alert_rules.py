@@ -6,6 +6,7 @@ promtool comes from Debian's prometheus package (apt-packages.txt; `make setup` 
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -193,11 +194,13 @@ def miss_probability(n: int, rate: float, side: str) -> float:
     from littlebig.export.calibrate import binomial_cdf
     from littlebig.shadow import Z_ALERT, wilson_cc
 
+    # both bounds grow with k: the first k whose lower bound is above the rate, and the first whose upper is not below
+    index = 0 if side == "lower" else 1
+    first = bisect.bisect_right(range(n + 1), rate, key=lambda k: wilson_cc(k, n, Z_ALERT)[index])
     if side == "lower":
-        first = next((k for k in range(n + 1) if wilson_cc(k, n, Z_ALERT)[0] > rate), n + 1)
         return 0.0 if first > n else 1.0 - binomial_cdf(first - 1, n, rate)
-    last = max((k for k in range(n + 1) if wilson_cc(k, n, Z_ALERT)[1] < rate), default=-1)
-    return 0.0 if last < 0 else binomial_cdf(last, n, rate)
+    first = bisect.bisect_left(range(n + 1), rate, key=lambda k: wilson_cc(k, n, Z_ALERT)[index])
+    return 0.0 if first == 0 else binomial_cdf(first - 1, n, rate)
 
 
 def test_the_wilson_bound_is_sound_where_the_alert_reads_it():
