@@ -23,7 +23,7 @@ Budget: on the 2-core reference machine a measurement costs about 15 s beside it
 ~3 s with the whole cpu repository, warm-up requests and a 3 x 1 s warm-up window, perf_analyzer's overhead, the
 settle, the stop): measured in the smoke run (``--rounds 1 --seconds 5``: 19 s a measurement, 64 s in all). The
 default 2 rounds x 3 rates x 30 s (3 windows of 10 s) so take about 6 x 45 s, some 5 minutes with the set-up
-(snapshot, images, 3 repositories), under the ~8 minutes issue 23 allows; ``--seconds`` scales it.
+(snapshot, images, 3 repositories); ``--seconds`` and ``--rounds`` scale it.
 """
 
 from __future__ import annotations

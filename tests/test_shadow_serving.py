@@ -26,7 +26,7 @@ from tests.helpers import hang_big, infer, own_server, read_config, scrape
 
 pytestmark = pytest.mark.slow
 RATE = 0.5
-BATCHES = (64, 1, 7, 32, 50, 3, 64, 16, 100, 13)
+BATCHES = (64, 1, 7, 32, 50, 3, 64, 16, 60, 13, 64, 40)
 OWN_T = 0.95  # every third request carries its own threshold
 
 
@@ -36,13 +36,17 @@ def shadow_counts(server) -> dict[str, float]:
     return {name: m.total(f"littlebig_{name}_total") for name in names}
 
 
-def settled(server, records: Path, limit: float = 30.0) -> dict[str, float]:
-    """The counters once every shadow call has answered (its rows counted and recorded)."""
+def settled(server, records: Path, limit: float = 30.0, quiet: float = 3.0) -> dict[str, float]:
+    """The counters once every shadow call has answered: unchanged for ``quiet`` seconds (a call to big takes tens
+    of milliseconds here), and the shadow rows counted all recorded."""
     deadline = time.monotonic() + limit
+    last, since = None, time.monotonic()
     while True:
         counts = shadow_counts(server)
         written = (read_records(str(records))["kind"] == "shadow").sum() if list(records.glob("shadow-*")) else 0
-        if counts["shadow_rows"] == written and counts == shadow_counts(server):
+        if counts != last:
+            last, since = counts, time.monotonic()
+        elif counts["shadow_rows"] == written and time.monotonic() - since >= quiet:
             return counts
         assert time.monotonic() < deadline, f"shadow calls still unanswered after {limit} s: {counts}, {written}"
         time.sleep(0.5)
@@ -111,7 +115,7 @@ def test_every_shadow_record_and_counter_equals_the_offline_reference(shadow_ser
         assert fig["shadow"][key] == pytest.approx(expected[key], abs=1e-12)
 
     # health probes are answered but never drawn nor counted
-    infer(f"127.0.0.1:{server.ports.grpc}", data.images[:200], parameters={"littlebig_probe": True})
+    infer(f"127.0.0.1:{server.ports.grpc}", data.images[:64], parameters={"littlebig_probe": True})
     time.sleep(1.0)
     assert shadow_counts(server) == counts
     assert len(read_records(str(records_dir))["kind"]) == len(records["kind"])
@@ -157,18 +161,18 @@ def test_a_shadow_call_never_delays_the_response(build_dir, tmp_path, test_split
         time.sleep(2.5)
         before = shadow_counts(server)
         seconds = []
-        for k in range(6):  # more than SHADOW_MAX_CALLS shadow calls would be in flight: the rest is dropped
+        for k in range(12):  # 6 per BLS instance: more than SHADOW_MAX_CALLS (4) in flight, the rest is dropped
             began = time.monotonic()
-            result = infer(url, data.images[sure[8 * k : 8 * k + 8]])
+            result = infer(url, data.images[sure[5 * k : 5 * k + 5]])
             seconds.append(time.monotonic() - began)
             assert not result.as_numpy("ESCALATED").any()
         answered = shadow_counts(server)
         assert max(seconds) < 1.0, seconds  # a shadow call takes 2 s; no answer waited for one
         assert answered["shadow_rows"] == before["shadow_rows"]  # none had finished when the answers came
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while shadow_counts(server)["shadow_rows"] + shadow_counts(server)["shadow_dropped_rows"] < before[
             "shadow_rows"
-        ] + before["shadow_dropped_rows"] + 48:
+        ] + before["shadow_dropped_rows"] + 60:
             assert time.monotonic() < deadline, shadow_counts(server)
             time.sleep(0.5)
         after = shadow_counts(server)
