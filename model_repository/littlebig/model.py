@@ -26,7 +26,14 @@ a request's own ``threshold`` wins. A
 request's ``deadline_ms`` answers with little those escalated rows that big cannot answer in the time
 left. ``REASON`` says, per row, who answered and why.
 
-At load it imports numpy, triton_python_backend_utils, decision and control only, so it runs on a stock NGC
+Shadow sampling (``shadow_rate`` R > 0; issue 23, littlebig/shadow.py): each traffic row is drawn with probability
+R; drawn rows answered confidently before big also go to big once the responses are built, in calls that are never
+awaited (``_shadow``; ``_shadow_done`` counts big's disagreement per confidence bin and records the row when the call
+ends), so no answer waits for one. Shadow work is dropped first, and counted: under the governor's load levels,
+while big's breaker is open, for rows whose deadline is near, beyond ``SHADOW_MAX_CALLS`` calls in flight. Every
+drawn row is recorded (big's answer, or unknown), so the records are a uniform R-draw of traffic.
+
+At load it imports numpy, triton_python_backend_utils, decision, control and shadow only, so it runs on a stock NGC
 image; onnxruntime is imported only with ``little_in_process`` (cpu profile), and torch only to copy an
 output that arrives in GPU memory (counted; never expected).
 """
