@@ -397,3 +397,20 @@ def test_replayed_traffic_fires_only_when_shifted(server, test_split, served_thr
             assert abs(stats["z"]) < Z_MAX and stats["psi"] < PSI_MAX, stats
         run_promtool("test", "rules", promtool_replay_test(observed, stats, shifted, tmp_path))
     print("drift replay:", json.dumps({k: {s: round(v, 4) for s, v in st.items()} for k, st in measured.items()}))
+
+
+def test_the_shift_experiment_runs_the_same_rules_with_durations_scaled(tmp_path):
+    """``make shift`` gives Prometheus the rules file with only its durations divided (bench/shift.py): the scaled
+    file still passes promtool, every PromQL expression is the same once durations are masked, and the alert's
+    row minimum is untouched."""
+    from bench.shift import scaled_rules
+
+    text = RULES.read_text()
+    scaled = scaled_rules(text, 20)
+    path = tmp_path / "scaled.rules.yml"
+    path.write_text(scaled)
+    assert "SUCCESS" in run_promtool("check", "rules", path)
+    durations = re.compile(r"(\[|for: |interval: )\d+[smh]")
+    assert durations.sub(r"\1D", scaled) == durations.sub(r"\1D", text)
+    assert "[90s]" in scaled and "[30s]" in scaled and "for: 30s" in scaled and "interval: 3s" in scaled
+    assert "increase30m >= 1000" in scaled
