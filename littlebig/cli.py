@@ -252,13 +252,13 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     if args.repository is None:
         print(f"serve it: littlebig repo --rule {SHADOW_RULE} ... (then restart the server)")
         return 0
-    from littlebig.model_repository.generate import ServeOptions, generate
+    from littlebig.model_repository.generate import ServeOptions, generate, recorded_options
 
     summary_path = args.repository / "littlebig-repository.json"
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path} not found: --repository must be one `littlebig repo` generated")
     summary = json.loads(summary_path.read_text())
-    opts = replace(ServeOptions(**summary["options"]), rule=SHADOW_RULE, threshold=None)
+    opts = replace(ServeOptions(**recorded_options(summary)), rule=SHADOW_RULE, threshold=None)
     generate(args.build, args.repository, summary["profile"], opts)
     print(
         f"regenerated {args.repository} ({summary['profile']}) with T={record['threshold']:.6f}: restart the server "

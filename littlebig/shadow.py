@@ -28,6 +28,7 @@ import logging
 import math
 import os
 from logging.handlers import RotatingFileHandler
+from pathlib import Path
 
 import numpy as np
 
@@ -121,7 +122,8 @@ def read_records(directory: str) -> dict[str, np.ndarray]:
     paths = sorted(glob.glob(os.path.join(directory, RECORD_FILE.format(instance="*") + "*")))
     if not paths:
         raise FileNotFoundError(f"no shadow records ({RECORD_FILE.format(instance='*')}) in {directory}")
-    rows = [json.loads(line) for path in paths for line in open(path, encoding="utf-8") if line.strip()]
+    lines = [line for path in paths for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in lines if line.strip()]
     if not rows:
         raise ValueError(f"the shadow record files in {directory} are empty: serve with --shadow-rate > 0 first")
     return {

@@ -744,6 +744,11 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     return summary
 
 
+def recorded_options(record: dict[str, Any]) -> dict[str, Any]:
+    """The ServeOptions a generated repository's ``littlebig-repository.json`` records (fields this version knows)."""
+    return {k: v for k, v in record.get("options", {}).items() if k in ServeOptions.__dataclass_fields__}
+
+
 def prepare_repository(repo: Path, build: Path, flags: dict[str, object]) -> str:
     """Make ``repo`` serve every deployment flag given, or raise ValueError saying how; return what happened.
 
@@ -771,7 +776,7 @@ def prepare_repository(repo: Path, build: Path, flags: dict[str, object]) -> str
             f"`littlebig repo --profile cpu --out NEW_DIR {how}` and serve that"
         )
     fields = ServeOptions.__dataclass_fields__
-    current = {k: v for k, v in record.get("options", {}).items() if k in fields}
+    current = recorded_options(record)
     if "rule" in flags and "threshold" not in flags:
         flags = {**flags, "threshold": None}  # a rule replaces an earlier threshold override
     changed = {k: v for k, v in flags.items() if current.get(k, fields[k].default) != v}

@@ -443,7 +443,7 @@ class TritonPythonModel:
         conf = confidence(probs)  # little's, every row: the drift histogram
         below_calibrated = np.zeros(len(images), dtype=bool)  # also the drift signal (_observe)
         active = np.flatnonzero(~failed)  # rows still deciding whether to go on
-        held = probs  # each row's probabilities before big ran (the shadow records' "answer"; replaced at k == last)
+        held = probs  # each row's probabilities before big ran (the shadow records' "answer"; copied at k == last)
         for k, role in enumerate(roles[1:], start=1):
             here = confidence(probs[active])
             calibrated = self.thresholds[k - 1]
@@ -460,7 +460,8 @@ class TritonPythonModel:
             going = np.setdiff1d(going, late, assume_unique=True)
             if k == last:
                 sent_to_big[going] = True
-                held = probs.copy()
+                if self.records is not None:  # shadow sampling on: keep the answers before big for the records
+                    held = probs.copy()
             answered = np.zeros(len(going), dtype=bool)
             if len(going):
                 for a, b, logits, err in await self._run(role, images[going]):
