@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from littlebig.atomic import replacing_dir, replacing_file, write_json
 from littlebig.data import load_split
 from littlebig.decision import ROLES, stage_names
 
@@ -143,7 +144,6 @@ def export_models(
     )
     images = next(iter(batches))[0]
     batches.close()
-    out_dir = export_dir(build)
     record: dict[str, Any] = {
         "service_size": list(service_size),
         "class_names": class_names["big"],
@@ -152,36 +152,50 @@ def export_models(
         "max_images": max_images,
         "stages": list(stages),
     }
-    for role in tqdm(stages, desc="export"):
-        model = models[role]
-        pil_resize = weights[role].startswith("pretrained")
-        net = Preprocessed(model, service_size, pil_resize=pil_resize)
-        path = export_onnx(net, out_dir / f"{role}.onnx")
-        cfg = data_config(model)
-        record[role] = {
-            "name": model.default_cfg.get("architecture", type(model).__name__),
-            "weights": weights[role],
-            "params": count_params(model),
-            "macs": count_macs(model, tuple(cfg["input_size"])),
-            "data_config": cfg,
-            "resize": {"to": list(net.resize_to), "antialias": net.antialias, "pil_resize": pil_resize},
-            "onnx": path.name,
-            "parity": check_parity(net, path, images, (1, len(images))).as_dict(),
-        }
-    (out_dir / "export.json").write_text(json.dumps(record, indent=2))
+    # Built whole in a sibling folder and swapped in: a failed parity check or a kill leaves the old export
+    # (and the logits and plans computed from it) as it was.
+    with replacing_dir(export_dir(build)) as out_dir:
+        for role in tqdm(stages, desc="export"):
+            model = models[role]
+            pil_resize = weights[role].startswith("pretrained")
+            net = Preprocessed(model, service_size, pil_resize=pil_resize)
+            path = export_onnx(net, out_dir / f"{role}.onnx")
+            cfg = data_config(model)
+            record[role] = {
+                "name": model.default_cfg.get("architecture", type(model).__name__),
+                "weights": weights[role],
+                "params": count_params(model),
+                "macs": count_macs(model, tuple(cfg["input_size"])),
+                "data_config": cfg,
+                "resize": {"to": list(net.resize_to), "antialias": net.antialias, "pil_resize": pil_resize},
+                "onnx": path.name,
+                "parity": check_parity(net, path, images, (1, len(images))).as_dict(),
+            }
+        write_json(out_dir / "export.json", record)
     return record
 
 
-def set_data(build: Path, data_dir: str | None, max_images: int | None) -> dict[str, Any]:
-    """Point later steps (calibrate, report) at other data: rewrites export.json's data fields."""
-    exported = read_export(build)
-    exported.setdefault("class_ids", exported["class_names"])  # marks the record as naming its data
+def with_data(exported: dict[str, Any], data_dir: str | None, max_images: int | None) -> dict[str, Any]:
+    """``exported`` pointed at other data (its data fields replaced; the record itself is not changed)."""
+    if max_images is not None and max_images < 2:
+        raise ValueError(f"--max-images must be at least 2 (one per split), got {max_images}")
+    changed = {**exported, "class_ids": exported.get("class_ids", exported["class_names"])}  # names its data
     if data_dir is not None:
-        exported["data_dir"] = data_dir
+        changed["data_dir"] = data_dir
     if max_images is not None:
-        exported["max_images"] = max_images
-    (export_dir(build) / "export.json").write_text(json.dumps(exported, indent=2))
-    return exported
+        changed["max_images"] = max_images
+    return changed
+
+
+def set_data(
+    build: Path, data_dir: str | None, max_images: int | None, split: str, **logits: Any
+) -> dict[str, np.ndarray]:
+    """Point later steps (calibrate, report) at other data: the logits pass of ``split`` runs on it first, and
+    export.json's data fields are rewritten only once it succeeded (a folder that cannot be read changes nothing)."""
+    exported = with_data(read_export(build), data_dir, max_images)
+    result = reference_logits(build, split, exported=exported, **logits)
+    write_json(export_dir(build) / "export.json", exported)
+    return result
 
 
 def run_onnx(path: Path, images: np.ndarray, desc: str, batch_size: int = REFERENCE_BATCH) -> np.ndarray:
@@ -204,16 +218,23 @@ def _source(exported: dict[str, Any]) -> str:
 
 
 def reference_logits(
-    build: Path, split: str, *, device: str = "auto", batch_size: int | None = None, workers: int | None = None
+    build: Path,
+    split: str,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    exported: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every stage's logits on a split, from the exported ONNX files (cached beside them).
 
     One pass over the data feeds every model, batch by batch, so an ImageNet folder is decoded once
-    and never held whole; ``device`` auto runs onnxruntime's CUDA provider where it is installed.
+    and never held whole; ``device`` auto runs onnxruntime's CUDA provider where it is installed. ``exported``:
+    the export record to run (default: export.json's).
     """
     from littlebig.export.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
 
-    exported = read_export(build)
+    exported = exported or read_export(build)
     cache = export_dir(build) / f"logits-{split}.npz"
     stages = stages_of(exported)
     onnx_files = [export_dir(build) / exported[r]["onnx"] for r in stages]
@@ -242,10 +263,8 @@ def reference_logits(
     if len(result["labels"]) != rows:
         raise RuntimeError(f"{split}: expected {rows} images, got {len(result['labels'])}")
     result["images_sha"] = np.frombuffer(sha.digest(), dtype=np.uint8)
-    partial = cache.with_name(f".{cache.name}.partial")
-    with open(partial, "wb") as f:  # written whole, then renamed: a concurrent reader never sees half
+    with replacing_file(cache) as partial, open(partial, "wb") as f:  # a concurrent reader never sees half
         np.savez(f, source=np.asarray(source), **result)
-    partial.replace(cache)
     return result
 
 
@@ -264,13 +283,17 @@ def stage_outputs(build: Path, split: str):
     return StageOutputs(tuple(logits[r] for r in stages), logits["labels"], tuple(exported[r]["macs"] for r in stages))
 
 
+def check_serve_rule(rules: tuple[str, ...], serve_rule: str) -> None:
+    if serve_rule not in rules:
+        raise ValueError(f"--serve-rule {serve_rule!r} must be one of the calibrated rules {list(rules)}")
+
+
 def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict[str, Any]:
     """Thresholds from the val split only; ``serve_rule`` names the one the server uses by default."""
     from littlebig.decision import CONFIDENCE_BINS
     from littlebig.export.calibrate import DELTA, EPS, MAX_ACCURACY_DROP, calibrate_stages, confidence_shares
 
-    if serve_rule not in rules:
-        raise ValueError(f"--serve-rule {serve_rule!r} must be one of the calibrated rules {list(rules)}")
+    check_serve_rule(rules, serve_rule)
     staged = stage_outputs(build, "val")
     val = staged.pair()
     record = {
@@ -288,7 +311,7 @@ def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict
         "confidence_bins": list(CONFIDENCE_BINS),
         "confidence_shares": confidence_shares(val),
     }
-    (build / "calibration.json").write_text(json.dumps(record, indent=2))
+    write_json(build / "calibration.json", record)
     return record
 
 
@@ -332,7 +355,7 @@ def shadow_calibration_step(build: Path, records_dir: Path, since: float | None 
         "calibrated_threshold": calibration["rules"][calibration["serve_rule"]]["threshold"],
         "calibrated_rule": calibration["serve_rule"],
     }
-    (build / SHADOW_CALIBRATION).write_text(json.dumps(record, indent=2))
+    write_json(build / SHADOW_CALIBRATION, record)
     return record
 
 

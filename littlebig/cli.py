@@ -197,14 +197,16 @@ def _logits(args: argparse.Namespace, split: str) -> None:
     """The logits pass of ``split`` with this command's data and compute options (cached for the step)."""
     from littlebig.export.pipeline import reference_logits, set_data
 
+    options = {"device": args.device, "batch_size": args.batch_size, "workers": args.workers}
     if args.data_dir is not None or args.max_images is not None:
-        set_data(args.build, args.data_dir, args.max_images)
-    reference_logits(args.build, split, device=args.device, batch_size=args.batch_size, workers=args.workers)
+        set_data(args.build, args.data_dir, args.max_images, split, **options)
+    reference_logits(args.build, split, **options)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from littlebig.export.pipeline import calibrate_step
+    from littlebig.export.pipeline import calibrate_step, check_serve_rule
 
+    check_serve_rule(tuple(args.rules), args.serve_rule)
     _logits(args, "val")
     record = calibrate_step(args.build, tuple(args.rules), args.serve_rule)
     print(f"val: little {record['little_acc']:.4f}, big {record['big_acc']:.4f} ({record['rows']} images)")
@@ -236,11 +238,28 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    """The repository (when given) is checked before anything is written: a refusal changes no file."""
     import json
     from dataclasses import replace
 
     from littlebig.export.pipeline import SHADOW_CALIBRATION, SHADOW_RULE, shadow_calibration_step
 
+    if args.repository is not None:
+        from littlebig.model_repository.generate import (
+            REPOSITORY_RECORD,
+            ServeOptions,
+            check_not_served,
+            generate,
+            recorded_options,
+        )
+
+        summary_path = args.repository / REPOSITORY_RECORD
+        if not summary_path.exists():
+            raise FileNotFoundError(f"{summary_path} not found: --repository must be one `littlebig repo` generated")
+        summary = json.loads(summary_path.read_text())
+        opts = replace(ServeOptions(**recorded_options(summary)), rule=SHADOW_RULE, threshold=None)
+        opts.validate(summary["profile"])
+        check_not_served(args.repository)
     record = shadow_calibration_step(args.build, args.from_shadow, args.since)
     kinds = ", ".join(f"{n} {k}" for k, n in record["kinds"].items())
     print(
@@ -250,19 +269,12 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
         f"-> {args.build / SHADOW_CALIBRATION}"
     )
     if args.repository is None:
-        print(f"serve it: littlebig repo --rule {SHADOW_RULE} ... (then restart the server)")
+        print(f"serve it: littlebig serve --rule {SHADOW_RULE} (or littlebig repo --rule {SHADOW_RULE} ...)")
         return 0
-    from littlebig.model_repository.generate import ServeOptions, generate, recorded_options
-
-    summary_path = args.repository / "littlebig-repository.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{summary_path} not found: --repository must be one `littlebig repo` generated")
-    summary = json.loads(summary_path.read_text())
-    opts = replace(ServeOptions(**recorded_options(summary)), rule=SHADOW_RULE, threshold=None)
     generate(args.build, args.repository, summary["profile"], opts)
     print(
-        f"regenerated {args.repository} ({summary['profile']}) with T={record['threshold']:.6f}: restart the server "
-        "(model control none), or load littlebig again where the server runs with --model-control-mode=explicit"
+        f"regenerated {args.repository} ({summary['profile']}) with T={record['threshold']:.6f}: start a server on it "
+        "(littlebig serve --repository ...)"
     )
     return 0
 

@@ -54,6 +54,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig import control, decision, shadow
+from littlebig.atomic import replacing_dir
 from littlebig.export.pipeline import (
     ROLES,
     SHADOW_CALIBRATION,
@@ -73,6 +74,8 @@ ENCODED_INPUT = "ENCODED"
 #: cpu-side Pillow (default everywhere), or nvImageCodec on a GPU (gpu profile only; NOT RUN, see decode/model.py).
 DECODERS = ("pillow", "nvimgcodec")
 LABELS_FILE = "labels.txt"
+#: What ``generate`` records in the repository's top folder: its profile, Ts, options (``prepare_repository``).
+REPOSITORY_RECORD = "littlebig-repository.json"
 ON_BIG_FAILURE = ("error", "little")
 TRT_PRECISIONS = ("fp32", "fp16")
 
@@ -141,6 +144,50 @@ class ServeOptions:
     #: gpu-standin on CUDA: the GPUs the instances go on (KIND_GPU without ``gpus`` puts ``count`` on every GPU).
     standin_gpus: tuple[int, ...] = (0,)
 
+    def validate(self, profile: str) -> ServeOptions:
+        """Every option checked against its range and ``profile``, before anything is read or written; the
+        result has the profile's defaults filled in. Errors name the option and its flag."""
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
+        choices = {"on_big_failure": ON_BIG_FAILURE, "trt_precision": TRT_PRECISIONS, "decoder": DECODERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.big_max_batch_size < 1 or self.max_batch_size < 1:
+            raise ValueError("max batch sizes must be >= 1 (--max-batch-size, --big-max-batch-size)")
+        at_least = {
+            "little_instances": 1, "big_instances": 1, "bls_instances": 1, "queue_delay_us": 0,
+            "intra_op_threads": 0, "inter_op_threads": 0, "max_image_pixels": 1, "decode_threads": 1,
+            "decode_instances": 1, "shadow_seed": 0,
+        }  # fmt: skip
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
+        check_queue_timeout(self)
+        if not 0.0 <= self.shadow_rate <= 1.0:
+            raise ValueError(f"{_flag('shadow_rate')} must be in [0, 1], got {self.shadow_rate!r}")
+        if not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise ValueError(f"{_flag('max_accuracy_drop')} must be in [0, 1), got {self.max_accuracy_drop!r}")
+        if self.slo_p99_ms is not None and not self.slo_p99_ms > 0:
+            raise ValueError(
+                f"{_flag('slo_p99_ms')} must be > 0 (or left out to turn the governor off), got {self.slo_p99_ms!r}"
+            )
+        if self.threshold is not None:
+            try:
+                decision.check_threshold(self.threshold)
+            except ValueError as exc:
+                raise ValueError(f"{_flag('threshold')}: {exc}") from None
+        buckets = self.standin_buckets
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+            raise ValueError(f"standin_buckets must be positive integers, got {self.standin_buckets!r}")
+        opts = self if self.little_in_process is not None else replace(self, little_in_process=profile == "cpu")
+        if opts.little_in_process and profile != "cpu":
+            raise ValueError("little_in_process runs little with onnxruntime on the CPU: cpu profile only")
+        if opts.decoder != "pillow" and profile != "gpu":
+            raise ValueError(f"decoder {opts.decoder} decodes on a GPU: gpu profile only (NOT RUN; decode/model.py)")
+        return opts
+
     def queue_timeout(self) -> int:
         """little's and big's default queue timeout in microseconds."""
         return self.bls_timeout_ms * 1000 if self.queue_timeout_us is None else self.queue_timeout_us
@@ -151,6 +198,11 @@ class ServeOptions:
 
     def role_instances(self, role: str) -> int:
         return self.little_instances if role == "little" else self.big_instances
+
+
+def _flag(name: str) -> str:
+    """An option as the API and the command line spell it: ``shadow_rate (--shadow-rate)``."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def _preferred(max_batch: int) -> list[int]:
@@ -602,8 +654,6 @@ def governor_settings(
     """
     from littlebig.export.calibrate import MAX_ACCURACY_DROP, drift_reference, governor_levels, threshold_floor
 
-    if opts.slo_p99_ms is not None and not opts.slo_p99_ms > 0:
-        raise ValueError(f"slo_p99_ms must be > 0 (or left out to turn the governor off), got {opts.slo_p99_ms!r}")
     if len(thresholds) > 1:
         return _stages_governor_settings(build, thresholds, opts, tensorrt)
     (threshold,) = thresholds
@@ -650,30 +700,13 @@ def _stages_governor_settings(
 
 
 def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | None = None) -> dict[str, Any]:
-    """Write the whole repository for ``profile`` into ``out`` (replacing it) and return a summary."""
-    opts = opts or ServeOptions()
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; known: {sorted(PROFILES)}")
-    if opts.on_big_failure not in ON_BIG_FAILURE:
-        raise ValueError(f"on_big_failure must be one of {ON_BIG_FAILURE}, got {opts.on_big_failure!r}")
-    if opts.big_max_batch_size < 1 or opts.max_batch_size < 1:
-        raise ValueError("max batch sizes must be >= 1")
-    check_queue_timeout(opts)
-    if opts.little_in_process is None:
-        opts = replace(opts, little_in_process=profile == "cpu")
-    if opts.little_in_process and profile != "cpu":
-        raise ValueError("little_in_process runs little with onnxruntime on the CPU: cpu profile only")
-    if opts.trt_precision not in TRT_PRECISIONS:
-        raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {opts.trt_precision!r}")
-    if opts.decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {opts.decoder!r}")
-    if opts.decoder != "pillow" and profile != "gpu":
-        raise ValueError(f"decoder {opts.decoder} decodes on a GPU: gpu profile only (NOT RUN; decode/model.py)")
-    if opts.max_image_pixels < 1 or opts.decode_threads < 1 or opts.decode_instances < 1:
-        raise ValueError("max_image_pixels, decode_threads and decode_instances must be >= 1")
-    buckets = opts.standin_buckets
-    if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
-        raise ValueError(f"standin_buckets must be positive integers, got {opts.standin_buckets!r}")
+    """Write the whole repository for ``profile`` into ``out`` and return a summary.
+
+    Every option and input is checked before ``out`` is touched; the repository is written into a hidden
+    sibling and swapped into place in one rename, so a refused, failed or killed run leaves the old one whole.
+    A repository a running tritonserver serves is never rewritten under it (``check_not_served``).
+    """
+    opts = (opts or ServeOptions()).validate(profile)
     exported = read_export(build)
     stages = stages_of(exported)
     if len(stages) > 2 and profile != "cpu":
@@ -691,18 +724,38 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if fp16_accelerator:
         check_fp16_calibration(build)
     thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator)
-    threshold = thresholds[-1]
     # T_min, the governor's steps and the drift reference from the same outputs as T (issue 21, item 3)
     governor = governor_settings(build, thresholds, opts, rule, tensorrt=plans or fp16_accelerator)
-    if out.exists():
-        shutil.rmtree(out)
+    eps = float(read_calibration(build).get("eps", -1.0))
+    served = Served(exported, thresholds, rule, governor, eps, plans, extra_summary)
+    check_not_served(out)
+    with replacing_dir(out) as tmp:
+        return _write_repository(build, tmp, profile, opts, served)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What ``generate`` read and checked before writing: the export, the served Ts and the governor's inputs."""
+
+    exported: dict[str, Any]
+    thresholds: list[float]
+    rule: str
+    governor: dict[str, Any]
+    eps: float
+    plans: bool
+    extra_summary: dict[str, Any]
+
+
+def _write_repository(build: Path, out: Path, profile: str, opts: ServeOptions, served: Served) -> dict[str, Any]:
+    """Every model of the repository into the empty folder ``out``."""
+    exported, thresholds, rule, governor, eps = (
+        served.exported, served.thresholds, served.rule, served.governor, served.eps
+    )  # fmt: skip
+    stages = stages_of(exported)
     for role in stages:
         PROFILES[profile](role, exported, build, out, opts)
     bls_dir = out / BLS_NAME
     preferred = profile in PREFERRED_BATCH_PROFILES
-    if not 0.0 <= opts.shadow_rate <= 1.0:
-        raise ValueError(f"shadow_rate must be in [0, 1], got {opts.shadow_rate!r}")
-    eps = float(read_calibration(build).get("eps", -1.0))
     write_config(bls_config(exported, thresholds, rule, opts, governor, preferred, eps), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
@@ -722,11 +775,11 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     (out / ENCODED_NAME / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")
     summary = {
         "profile": profile,
-        "threshold": threshold,
+        "threshold": thresholds[-1],
         "thresholds": thresholds,
         "stages": list(stages),
         "rule": rule,
-        "tensorrt_plans": plans,
+        "tensorrt_plans": served.plans,
         "models": [*stages, BLS_NAME, DECODE_NAME, ENCODED_NAME],
         "service_size": exported["service_size"],
         "class_names": exported["class_names"],
@@ -738,10 +791,41 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
         "drift_reference": governor["reference"],
         "calibrated_eps": eps,
         "val_logits": governor["val_logits"],
-        **extra_summary,
+        **served.extra_summary,
     }
-    (out / "littlebig-repository.json").write_text(json.dumps(summary, indent=2))
+    (out / REPOSITORY_RECORD).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def serving_processes(repo: Path) -> list[int]:
+    """Pids of running tritonserver processes whose ``--model-repository`` is ``repo``."""
+    import psutil
+
+    target = repo.resolve()
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "cwd"]):
+        argv = proc.info["cmdline"] or []
+        if not argv or Path(argv[0]).name != "tritonserver":
+            continue
+        for arg in argv[1:]:
+            if arg.startswith("--model-repository="):
+                path = Path(arg.partition("=")[2])
+                if not path.is_absolute() and proc.info["cwd"]:
+                    path = Path(proc.info["cwd"]) / path
+                if path.resolve() == target:
+                    found.append(proc.pid)
+    return found
+
+
+def check_not_served(repo: Path) -> None:
+    """Refuse to rewrite a repository under a running server: its loaded models would meet files of another
+    build (the Python backend reads model.py and its ONNX at load, and Triton may poll the folder)."""
+    pids = serving_processes(repo) if repo.exists() else []
+    if pids:
+        raise ValueError(
+            f"{repo} is served by a running tritonserver (pid {', '.join(map(str, pids))}): stop that server first, "
+            "or write the new repository to another folder (--out NEW_DIR) and start a server on it"
+        )
 
 
 def recorded_options(record: dict[str, Any]) -> dict[str, Any]:
@@ -756,7 +840,8 @@ def prepare_repository(repo: Path, build: Path, flags: dict[str, object]) -> str
     with its recorded options plus the flags; one made by hand cannot be rewritten safely, so flags
     given for it are refused rather than silently ignored (GitHub issue 15).
     """
-    record_path = repo / "littlebig-repository.json"
+    ServeOptions(**flags).validate("cpu")  # a bad flag is refused before the repository is looked at
+    record_path = repo / REPOSITORY_RECORD
     if not (repo / "littlebig" / "config.pbtxt").exists():
         generate(build, repo, "cpu", ServeOptions(**flags))
         return f"{repo} was missing: generated the cpu repository"
