@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from littlebig.atomic import replacing_file, write_json, write_text
 from littlebig.decision import escalate
 from littlebig.export.calibrate import (
     DELTA,
@@ -122,10 +122,11 @@ def build_report(build: Path) -> dict[str, Any]:
     if len(stages) > 2:
         report["stages"] = stages_section(exported, calibration, test_stages)
     report["targets"] = _targets(report)
-    (build / "report.json").write_text(json.dumps(report, indent=2))
-    (build / "report.md").write_text(render_markdown(report))
+    # Pictures first and report.json (make's target) last, each file replaced whole.
     plot_tradeoff(test, report, build / "tradeoff.png", test_stages if len(stages) > 2 else None)
     plot_threshold_spread(report, build / "threshold-spread.png")
+    write_text(build / "report.md", render_markdown(report))
+    write_json(build / "report.json", report)
     return report
 
 
@@ -371,8 +372,16 @@ def plot_tradeoff(test: Outputs, report: dict[str, Any], path: Path, stages: Sta
     ax.set_title(f"Little-Big on the test split: {' -> '.join(names)}")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure to a PNG, replaced whole."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with replacing_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -396,6 +405,4 @@ def plot_threshold_spread(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("val rows escalated to big (%)\nbar: p5-p95 over val resamples, dot: p50, tick: the calibrated T")
     ax.set_title("How far val noise moves each rule's T")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from littlebig.atomic import replacing_file, write_bytes, write_json
 from littlebig.export.pipeline import ROLES, export_dir, read_export
 
 INPUT_NAME, OUTPUT_NAME = "IMAGE", "LOGITS"
@@ -202,8 +203,8 @@ def prepare_onnx(build: Path, role: str, dst: Path | None = None) -> Path:
     src = export_dir(build) / exported[role]["onnx"]
     model, changed = cast_input_first(onnx.load(str(src)))
     dst = dst or export_dir(build) / f"{role}.trt.onnx"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst))
+    with replacing_file(dst) as tmp:
+        onnx.save(model, str(tmp))
     if changed:
         _check_same_as_onnx(src, dst, tuple(exported["service_size"]))
     return dst
@@ -282,7 +283,7 @@ def build_plan(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {plan_path} (see its log above)")
-    plan_path.write_bytes(bytes(serialized))
+    write_bytes(plan_path, bytes(serialized))
     _check_io(_engine(plan_path))
     return plan_path
 
@@ -394,7 +395,8 @@ def plan_split_logits(build: Path, split: str) -> dict[str, np.ndarray]:
     cache = export_dir(build) / f"logits-plan-{split}.npz"
     data = load_split(split, exported["data_dir"], tuple(exported["service_size"]))
     result = {"labels": data.labels, **{role: plan_logits(build, role, data.images) for role in ROLES}}
-    np.savez(cache, **result)
+    with replacing_file(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **result)
     return result
 
 
@@ -531,7 +533,7 @@ def build_plans(
             "parity": asdict(parity),
         }
     record["calibration"] = calibrate_on_plans(build)
-    (export_dir(build) / "tensorrt.json").write_text(json.dumps(record, indent=2))
+    write_json(export_dir(build) / "tensorrt.json", record)
     return record
 
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from littlebig.atomic import write_json
+
 MODELS = ("little", "big", "littlebig")
 
 
@@ -65,5 +67,5 @@ def run_demo(build: Path, batch_size: int = 32, concurrency: int = 8) -> dict[st
         "speedup_vs_big": speedup,
         "ok": all(served[m].get("matches_offline", False) for m in MODELS),
     }
-    (build / "demo.json").write_text(json.dumps(result, indent=2))
+    write_json(build / "demo.json", result)
     return result

@@ -168,30 +168,29 @@ def admin_key_from_env() -> str:
 
 def children(pid: int) -> dict[int, list[str]]:
     """Direct child processes of ``pid`` (the Python-backend stubs of a tritonserver) and their argv."""
+    import psutil
+
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return found
+    for child in kids:
         try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            found[child.pid] = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        # Fields after the ")" that closes the command name: state, ppid, ...
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found[int(entry.name)] = [a.decode(errors="replace") for a in argv if a]
     return found
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of one process from /proc (0 once it is gone)."""
+    """Resident set size of one process (0 once it is gone)."""
+    import psutil
+
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.NoSuchProcess:
+        return 0
 
 
 @dataclass
