@@ -345,6 +345,7 @@ class _ClientBase:
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.last_attempts = 0  # attempts the last call made (1 = no retry)
+        self.last_waits: list[float] = []  # the backoff before each of its retries, in seconds
         self._grpc = grpcclient  # InferInput, shared by both transports
         self._service: Service | None = None
         self._client = self._connect(url)
@@ -362,11 +363,17 @@ class _ClientBase:
             stop=tenacity.stop_after_attempt(self.retries + 1) | tenacity.stop_before_delay(self.timeout_s),
             wait=tenacity.wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
             before=self._count_attempt,
+            before_sleep=self._record_wait,
             reraise=True,
         )
 
     def _count_attempt(self, state) -> None:
         self.last_attempts = state.attempt_number
+        if state.attempt_number == 1:
+            self.last_waits = []
+
+    def _record_wait(self, state) -> None:
+        self.last_waits.append(state.upcoming_sleep)
 
     def _left(self, deadline: float) -> float:
         """Seconds left for this attempt; a ClientError once the call's deadline has passed."""
