@@ -15,3 +15,15 @@ soak: setup
 	LITTLEBIG_BUILD=$(BUILD) LITTLEBIG_LOAD_REQUESTS=$(SOAK_REQUESTS) LITTLEBIG_FUZZ_EXAMPLES=500 \
 	  $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_reliability.py tests/test_fuzz.py
 	$(BIN)/python -m tests.soak --build $(BUILD) --minutes $(SOAK_MINUTES) --warmup-minutes $(SOAK_WARMUP_MINUTES)
+
+# `make qa`: Triton's Python-backend QA mirrored on the served cascade (tests/backend_qa.py, RELIABILITY.md):
+# /dev/shm of the server over QA_REQUESTS mixed requests (good, bad, timed out, cancelled), and the first
+# request's latency after ready against warm ones.
+QA_REQUESTS ?= 10000
+
+.PHONY: qa
+
+qa: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
+	$(BIN)/python -m tests.backend_qa shm --build $(BUILD) --requests $(QA_REQUESTS)
+	$(BIN)/python -m tests.backend_qa warmup --build $(BUILD)

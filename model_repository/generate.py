@@ -425,6 +425,8 @@ def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
         {"intra_op_threads": opts.intra_op_threads, "inter_op_threads": opts.inter_op_threads}
     ).items():
         config.parameters[key].CopyFrom(value)
+    # Triton runs these before the model reports ready: onnxruntime's arenas exist before the first request.
+    config.model_warmup.extend(warmup(exported, _warm_sizes(1, opts.role_max_batch(role))))
     model_dir = out / role
     _install_onnx(export_dir(build) / exported[role]["onnx"], model_dir)
     shutil.copy2(SOURCES / "onnx_classifier" / "model.py", model_dir / "1" / "model.py")

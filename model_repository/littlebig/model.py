@@ -79,6 +79,10 @@ METRICS = {
         "littlebig_failed_requests_total", "counter",
         "Requests answered with an error (Triton counts them as successes)", None,
     ),
+    "cancelled": (
+        "littlebig_cancelled_requests_total", "counter",
+        "Requests their client cancelled before a later stage was called for them (none of their rows went on)", None,
+    ),
     "load": (
         "littlebig_load_rows_total", "counter",
         "Rows answered by little because the governor lowered T under load (REASON load)", None,
@@ -212,6 +216,11 @@ class TritonPythonModel:
             options.inter_op_num_threads = int(params["inter_op_threads"])
             path = f"{args['model_repository']}/{args['model_version']}/little.onnx"
             self.little_session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+            # Warm-up, as Triton's model_warmup does for little and big: the first request pays no arena growth.
+            image = next(i for i in config["input"] if i["name"] == "IMAGE")
+            for rows in sorted({1, int(config["max_batch_size"])}):
+                zeros = np.zeros((rows, *map(int, image["dims"])), dtype=np.uint8)
+                self.little_session.run(["LOGITS"], {"IMAGE": zeros})
         # little must answer (no shedding); a later stage's rows are shed to the failure policy while it is slow.
         self.breakers = {role: Breaker(role, self.timeout_us / 1e6, shed=role != "little") for role in self.models}
         # Each in-flight call holds one executor thread: room for one execute's chunks twice over
@@ -412,17 +421,20 @@ class TritonPythonModel:
             start += len(rows)
         if spans:
             rows = Rows(np.concatenate(own), np.concatenate(deadlines), np.concatenate(probe_rows))
-            await self._cascade(np.concatenate(images), rows, spans, responses)
+            await self._cascade(np.concatenate(images), rows, spans, responses, requests)
         done = time.monotonic()
         self.governor.executed(done - received, done)
 
-    async def _cascade(self, images, rows, spans, responses):
+    async def _cascade(self, images, rows, spans, responses, requests):
         """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows).
 
         One loop over the stages: stage k runs only on the rows every earlier stage escalated (``escalate``, the
         shared rule, with T_k), chunked to its own max_batch_size; each row keeps the probabilities of the last
         stage that answered it. The governor moves only the last T; a request's own threshold is used for every T.
+        Before each later stage, the requests whose rows would go on are asked whether their client cancelled
+        (``is_cancelled``, one call per such request): a cancelled request's rows go no further.
         """
+        cancelled: set[int] = set()
         owner = np.repeat(list(spans), [s.stop - s.start for s in spans.values()])  # row -> request
         failed = np.zeros(len(images), dtype=bool)  # rows little could not answer
         messages = {}  # request index -> error message
@@ -458,6 +470,10 @@ class TritonPythonModel:
             late = going[rows.deadline[going] - now < self.breakers[role].predicted_latency_s(now)]
             reason[late] = DEADLINE
             going = np.setdiff1d(going, late, assume_unique=True)
+            gone = [i for i in np.unique(owner[going]).tolist() if requests[i].is_cancelled()]
+            if gone:
+                cancelled.update(gone)
+                going = going[~np.isin(owner[going], gone)]
             if k == last:
                 sent_to_big[going] = True
                 if self.records is not None:  # shadow sampling on: keep the answers before big for the records
@@ -480,6 +496,10 @@ class TritonPythonModel:
         stage_names_out = np.array([r.encode() for r in roles], dtype=np.object_)[stage]
         served = np.ones(len(images), dtype=bool)
         for i, s in spans.items():
+            if i in cancelled:
+                responses[i] = self._error("cancelled by the client", pb_utils.TritonError.CANCELLED)
+                served[s] = False
+                continue
             if i in messages:
                 responses[i] = self._error(messages[i], pb_utils.TritonError.UNAVAILABLE)
                 served[s] = False
@@ -494,6 +514,8 @@ class TritonPythonModel:
                     pb_utils.Tensor("STAGE", stage_names_out[s].reshape(-1, 1)),
                 ]
             )
+        if cancelled:
+            self.metrics["cancelled"][0].increment(len(cancelled))
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
         confident = (reason == CONFIDENT) & (stage < last)  # answered before big, confidently: shadow candidates
         self._observe(
