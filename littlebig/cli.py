@@ -325,65 +325,27 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
-def parse_bool(text: str) -> bool:
-    """A flag's true/false (also yes/no, 1/0); argparse reports anything else as an invalid value."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None:
-        raise ValueError(text)
-    return value
-
-
-#: The deployment flags of ``littlebig repo`` and ``littlebig serve`` (and ``python -m bench.run``):
-#: ServeOptions field -> (type, help). Parsed here only, so the CLI and the benchmark cannot drift apart.
-DEPLOYMENT_FLAGS: dict[str, tuple[Callable[[str], object], str]] = {
-    "max_batch_size": (int, "littlebig's and little's max_batch_size"),
-    "big_max_batch_size": (int, "big's max_batch_size (the BLS model chunks to it)"),
-    "queue_delay_us": (int, "dynamic batching max queue delay"),
-    "little_instances": (int, "little's instance count"),
-    "big_instances": (int, "big's instance count"),
-    "bls_instances": (int, "littlebig's (BLS) instance count"),
-    "intra_op_threads": (int, "onnxruntime threads per cpu-profile instance"),
-    "inter_op_threads": (int, "onnxruntime inter-op threads per cpu-profile instance"),
-    "bls_timeout_ms": (int, "timeout of each BLS call to little/big"),
-    "little_in_process": (
-        parse_bool,
-        "true: littlebig runs little's ONNX itself (cpu default); false: through the little model",
-    ),
-    "queue_timeout_us": (int, "little/big queue policy: reject work queued longer (default: the BLS timeout)"),
-    "on_big_failure": (str, "error (default): fail the affected requests; little: answer with little, DEGRADED"),
-    "slo_p99_ms": (float, "load governor: lower T (not below T_min) while the predicted p99 passes it; off if absent"),
-    "max_accuracy_drop": (float, "load governor: T_min keeps val accuracy at most this far below the served T's"),
-    "rule": (str, "calibrated rule whose T is served (default: calibration's serve_rule)"),
-    "threshold": (float, "serve this T instead of a calibrated one"),
-    "shadow_rate": (float, "shadow sampling: share R of rows drawn; confident ones also go to big, after the answer"),
-    "shadow_seed": (int, "shadow sampling: seed of the draw (with the BLS instance's name)"),
-    "shadow_log_dir": (str, "shadow sampling: where the rotating records go (default: logs/ beside the repository)"),
-    "max_image_pixels": (int, "encoded entry point: refuse files declaring more pixels, before decoding"),
-    "decode_threads": (int, "encoded entry point: threads decoding the rows of one execute"),
-    "decode_instances": (int, "encoded entry point: decode model instances"),
-    "decoder": (str, "encoded entry point: pillow (default), or nvimgcodec (gpu profile; NOT RUN)"),
-}
-#: Deployment flags with a fixed set of values.
-FLAG_CHOICES = {"on_big_failure": ["error", "little"], "decoder": ["pillow", "nvimgcodec"]}
-
-
 def add_serve_options(p: argparse.ArgumentParser, build: bool = True) -> None:
-    """The deployment flags; a flag left out keeps ServeOptions' default (the measured CPU settings)."""
+    """The deployment flags, one per ServeOptions field marked ``flag`` (its help, type and choices come from the
+    field); a flag left out keeps the field's default (the measured CPU settings)."""
+    from littlebig.model_repository.generate import deployment_flags
+
     g = p.add_argument_group("deployment options (default: the measured CPU settings)")
-    for name, (kind, help_text) in DEPLOYMENT_FLAGS.items():
-        extra = {"choices": FLAG_CHOICES[name]} if name in FLAG_CHOICES else {}
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=help_text, **extra)
+    for name, kwargs in deployment_flags().items():
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kwargs)
     if build:
         g.add_argument("--build", type=Path, default=BUILD)
 
 
 def given_serve_options(args: argparse.Namespace) -> dict[str, object]:
     """Only the deployment flags given on the command line (None means: not given)."""
-    return {k: getattr(args, k) for k in DEPLOYMENT_FLAGS if getattr(args, k, None) is not None}
+    from littlebig.model_repository.generate import deployment_flags
+
+    return {k: getattr(args, k) for k in deployment_flags() if getattr(args, k, None) is not None}
 
 
 def serve_options(args: argparse.Namespace):
-    """ServeOptions from the deployment flags: their one parser (littlebig repo/serve and bench/run.py)."""
+    """ServeOptions from the deployment flags: their one parser (littlebig repo/serve and the benchmarks)."""
     from littlebig.model_repository.generate import ServeOptions
 
     return ServeOptions(**given_serve_options(args))

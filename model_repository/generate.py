@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,43 +80,95 @@ ON_BIG_FAILURE = ("error", "little")
 TRT_PRECISIONS = ("fp32", "fp16")
 
 
+def parse_bool(text: str) -> bool:
+    """A flag's true/false (also yes/no, 1/0); argparse reports anything else as an invalid value."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+#: How a deployment flag's text becomes its field's value, by the field's annotation.
+FLAG_PARSERS: dict[str, Callable[[str], object]] = {"int": int, "float": float, "str": str, "bool": parse_bool}
+
+
+def flag(help_text: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A field's metadata that makes it a deployment flag of ``littlebig repo|serve`` (``deployment_flags``)."""
+    return {"flag": {"help": help_text, **({"choices": list(choices)} if choices else {})}}
+
+
 @dataclass(frozen=True)
 class ServeOptions:
-    """What a deployment tunes; the defaults are the measured CPU settings (see BENCHMARKS.md)."""
+    """What a deployment tunes; the defaults are the measured CPU settings (see BENCHMARKS.md).
 
-    max_batch_size: int = 64  # littlebig and little
-    big_max_batch_size: int = 32
-    queue_delay_us: int = 100  # 500 -> 100: same throughput, -7.5% latency at concurrency 1 (BENCHMARKS.md)
-    little_instances: int = 1
-    big_instances: int = 2  # 1 -> 2: make bench's best deployment (littlebig +53% in its screen; BENCHMARKS.md)
-    bls_instances: int = 2
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    bls_timeout_ms: int = 10000  # a hung model holds a BLS instance this long, at most
-    on_big_failure: str = "error"
+    The one source of each option: its default, its check (``validate``), its Triton parameter name (the field
+    name, in the generated configs) and, for the fields marked ``flag``, its command-line flag
+    (``deployment_flags``)."""
+
+    # littlebig and little
+    max_batch_size: int = field(default=64, metadata=flag("littlebig's and little's max_batch_size"))
+    big_max_batch_size: int = field(default=32, metadata=flag("big's max_batch_size (the BLS model chunks to it)"))
+    # 500 -> 100: same throughput, -7.5% latency at concurrency 1 (BENCHMARKS.md)
+    queue_delay_us: int = field(default=100, metadata=flag("dynamic batching max queue delay"))
+    little_instances: int = field(default=1, metadata=flag("little's instance count"))
+    # 1 -> 2: make bench's best deployment (littlebig +53% in its screen; BENCHMARKS.md)
+    big_instances: int = field(default=2, metadata=flag("big's instance count"))
+    bls_instances: int = field(default=2, metadata=flag("littlebig's (BLS) instance count"))
+    intra_op_threads: int = field(default=1, metadata=flag("onnxruntime threads per cpu-profile instance"))
+    inter_op_threads: int = field(default=1, metadata=flag("onnxruntime inter-op threads per cpu-profile instance"))
+    # a hung model holds a BLS instance this long, at most
+    bls_timeout_ms: int = field(default=10000, metadata=flag("timeout of each BLS call to little/big"))
+    on_big_failure: str = field(
+        default="error",
+        metadata=flag(
+            "error (default): fail the affected requests; little: answer with little, DEGRADED", choices=ON_BIG_FAILURE
+        ),
+    )
     #: cpu profile: the BLS model runs little's ONNX itself (onnxruntime, intra/inter_op_threads) instead of a
     #: BLS call, saving one Python-backend hop per execute; little stays a Triton model for its own clients.
     #: None: yes on the cpu profile (make bench 2026-11-26 14:11: 1.02-1.28x at every point of the sweep,
     #: BENCHMARKS.md), no on the GPU profiles, where little runs on the GPU.
-    little_in_process: bool | None = None
+    little_in_process: bool | None = field(
+        default=None,
+        metadata=flag("true: littlebig runs little's ONNX itself (cpu default); false: through the little model"),
+    )
     #: Load governor (the BLS model's ``Governor``): lower T under load to keep p99 latency under this SLO.
     #: None: off, the calibrated T is always served.
-    slo_p99_ms: float | None = None
+    slo_p99_ms: float | None = field(
+        default=None,
+        metadata=flag("load governor: lower T (not below T_min) while the predicted p99 passes it; off if absent"),
+    )
     #: The governor's accuracy budget: it never goes below T_min, the lowest T whose val accuracy (and that of
     #: every T above it) is at most this far below the calibrated T's (export/calibrate.py threshold_floor).
-    max_accuracy_drop: float = 0.005
-    rule: str | None = None  # None: calibration's serve_rule
+    max_accuracy_drop: float = field(
+        default=0.005, metadata=flag("load governor: T_min keeps val accuracy at most this far below the served T's")
+    )
+    # None: calibration's serve_rule
+    rule: str | None = field(
+        default=None, metadata=flag("calibrated rule whose T is served (default: calibration's serve_rule)")
+    )
     #: Shadow sampling (issue 23): a seeded share R of traffic rows is drawn; the drawn rows answered confidently
     #: also go to big after their response is built, and every drawn row is recorded (littlebig/shadow.py).
     #: 0: off. 0.01-0.05 is typical.
-    shadow_rate: float = 0.0
-    shadow_seed: int = 0
+    shadow_rate: float = field(
+        default=0.0,
+        metadata=flag("shadow sampling: share R of rows drawn; confident ones also go to big, after the answer"),
+    )
+    shadow_seed: int = field(
+        default=0, metadata=flag("shadow sampling: seed of the draw (with the BLS instance's name)")
+    )
     #: Where each BLS instance writes its rotating shadow records. None: ``logs/`` beside the repository folder.
-    shadow_log_dir: str | None = None
-    threshold: float | None = None  # overrides the calibrated T
+    shadow_log_dir: str | None = field(
+        default=None,
+        metadata=flag("shadow sampling: where the rotating records go (default: logs/ beside the repository)"),
+    )
+    # overrides the calibrated T
+    threshold: float | None = field(default=None, metadata=flag("serve this T instead of a calibrated one"))
     #: little/big queue policy: work queued longer than this is REJECTed instead of run. None: the BLS
     #: timeout. Must be >= it: Triton honours a request's own (the BLS call's) timeout only when shorter.
-    queue_timeout_us: int | None = None
+    queue_timeout_us: int | None = field(
+        default=None, metadata=flag("little/big queue policy: reject work queued longer (default: the BLS timeout)")
+    )
     use_plans: bool = True  # gpu: tensorrt_plan where a plan was built
     trt_accelerator: bool = False  # gpu: TensorRT execution accelerator on onnxruntime
     #: The accelerator's precision: fp16 only with a T calibrated on FP16 TensorRT outputs (fp16 plans'
@@ -131,13 +183,20 @@ class ServeOptions:
     #: for every new input shape, i.e. on every new batch size the dynamic batcher forms.
     cudnn_conv_algo_search: int = 1
     #: ``decode`` (the encoded entry point): files declaring more pixels are refused before decoding.
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = field(
+        default=50_000_000, metadata=flag("encoded entry point: refuse files declaring more pixels, before decoding")
+    )
     #: ``decode``: threads decoding the rows of one execute, and Python instances. 4 x 1 was the best of five
     #: layouts at 600 px on 2 cores (+36% over 1 x 1; BENCHMARKS.md "Encoded images").
-    decode_threads: int = 4
-    decode_instances: int = 1
+    decode_threads: int = field(
+        default=4, metadata=flag("encoded entry point: threads decoding the rows of one execute")
+    )
+    decode_instances: int = field(default=1, metadata=flag("encoded entry point: decode model instances"))
     #: ``decode``'s library: pillow (every profile's default), or nvimgcodec (gpu profile, NOT RUN).
-    decoder: str = "pillow"
+    decoder: str = field(
+        default="pillow",
+        metadata=flag("encoded entry point: pillow (default), or nvimgcodec (gpu profile; NOT RUN)", choices=DECODERS),
+    )
     #: gpu-standin: the torch device of the stand-ins, and the batch buckets they pad to and warm up.
     standin_device: str = "cuda"
     standin_buckets: tuple[int, ...] = (1, 4, 16, 64)
@@ -198,6 +257,16 @@ class ServeOptions:
 
     def role_instances(self, role: str) -> int:
         return self.little_instances if role == "little" else self.big_instances
+
+
+def deployment_flags() -> dict[str, dict[str, Any]]:
+    """ServeOptions field -> argparse keywords of its flag (type from the annotation, help, choices)."""
+    out = {}
+    for f in fields(ServeOptions):
+        if "flag" in f.metadata:
+            kind = str(f.type).split("|")[0].strip()
+            out[f.name] = {"type": FLAG_PARSERS[kind], **f.metadata["flag"]}
+    return out
 
 
 def _flag(name: str) -> str:
