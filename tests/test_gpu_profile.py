@@ -90,7 +90,7 @@ def test_little_and_big_drop_expired_work_on_every_profile(build, tmp_path, prof
         assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
         assert policy.allow_timeout_override
         # the BLS call's timeout (its request timeout) must be allowed through: Triton takes it only if shorter
-        assert policy.default_timeout_microseconds == ServeOptions().queue_timeout() == bls_timeout_us > 0
+        assert policy.default_timeout_microseconds == opts.bls_timeout_ms * 1000 == bls_timeout_us > 0
     assert summary["queue_timeout_us"] == bls_timeout_us
     r = generate(build, tmp_path / "r2", profile, ServeOptions(bls_timeout_ms=2500, standin_device="cpu"))
     assert r["queue_timeout_us"] == 2_500_000
