@@ -24,7 +24,7 @@ Sources each GPU setting rests on (Triton 24.10 = 2.51; read in the r24.10 branc
   (r24.10 lines 520-535; any other key is refused, lines 677-683), ``trt_profile_min_shapes``/``_opt_shapes``/
   ``_max_shapes`` ("input:d1xd2...") and the model parameter ``cudnn_conv_algo_search`` (0 EXHAUSTIVE,
   the default, 1 HEURISTIC, 2 DEFAULT).
-* TensorRT accelerator engine cache (GitHub issue 21, item 1): Triton 24.10 runs onnxruntime 1.19.2
+* TensorRT accelerator engine cache: Triton 24.10 runs onnxruntime 1.19.2
   (server r24.10 build.py line 76), whose TensorRT EP constructor (microsoft/onnxruntime,
   onnxruntime/core/providers/tensorrt/tensorrt_execution_provider.cc, ``TensorrtExecutionProvider::
   TensorrtExecutionProvider``: ``if (!cache_path_.empty() && !fs::is_directory(cache_path_)) { if
@@ -147,7 +147,7 @@ class ServeOptions:
     rule: str | None = field(
         default=None, metadata=flag("calibrated rule whose T is served (default: calibration's serve_rule)")
     )
-    #: Shadow sampling (issue 23): a seeded share R of traffic rows is drawn; the drawn rows answered confidently
+    #: Shadow sampling: a seeded share R of traffic rows is drawn; the drawn rows answered confidently
     #: also go to big after their response is built, and every drawn row is recorded (littlebig/shadow.py).
     #: 0: off. 0.01-0.05 is typical.
     shadow_rate: float = field(
@@ -713,7 +713,7 @@ def governor_settings(
 ) -> dict[str, Any]:
     """T_min and the governor's T steps for ``opts.max_accuracy_drop``, and the drift alerts' reference
     (val's escalation rate at the served T and its confidence-bin shares), all from the val outputs of the
-    precision that is served (``tensorrt``: the plans' val logits, whose T is served; GitHub issue 21, item 3).
+    precision that is served (``tensorrt``: the plans' val logits, whose T is served).
 
     With TensorRT outputs, a T_min that ``tensorrt.json`` recorded for ``rule`` at the same T and budget must
     be the one found here: a stale logits cache is refused rather than served.
@@ -795,7 +795,7 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     if fp16_accelerator:
         check_fp16_calibration(build)
     thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator)
-    # T_min, the governor's steps and the drift reference from the same outputs as T (issue 21, item 3)
+    # T_min, the governor's steps and the drift reference from the same outputs as T: the precision served
     governor = governor_settings(build, thresholds, opts, rule, tensorrt=plans or fp16_accelerator)
     eps = float(read_calibration(build).get("eps", -1.0))
     served = Served(exported, thresholds, rule, governor, eps, plans, extra_summary)
@@ -909,7 +909,7 @@ def prepare_repository(repo: Path, build: Path, flags: dict[str, object]) -> str
 
     A repository littlebig generated (it has ``littlebig-repository.json``) is regenerated from ``build``
     with its recorded options plus the flags; one made by hand cannot be rewritten safely, so flags
-    given for it are refused rather than silently ignored (GitHub issue 15).
+    given for it are refused rather than silently ignored.
     """
     ServeOptions(**flags).validate("cpu")  # a bad flag is refused before the repository is looked at
     record_path = repo / REPOSITORY_RECORD

@@ -1,4 +1,4 @@
-"""Launch the real embedded tritonserver 2.51 that nvidia-pytriton ships (see ../shared/FACTS.md).
+"""Launch the real embedded tritonserver 2.51 that nvidia-pytriton ships (its binary, by path: none is on PATH).
 
 The binary is not on PATH: it is found inside the installed ``pytriton`` package. The Python backend
 needs the stub built for this interpreter copied into ``backends/python``; the stub imports numpy and
@@ -11,7 +11,7 @@ keeps reporting the model ready (RELIABILITY.md).
 
 Nothing outlives its launcher: tritonserver gets SIGTERM from the kernel when the process that started it
 dies, however it dies (``launch``), and ``StopSignals`` makes a launcher stop cleanly on any number of
-SIGINT/SIGTERM/SIGHUP, from whoever sends them (issue 22).
+SIGINT/SIGTERM/SIGHUP, from whoever sends them.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def free_port() -> int:
 class StopSignals:
     """A stop flag that SIGINT, SIGTERM and SIGHUP set: safe however many arrive, whenever they arrive.
 
-    Why not ``threading.Event.set`` in the handler (issue 22): a Python signal handler runs between any two
+    Why not ``threading.Event.set`` in the handler: a Python signal handler runs between any two
     bytecodes of the main thread, inside an earlier handler too. ``make`` forwards the TERM its process
     group just got, so the second TERM landed while the first handler held the Event's lock, and the main
     thread waited on itself forever. This handler takes no lock: it stores the signal number and writes a
@@ -377,7 +377,7 @@ class Supervisor:
     healthy", r24.10 src/python_be.cc:1060, src/stub_launcher.cc:773; Triton never restarts it) restarts
     the server at once, with no shutdown grace, unless a stub is frozen (``frozen_stubs``).
 
-    Why (issue 22): a big stub declared dead while the server stays up (one outcome of a stalled stub,
+    Why: a big stub declared dead while the server stays up (one outcome of a stalled stub,
     RELIABILITY.md "Stalls") failed every escalation, but only the scheduled probes saw it (2 failures,
     10 s apart), and the restart then waited out the 5 s grace: 10-25 s late. A slow or stalled model is
     not proof of death: its failed probes count toward ``failures`` on the schedule only, as before.

@@ -26,7 +26,7 @@ a request's own ``threshold`` wins. A
 request's ``deadline_ms`` answers with little those escalated rows that big cannot answer in the time
 left. ``REASON`` says, per row, who answered and why.
 
-Shadow sampling (``shadow_rate`` R > 0; issue 23, littlebig/shadow.py): each traffic row is drawn with probability
+Shadow sampling (``shadow_rate`` R > 0; littlebig/shadow.py): each traffic row is drawn with probability
 R; drawn rows answered confidently before big also go to big once the responses are built, in calls that are never
 awaited (``_shadow``; ``_shadow_done`` counts big's disagreement per confidence bin and records the row when the call
 ends), so no answer waits for one. Shadow work is dropped first, and counted: under the governor's load levels,
@@ -53,13 +53,14 @@ from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bi
 from decision import REASONS as REASON_NAMES
 from shadow import DROP_REASONS, RecordWriter, Sampler
 
-#: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (../shared/FACTS.md, GPU section).
+#: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
+#: failed with an input byte size mismatch).
 NUMPY_MAJOR_SUPPORTED = 1
 #: REASON per row, indexed by its code: who answered, and why little answered a row it was unsure of.
 REASONS = np.array([r.encode() for r in REASON_NAMES], dtype=np.object_)
 CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 #: Shadow calls one BLS instance keeps in flight at most; a draw beyond them is dropped (``busy``), so shadow work
-#: never piles up in front of big (issue 23).
+#: never piles up in front of big.
 SHADOW_MAX_CALLS = 4
 
 
@@ -141,7 +142,7 @@ METRICS = {
 }
 
 #: Request parameter that marks a health probe (model_repository/health.py sends it): its rows are answered
-#: as any others but kept out of every traffic metric, so probes never look like drift (GitHub issue 21).
+#: as any others but kept out of every traffic metric, so probes never look like drift.
 PROBE_PARAMETER = "littlebig_probe"
 
 
@@ -229,7 +230,7 @@ class TritonPythonModel:
         self.executor = ThreadPoolExecutor(
             max_workers=2 * chunks + 2 + SHADOW_MAX_CALLS, thread_name_prefix="littlebig-bls"
         )
-        # Shadow sampling (issue 23): a seeded draw per row; records beside the repository (``logs/``) unless told.
+        # Shadow sampling: a seeded draw per row; records beside the repository (``logs/``) unless told.
         instance = args.get("model_instance_name", "")
         self.sampler = Sampler(float(params["shadow_rate"]), int(params["shadow_seed"]), instance)
         self.shadow_in_flight = set()
@@ -360,7 +361,7 @@ class TritonPythonModel:
                 chunks.append((a, b, None, f"{role} failed: {call.exception()}"))
             else:
                 # A chunk whose LOGITS cannot be read (missing, or in GPU memory with no torch to copy it) fails
-                # alone, through the failure policy, like any other failure of that call (issue 21, item 2).
+                # alone, through the failure policy, like any other failure of that call.
                 try:
                     chunks.append((a, b, self._logits(role, call.result()), None))
                 except Exception as exc:
