@@ -66,18 +66,20 @@ def split_batches(
     batch_size: int | None = None,
     workers: int | None = None,
     desc: str | None = None,
+    train_split: dict[str, Any] | None = None,
 ) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
     """(rows, batches of (uint8 images, labels)) of a split at the service size.
 
     An ImageNet-style folder is streamed (bounded memory, worker processes); Fashion-MNIST and the
     ``val/ test/`` layout are small and decoded whole, as before. ``max_images`` keeps a seeded sample of
-    that many images in all, half per split.
+    that many images in all, half per split. ``train_split`` (export.json's): the folder's train share, which
+    val and test leave out.
     """
-    from littlebig.imagenet import DEFAULT_WORKERS, folder_split, is_imagenet_folder, iter_batches
+    from littlebig.imagenet import DEFAULT_WORKERS, TrainSplit, folder_split, is_imagenet_folder, iter_batches
 
     batch_size = batch_size or default_batch_size(size)
     if is_imagenet_folder(data_dir):
-        index = folder_split(data_dir, split, max_images, class_ids)
+        index = folder_split(data_dir, split, max_images, class_ids, TrainSplit.of(train_split))
         workers = DEFAULT_WORKERS if workers is None else workers
         return len(index), iter_batches(index, size, batch_size, workers, desc)
     data = load_split(split, data_dir, size)
@@ -104,6 +106,36 @@ def class_ids_of(weights: str, class_names: list[str]) -> list[str]:
     return list(class_names)
 
 
+def folder_classes(data_dir: str | None) -> tuple[str, ...]:
+    """The class names the data gives: a user's folder's sorted class folders (torchvision's ImageFolder
+    order), Fashion-MNIST's own names."""
+    from littlebig.data import FASHION_MNIST_CLASSES, is_fashion_mnist_dir
+    from littlebig.imagenet import index_folder, is_imagenet_folder
+
+    if data_dir is None or is_fashion_mnist_dir(data_dir):
+        return FASHION_MNIST_CLASSES
+    if is_imagenet_folder(data_dir):
+        return index_folder(data_dir).class_names
+    root = Path(data_dir) / "val"
+    if not root.is_dir():
+        raise ValueError(f"{data_dir}: not Fashion-MNIST, a val/ test/ folder or a folder of class folders")
+    return tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+
+
+def name_classes(role: str, loaded: Any, data_dir: str | None) -> list[str]:
+    """A model's class names: its checkpoint's, else the data folder's, whose class count must be the head's."""
+    if loaded.class_names is not None:
+        return list(loaded.class_names)
+    classes = loaded.model.num_classes
+    names = folder_classes(data_dir)
+    if len(names) != classes:
+        raise ValueError(
+            f"{role}'s weights carry no class names and its head has {classes} classes, but "
+            f"{data_dir or 'Fashion-MNIST'} has {len(names)} classes: give --data-dir the folder it was trained on"
+        )
+    return list(names)
+
+
 def export_models(
     build: Path,
     weights: dict[str, str],
@@ -112,24 +144,41 @@ def export_models(
     data_dir: str | None,
     max_images: int | None = None,
     workers: int | None = None,
+    data_configs: dict[str, dict[str, Any]] | None = None,
+    use_ema: bool = False,
 ) -> dict[str, Any]:
     """Load every model of the cascade (``weights``' keys: its stages, cheapest first, ``decision.stage_names``),
     export each with its preprocessing, check parity on real val images, count MACs.
 
-    timm's own weights (``pretrained``) get timm's PIL resize for every resize (``pil_resize``), which is
-    what they were evaluated with; littlebig's checkpoints keep the graph they were trained with, with
-    the antialiased resize only where the service size makes it downscale.
+    Weights are any form ``models.load_model`` reads; ``data_configs``: per stage, a data config overlay (a
+    flag's); ``use_ema``: timm checkpoints' EMA weights. Every model, its classes and the data are checked
+    before anything is written. timm's own weights (``pretrained``) get timm's PIL resize for every resize
+    (``pil_resize``), which is what they were evaluated with; littlebig's checkpoints keep the graph they were
+    trained with, with the antialiased resize only where the service size makes it downscale.
     """
     from littlebig.export.macs import count_macs, count_params
-    from littlebig.export.models import Preprocessed, data_config, default_service_size, load_classifier
+    from littlebig.export.models import Preprocessed, data_config, default_service_size, load_model
     from littlebig.export.onnx_export import check_parity, export_onnx
+    from littlebig.imagenet import is_imagenet_folder
 
     stages = tuple(weights)
     if stages != stage_names(len(stages)):
         raise ValueError(f"a cascade of {len(stages)} models has the stages {stage_names(len(stages))}, got {stages}")
-    models, class_names = {}, {}
+    unknown = sorted(set(data_configs or {}) - set(stages))
+    if unknown:
+        raise ValueError(f"data configs for {unknown}, which are not stages of this cascade {list(stages)}")
+    loaded, models, class_names = {}, {}, {}
     for role in stages:
-        models[role], class_names[role] = load_classifier(weights[role], names[role])
+        loaded[role] = load_model(
+            weights[role], names[role], data_config_overrides=(data_configs or {}).get(role), use_ema=use_ema
+        )
+        models[role] = loaded[role].model
+    for role in stages:
+        class_names[role] = name_classes(role, loaded[role], data_dir)
+    splits = {role: m.train_split for role, m in loaded.items() if m.train_split is not None}
+    if len({json.dumps(v, sort_keys=True) for v in splits.values()}) > 1:
+        raise ValueError(f"the checkpoints were trained on different splits of the folder: {splits}")
+    train_split = next(iter(splits.values()), None) if is_imagenet_folder(data_dir) else None
     for role in stages[:-1]:
         if class_names[role] != class_names["big"]:
             raise ValueError(
@@ -140,7 +189,7 @@ def export_models(
     class_ids = class_ids_of(weights["big"], class_names["big"])
     _, batches = split_batches(
         "val", data_dir, service_size, max_images=max_images, class_ids=class_ids,
-        batch_size=PARITY_IMAGES, workers=min(workers or 2, 2),
+        batch_size=PARITY_IMAGES, workers=min(workers or 2, 2), train_split=train_split,
     )
     images = next(iter(batches))[0]
     batches.close()
@@ -151,6 +200,7 @@ def export_models(
         "data_dir": data_dir,
         "max_images": max_images,
         "stages": list(stages),
+        "train_split": train_split,  # the folder's share a checkpoint was trained on: val and test leave it out
     }
     # Built whole in a sibling folder and swapped in: a failed parity check or a kill leaves the old export
     # (and the logits and plans computed from it) as it was.
@@ -167,6 +217,10 @@ def export_models(
                 "params": count_params(model),
                 "macs": count_macs(model, tuple(cfg["input_size"])),
                 "data_config": cfg,
+                "checkpoint": {"form": loaded[role].form, "state": loaded[role].state_key,
+                               "data_config_from": loaded[role].config_source,
+                               "data_config_flag": (data_configs or {}).get(role)},
+                "class_names_from": "checkpoint" if loaded[role].class_names is not None else "folder",
                 "resize": {"to": list(net.resize_to), "antialias": net.antialias, "pil_resize": pil_resize},
                 "onnx": path.name,
                 "parity": check_parity(net, path, images, (1, len(images))).as_dict(),
@@ -212,9 +266,10 @@ def run_onnx(path: Path, images: np.ndarray, desc: str, batch_size: int = REFERE
 
 def _source(exported: dict[str, Any]) -> str:
     """What the cached logits were computed on: a change of data or sample size recomputes them."""
-    return json.dumps(
-        {k: exported.get(k) for k in ("data_dir", "max_images", "service_size", "class_ids")}, sort_keys=True
-    )
+    source = {k: exported.get(k) for k in ("data_dir", "max_images", "service_size", "class_ids")}
+    if exported.get("train_split") is not None:  # only then: the caches of builds without one stay valid
+        source["train_split"] = exported["train_split"]
+    return json.dumps(source, sort_keys=True)
 
 
 def reference_logits(
@@ -249,7 +304,7 @@ def reference_logits(
     rows, batches = split_batches(
         split, exported["data_dir"], size, max_images=exported.get("max_images"),
         class_ids=exported.get("class_ids"), batch_size=batch_size, workers=workers,
-        desc=f"{'+'.join(stages)} on {split}",
+        desc=f"{'+'.join(stages)} on {split}", train_split=exported.get("train_split"),
     )
     sessions = {role: onnx_session(path, device=device) for role, path in zip(stages, onnx_files, strict=True)}
     chunks: dict[str, list[np.ndarray]] = {"labels": [], **{r: [] for r in stages}}

@@ -7,11 +7,15 @@ model's own class ids are known (timm's ImageNet-1k synsets, or a littlebig chec
 each folder is mapped to that id by name, so a folder holding a subset of the classes still scores right.
 
 The folder is split once, with a fixed seed, into a calibration half (``val``) and a test half (``test``).
+Where a model was trained on the folder itself (``littlebig train little --data-dir``), a share of each class
+goes to ``train`` first (``TrainSplit``, recorded in the checkpoint and in export.json) and val/test halve the
+rest, so calibration and the report never see a training image.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +26,8 @@ import numpy as np
 from littlebig.data import IMAGE_SUFFIXES, SPLIT_SEED, read_image
 
 SPLITS = ("val", "test")  # calibration half, test half
+TRAIN_SPLITS = ("train", "val", "test")
+DEFAULT_TRAIN_SHARE = 0.6
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 
@@ -105,12 +111,81 @@ def split_rows(n: int, split: str, max_images: int | None = None, seed: int = SP
     return np.sort(order[:half] if split == "val" else order[half:])
 
 
+@dataclass(frozen=True)
+class TrainSplit:
+    """A three-way split of a folder: ``share`` of every class to train (rounded), the rest halved into val
+    and test, each class shuffled by its own seed (``seed`` and the class folder's name), so the split of
+    one class does not move when files of another are added or removed."""
+
+    share: float = DEFAULT_TRAIN_SHARE
+    seed: int = SPLIT_SEED
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share < 1:
+            raise ValueError(f"the train share must be between 0 and 1, got {self.share}")
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"share": self.share, "seed": self.seed}
+
+    @classmethod
+    def of(cls, record: dict | None) -> TrainSplit | None:
+        return None if record is None else cls(float(record["share"]), int(record["seed"]))
+
+    def rows(self, index: FolderIndex, split: str) -> np.ndarray:
+        """Rows of ``split`` in ``index`` (sorted)."""
+        if split not in TRAIN_SPLITS:
+            raise ValueError(f"split must be one of {TRAIN_SPLITS}, got {split!r}")
+        folders = np.asarray([f.split("/", 1)[0] for f in index.files])
+        out = []
+        for name in sorted(set(folders.tolist())):
+            rows = np.flatnonzero(folders == name)
+            order = rows[np.random.default_rng([self.seed, zlib.crc32(name.encode())]).permutation(len(rows))]
+            train = int(round(self.share * len(rows)))
+            rest = order[train:]
+            half = len(rest) // 2
+            out.append({"train": order[:train], "val": rest[:half], "test": rest[half:]}[split])
+        return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
 def folder_split(
-    root: str | Path, split: str, max_images: int | None = None, class_ids: Sequence[str] | None = None
+    root: str | Path,
+    split: str,
+    max_images: int | None = None,
+    class_ids: Sequence[str] | None = None,
+    train_split: TrainSplit | None = None,
 ) -> FolderIndex:
-    """The calibration (``val``) or test half of an ImageNet-style folder."""
+    """The calibration (``val``) or test half of an ImageNet-style folder; with ``train_split``, its train,
+    val or test part (``max_images``: a seeded sample of val and test, half each, as without one)."""
     index = index_folder(root, class_ids)
-    return index.subset(split_rows(len(index), split, max_images))
+    if train_split is None:
+        if split == "train":
+            raise ValueError(f"{root}: no train split recorded (littlebig train --data-dir records one)")
+        return index.subset(split_rows(len(index), split, max_images))
+    rows = train_split.rows(index, split)
+    if max_images is not None and split != "train":
+        if max_images < 2:
+            raise ValueError(f"--max-images must be at least 2 (one per split), got {max_images}")
+        rows = np.sort(np.random.default_rng(train_split.seed).permutation(rows)[: max_images // 2])
+    return index.subset(rows)
+
+
+def load_folder_split(
+    root: str | Path,
+    split: str,
+    size: tuple[int, int, int],
+    class_ids: Sequence[str] | None = None,
+    train_split: TrainSplit | None = None,
+    max_images: int | None = None,
+    workers: int = 0,
+):
+    """One split of a folder decoded whole at the service size (``data.Dataset``), for a small folder: the
+    same rows, labels and bytes as the streamed logits pass."""
+    from littlebig.data import Dataset
+
+    index = folder_split(root, split, max_images, class_ids, train_split)
+    batches = [b for b, _ in iter_batches(index, size, 256, workers)]
+    images = np.concatenate(batches) if batches else np.zeros((0, *size), np.uint8)
+    return Dataset(images, index.labels, index.class_names)
 
 
 def _decode_batch(root: str, files: Sequence[str], size: tuple[int, int, int]) -> np.ndarray:
