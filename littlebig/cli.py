@@ -90,6 +90,37 @@ def _cascade_models(args: argparse.Namespace) -> dict[str, tuple[str | None, str
     return {stage: _weights(stage, name, w) for stage, name, w in zip(stages, names, weights, strict=True)}
 
 
+def _data_configs(args: argparse.Namespace, stages: tuple[str, ...]) -> dict[str, dict]:
+    """Per stage, the data config a flag overlays: ``--little-data-config``, ``--big-data-config``, and
+    ``--data-config STAGE:SPEC`` (any stage, repeatable)."""
+    from littlebig.export.models import parse_data_config
+
+    specs: dict[str, str] = {}
+    for role in ("little", "big"):
+        if getattr(args, f"{role}_data_config") is not None:
+            specs[role] = getattr(args, f"{role}_data_config")
+    for entry in args.data_config or []:
+        stage, sep, spec = entry.partition(":")
+        if not sep or stage not in stages:
+            raise ValueError(f"--data-config takes STAGE:SPEC with STAGE one of {list(stages)}, got {entry!r}")
+        if stage in specs:
+            raise ValueError(f"two data configs for {stage}")
+        specs[stage] = spec
+    return {stage: parse_data_config(spec) for stage, spec in specs.items()}
+
+
+def _is_littlebig_checkpoint(weights: str) -> bool:
+    from littlebig.export.models import checkpoint_metadata
+
+    if not weights.endswith(".safetensors") or not Path(weights).is_file():
+        return False
+    try:
+        checkpoint_metadata(Path(weights))
+    except ValueError:
+        return False
+    return True
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     if args.tensorrt:
         from littlebig.export.tensorrt import run_tensorrt_cli
@@ -101,17 +132,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         models = _cascade_models(args)
+        configs = _data_configs(args, tuple(models))
     except ValueError as exc:
         print(f"littlebig export: {exc}", file=sys.stderr)
         return 2
     size = parse_size(args.service_size) if args.service_size else None
     registry = all(name is None or (s in RECIPES and name == RECIPES[s].model) for s, (name, _) in models.items())
-    if size is None and registry:  # the registry's own models: Fashion-MNIST's 28x28 images
+    # The registry's own models, trained by littlebig: Fashion-MNIST's 28x28 images. A user's checkpoint (timm's,
+    # torch's) gets big's own size instead, as any other pair.
+    registry = registry and not configs and all(
+        _is_littlebig_checkpoint(w) or w.startswith("pretrained") for _, w in models.values()
+    )
+    if size is None and registry:
         size = DEFAULT_SERVICE_SIZE
     try:
         record = export_models(
             args.build, {s: w for s, (_, w) in models.items()}, {s: n for s, (n, _) in models.items()}, size,
-            args.data_dir, max_images=args.max_images, workers=args.workers,
+            args.data_dir, max_images=args.max_images, workers=args.workers, data_configs=configs,
+            use_ema=args.use_ema,
         )
     except ParityError as exc:
         print(f"littlebig export: {exc}", file=sys.stderr)
@@ -122,6 +160,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"{role:7s} {r['name']:24s} params {r['params'] / 1e6:6.2f}M  MACs {r['macs'] / 1e6:8.2f}M  "
             f"parity max abs {r['parity']['max_abs']:.1e}, argmax agreement {r['parity']['argmax_agreement']:.0%}"
         )
+        c, ck = r["data_config"], r["checkpoint"]
+        state = f" {ck['state']}" if ck["state"] else ""
+        flag = " + flag" if ck["data_config_flag"] else ""
+        print(
+            f"        {ck['form']}{state}; data config ({ck['data_config_from']}{flag}): input_size "
+            f"{'x'.join(map(str, c['input_size']))}, crop_pct {c['crop_pct']} {c.get('crop_mode') or 'center'}, "
+            f"{c['interpolation']}, mean {c['mean']}, std {c['std']}; classes from {r['class_names_from']}"
+        )
+    names = record["class_names"]
+    print(f"classes ({len(names)}): {', '.join(names[:12])}{' ...' if len(names) > 12 else ''}")
+    if record.get("train_split"):
+        ts = record["train_split"]
+        print(f"split: {ts['share']:.0%} of each class is train (seed {ts['seed']}): val and test halve the rest")
     print(f"wrote {args.build / 'export'} (service size {record['service_size']})")
     return 0
 
@@ -138,16 +189,34 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--little-weights pretrained --big-weights pretrained --data-dir my_images/\n"
         "  littlebig export --little efficientnet_b0 --big tf_efficientnet_b7 --little-weights pretrained "
         "--big-weights pretrained --data-dir ~/imagenet/val --max-images 2000\n"
-        "weights: a littlebig checkpoint, 'pretrained' (timm's hub), or 'pretrained:FILE' (the hub's file, local)\n"
+        "  littlebig export --big-weights output/train/model_best.pth.tar --little-weights little.safetensors "
+        "--data-dir my_images/\n"
+        "  littlebig export --big resnet50 --big-weights resnet50.pth --big-data-config "
+        "input_size=3x128x128,crop_pct=1.0 ...\n"
+        "weights: a littlebig checkpoint, a timm train.py checkpoint (.pth.tar: state_dict, or state_dict_ema with\n"
+        "--use-ema; arch and data config from it), a torch state dict (.pth/.pt, 'module.' prefix or not), a plain\n"
+        "safetensors state dict, 'pretrained' (timm's hub), or 'pretrained:FILE' (the hub's file, local). torch\n"
+        "files are read with weights_only=True: one that needs pickled code is refused. Class count and input\n"
+        "channels come from the head and stem weights; class names from the checkpoint, else the folder's sorted\n"
+        "class folders. Data config: the architecture's, then the checkpoint's record, then --*-data-config.\n"
         "--data-dir: Fashion-MNIST IDX files, a folder with val/ test/ class folders, or an ImageNet-style\n"
-        "folder (one sub-folder per synset, as ILSVRC2012 val): streamed, split in a calibration and a test half",
+        "folder (one sub-folder per class, as ILSVRC2012 val): streamed, split in a calibration and a test half\n"
+        "(less the train share a littlebig little trained on it records)",
     )
     for role in ("little", "big"):
-        p.add_argument(f"--{role}", default=None, help=f"timm model name of {role} (default: the registry's)")
+        p.add_argument(
+            f"--{role}", default=None,
+            help=f"timm model name of {role} (default: the registry's, or the checkpoint's arch)",
+        )
         p.add_argument(
             f"--{role}-weights",
             default=None,
-            help="a littlebig safetensors checkpoint, or 'pretrained' for timm's hub weights",
+            help="a littlebig, timm train.py, torch state dict or safetensors checkpoint, or 'pretrained'",
+        )
+        p.add_argument(
+            f"--{role}-data-config", default=None, metavar="SPEC",
+            help=f"override {role}'s data config: input_size=CxHxW,img_size=N,crop_pct=F,crop_mode=center|squash,"
+            "mean=A,B,C,std=A,B,C,interpolation=bicubic|bilinear|nearest (any subset)",
         )
     p.add_argument(
         "--models", default=None,
@@ -157,6 +226,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--weights", default=None,
         help="with --models: one weights entry per model, comma-separated (default: the registry's checkpoint "
         "where the name is the stage's recipe, else 'pretrained')",
+    )
+    p.add_argument(
+        "--data-config", action="append", default=None, metavar="STAGE:SPEC",
+        help="a stage's data config override (any stage, e.g. middle:crop_pct=1.0); repeatable",
+    )
+    p.add_argument(
+        "--use-ema", action="store_true",
+        help="timm train.py checkpoints: load state_dict_ema where present (timm validate.py's --use-ema)",
     )
     p.add_argument(
         "--service-size",
