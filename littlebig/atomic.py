@@ -83,19 +83,29 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def replacing_file(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write; when the block succeeds it is renamed over ``path``."""
+def _replacing(path: Path, make_dir: bool) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (a file path, or an empty folder) that takes ``path``'s place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = _sibling(path, _PARTIAL)
     _remove(tmp)
+    if make_dir:
+        tmp.mkdir()
     try:
         yield tmp
-        _fsync(tmp)
-        os.replace(tmp, path)
+        if make_dir:
+            swap_into_place(tmp, path)
+        else:
+            _fsync(tmp)
+            os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def replacing_file(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """A temporary sibling of ``path`` to write; when the block succeeds it is renamed over ``path``."""
+    return _replacing(path, make_dir=False)
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -143,17 +153,6 @@ def swap_into_place(new: Path, path: Path) -> None:
     _remove(aside)
 
 
-@contextlib.contextmanager
-def replacing_dir(path: Path) -> Iterator[Path]:
+def replacing_dir(path: Path) -> contextlib.AbstractContextManager[Path]:
     """An empty temporary sibling folder of ``path``; when the block succeeds it takes ``path``'s place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
-    tmp = _sibling(path, _PARTIAL)
-    _remove(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-        swap_into_place(tmp, path)
-    finally:
-        _remove(tmp)
+    return _replacing(path, make_dir=True)

@@ -18,15 +18,13 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tests.soak import Figures, Item, _judge, _send, make_items, spaced_thresholds
+from tests.soak import Item, make_items, mixed_load, spaced_thresholds
 
 EXTRA_KINDS = ("timed_out", "cancelled")
 
@@ -62,46 +60,20 @@ def _items(images: np.ndarray, n: int, thresholds: list[float], seed: int) -> li
     return items
 
 
-def _load(url: str, items: list[Item], logits, served_t: float, concurrency: int) -> tuple[Figures, dict[str, int]]:
+def _send_other(client, item: Item) -> None:
+    """A request whose client deadline passes (1 ms) before its answer, or one cancelled right after it is sent."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    local = threading.local()
-    clients: list = []
-    kinds = dict.fromkeys(EXTRA_KINDS, 0)
-    lock = threading.Lock()
-
-    def one(item: Item) -> Figures:
-        if not hasattr(local, "client"):
-            local.client = grpcclient.InferenceServerClient(url)
-            clients.append(local.client)
-        inp = grpcclient.InferInput("IMAGE", list(item.images.shape), item.datatype)
-        inp.set_data_from_numpy(item.images)
-        if item.kind == "timed_out":
-            try:
-                local.client.infer("littlebig", [inp], client_timeout=0.001)
-            except InferenceServerException:
-                pass
-        elif item.kind == "cancelled":
-            local.client.async_infer("littlebig", [inp], lambda result, error: None).cancel()
-        else:
-            try:
-                return _judge(item, _send(local.client, item), None, logits, served_t)
-            except InferenceServerException as exc:
-                return _judge(item, None, exc, logits, served_t)
-        with lock:
-            kinds[item.kind] += 1
-        return Figures(requests=1)
-
-    total = Figures()
-    try:
-        with ThreadPoolExecutor(concurrency) as pool:
-            for figures in pool.map(one, items):
-                total.add(figures)
-    finally:
-        for client in clients:
-            client.close()
-    return total, kinds
+    inp = grpcclient.InferInput("IMAGE", list(item.images.shape), item.datatype)
+    inp.set_data_from_numpy(item.images)
+    if item.kind == "timed_out":
+        try:
+            client.infer("littlebig", [inp], client_timeout=0.001)
+        except InferenceServerException:
+            pass
+    else:
+        client.async_infer("littlebig", [inp], lambda result, error: None).cancel()
 
 
 def shm_probe(
@@ -119,20 +91,21 @@ def shm_probe(
         url = f"127.0.0.1:{server.ports.grpc}"
         regions = set(server._shm_regions)
         baseline = shm_bytes(regions)
-        figures, kinds = _load(url, _items(data.images, warm, thresholds, 0), logits, summary["threshold"], concurrency)
+        figures = mixed_load(
+            url, _items(data.images, warm, thresholds, 0), logits, summary["threshold"], concurrency, _send_other
+        )
         time.sleep(1.0)
         warm_bytes, peak, began = shm_bytes(regions), 0, time.monotonic()
         chunk = 500
         for start in range(0, requests, chunk):
             items = _items(data.images, min(chunk, requests - start), thresholds, 1 + start)
-            f, k = _load(url, items, logits, summary["threshold"], concurrency)
-            figures.add(f)
-            kinds = {name: kinds[name] + k[name] for name in kinds}
+            figures.add(mixed_load(url, items, logits, summary["threshold"], concurrency, _send_other))
             peak = max(peak, shm_bytes(regions))
         seconds = time.monotonic() - began
         time.sleep(2.0)  # abandoned (timed-out, cancelled) requests finish on the server
         after = shm_bytes(regions)
         ready = server.is_ready()
+    kinds = {name: figures.other_by_kind.get(name, 0) for name in EXTRA_KINDS}
     mib = 2**20
     return {
         "requests": requests + warm,

@@ -15,9 +15,11 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +58,7 @@ class Figures:
     timeouts: int = 0
     seconds: float = 0.0
     bad_by_kind: dict[str, int] = field(default_factory=dict)
+    other_by_kind: dict[str, int] = field(default_factory=dict)  # requests ``mixed_load``'s ``other`` sent
     examples: list[str] = field(default_factory=list)  # the first few failures, for the report
 
     def failures(self) -> int:
@@ -66,6 +69,7 @@ class Figures:
             if isinstance(v, (int, float)):
                 setattr(self, k, getattr(self, k) + v)
         self.bad_by_kind = dict(Counter(self.bad_by_kind) + Counter(other.bad_by_kind))
+        self.other_by_kind = dict(Counter(self.other_by_kind) + Counter(other.other_by_kind))
         self.examples = (self.examples + other.examples)[:10]
 
 
@@ -160,9 +164,15 @@ def _judge(item: Item, result, error, logits: dict[str, np.ndarray], served_t: f
 
 
 def mixed_load(
-    url: str, items: list[Item], logits: dict[str, np.ndarray], served_t: float, concurrency: int = 32
+    url: str,
+    items: list[Item],
+    logits: dict[str, np.ndarray],
+    served_t: float,
+    concurrency: int = 32,
+    other: Callable[[Any, Item], None] | None = None,
 ) -> Figures:
-    """Send ``items`` from ``concurrency`` clients (one gRPC channel each) and judge every answer."""
+    """Send ``items`` from ``concurrency`` clients (one gRPC channel each) and judge every answer. Items of a kind
+    other than good and bad go to ``other(client, item)``, which sends them its own way; they are counted."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -173,6 +183,9 @@ def mixed_load(
         if not hasattr(local, "client"):
             local.client = grpcclient.InferenceServerClient(url)
             clients.append(local.client)
+        if other is not None and item.kind != "good" and item.kind not in BAD_KINDS:
+            other(local.client, item)
+            return Figures(requests=1, other_by_kind={item.kind: 1})
         try:
             return _judge(item, _send(local.client, item), None, logits, served_t)
         except InferenceServerException as exc:
