@@ -75,14 +75,19 @@ def evaluate(
     progress: bool = True,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Run the split through ``model`` and summarise it as a JSON-ready dict."""
-    data = load_split(split, data_dir, None if data_dir is None else _service_size(url, model, timeout_s))
+    """Run the split through ``model`` and summarise it as a JSON-ready dict.
+
+    A folder of class folders is split exactly as export recorded it (the same val/test rows, the train share
+    a distilled little trained on left out, the model's class ids, the sample size where it is export's data).
+    """
+    exported, report = load_offline(build)
+    recorded = exported is not None and data_dir is not None and _same_dir(exported.get("data_dir"), data_dir)
+    data = _load(split, data_dir, url, model, timeout_s, exported if recorded else None)
     if limit:
         data = Dataset(data.images[:limit], data.labels[:limit], data.class_names)
     result, seconds = asyncio.run(
         _classify_all(url, model, data, batch_size, concurrency, threshold, timeout_s, progress)
     )
-    exported, report = load_offline(build)
     summary: dict[str, Any] = {
         "model": model,
         "split": split,
@@ -99,7 +104,8 @@ def evaluate(
     if exported and model == "littlebig":
         ml, mb = exported["little"]["macs"], exported["big"]["macs"]
         summary["macs_saved"] = macs_saved(ml, mb, summary["escalation_rate"])
-    comparable = report and split == "test" and threshold is None and limit is None and data_dir is None
+    same_data = _same_dir((report or {}).get("data", {}).get("data_dir"), data_dir)  # the report's data
+    comparable = report and split == "test" and threshold is None and limit is None and same_data
     if comparable and model == "littlebig":
         offline = report["rules"][report["serve_rule"]]
         summary["offline_accuracy"] = offline["test_acc"]
@@ -110,6 +116,28 @@ def evaluate(
         summary["offline_accuracy"] = report[model]["test_acc"]
         summary["matches_offline"] = abs(summary["accuracy"] - report[model]["test_acc"]) < 0.5 / len(data)
     return summary
+
+
+def _same_dir(a: str | None, b: str | None) -> bool:
+    return a == b or (a is not None and b is not None and Path(a).resolve() == Path(b).resolve())
+
+
+def _load(
+    split: str, data_dir: str | None, url: str, model: str, timeout_s: float, exported: dict[str, Any] | None
+) -> Dataset:
+    """The labelled split: Fashion-MNIST, a ``val/ test/`` folder, or a folder of class folders split as export's."""
+    from littlebig.imagenet import TrainSplit, is_imagenet_folder, load_folder_split
+
+    if data_dir is None:
+        return load_split(split, None)
+    size = _service_size(url, model, timeout_s)
+    if not is_imagenet_folder(data_dir):
+        return load_split(split, data_dir, size)
+    record = exported or {}
+    return load_folder_split(
+        data_dir, split, size, record.get("class_ids"), TrainSplit.of(record.get("train_split")),
+        record.get("max_images"),
+    )
 
 
 def _service_size(url: str, model: str, timeout_s: float) -> tuple[int, int, int]:

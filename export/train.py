@@ -13,6 +13,11 @@ Two options make the pair stronger (RECIPES says which role uses which):
   un-augmented train images are computed once; shift and flip keep the label, and for these images
   the soft label too, closely enough.
 
+On a user's own folder (``train_on_folder``, ``littlebig train little --data-dir FOLDER --teacher BIG``) the
+little companion trains on the folder's train share (``imagenet.TrainSplit``, recorded in the checkpoint so
+export, calibration and the report use only the rest) with timm's own train transform on PIL images, distilled
+from any checkpoint ``models.load_model`` reads.
+
 Training is resumable: after every epoch the full state (weights, optimiser, schedule, RNG, history)
 goes to ``<state_dir>/<checkpoint stem>.state.pt`` and the checkpoint itself is rewritten, so a
 stopped run (Ctrl-C, a session ending) continues from its last epoch with the same command.
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from littlebig.atomic import replacing_file, write_json
 from littlebig.data import Dataset, load_fashion_mnist
 from littlebig.export.models import (
     RECIPES,
@@ -38,7 +44,10 @@ from littlebig.export.models import (
     Recipe,
     checkpoint_metadata,
     create_classifier,
+    data_config,
+    default_service_size,
     load_classifier,
+    load_model,
     save_checkpoint,
 )
 
@@ -117,9 +126,18 @@ def teacher_logits(path: Path, images: np.ndarray, device: torch.device, cache_d
         return np.load(cache)
     model, _ = load_classifier(str(path))
     logits = logits_of(Preprocessed(model, images.shape[1:]).to(device), images, device)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache, logits)
+    _save_npy(cache, logits)
     return logits
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with replacing_file(path) as partial, open(partial, "wb") as f:  # a killed run leaves no half cache
+        np.save(f, array)
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with replacing_file(path) as partial:
+        torch.save(state, partial)
 
 
 def train(
@@ -204,15 +222,14 @@ def train(
                    "threads": torch.get_num_threads(), "device": device, "history": history,
                    "autocast": str(autocast_dtype(dev)).removeprefix("torch.")}
         save_checkpoint(model, out, name=recipe.model, class_names=list(train_set.class_names), extra=summary)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"run": run, "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history,
-                    "seconds": seconds}, state_path)
+        _save_state(state_path, {"run": run, "net": net.state_dict(), "opt": opt.state_dict(),
+                                 "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                                 "torch_rng": torch.get_rng_state(), "history": history, "seconds": seconds})
     if not summary:  # already finished: the checkpoint holds its summary
         summary = checkpoint_metadata(out)["extra"]
     summary["test_acc"] = accuracy(net, load_fashion_mnist("test", data_dir), dev)
     save_checkpoint(model, out, name=recipe.model, class_names=list(train_set.class_names), extra=summary)
-    (state_dir / f"{out.stem}.summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(state_dir / f"{out.stem}.summary.json", summary)
     return summary
 
 
@@ -222,3 +239,157 @@ def train_role(role: str, out: Path | None = None, **kwargs: Any) -> dict[str, A
     if role not in RECIPES:
         raise ValueError(f"unknown role {role!r}; known: {sorted(RECIPES)}")
     return train(RECIPES[role], out or default_checkpoint(role), **kwargs)
+
+
+#: The default little for a user's folder: at 32x32 it costs 0.5% of a resnet10t's MACs (README, "Your own pair").
+FOLDER_LITTLE = "mobilenetv3_small_075"
+#: RandomResizedCrop's area range: the teacher's soft labels are of the whole image (computed once), so a crop
+#: keeps at least half of it (timm's default 0.08 would distil whole-image labels onto small patches).
+TRAIN_SCALE = (0.5, 1.0)
+
+
+def _pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def train_on_folder(
+    out: Path,
+    data_dir: str,
+    teacher: str,
+    *,
+    model_name: str | None = None,
+    teacher_name: str | None = None,
+    teacher_data_config: dict[str, Any] | None = None,
+    teacher_ema: bool = False,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    hflip: float = 0.5,
+    train_share: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str = "cpu",
+    workers: int = 0,
+    state_dir: Path = STATE_DIR,
+) -> dict[str, Any]:
+    """Train a little companion on ``data_dir``'s train share, distilled from ``teacher`` (any checkpoint form),
+    and write a littlebig checkpoint (class names, preprocessing at the teacher's input size, the split) to ``out``.
+
+    Inputs (folder, teacher, classes) are all checked before anything is written; resumable per epoch.
+    """
+    from timm.data import create_transform
+
+    from littlebig.imagenet import DEFAULT_TRAIN_SHARE, TrainSplit, folder_split, index_folder, is_imagenet_folder
+
+    if not is_imagenet_folder(data_dir):
+        raise ValueError(f"{data_dir}: expected a folder of class folders (root/<class>/<image>.jpg)")
+    split = TrainSplit(DEFAULT_TRAIN_SHARE if train_share is None else train_share)
+    folder = index_folder(data_dir)
+    loaded = load_model(teacher, teacher_name, data_config_overrides=teacher_data_config, use_ema=teacher_ema)
+    classes = loaded.model.num_classes
+    if loaded.class_names is None and classes != len(folder.class_names):
+        raise ValueError(f"the teacher {teacher} has {classes} classes, {data_dir} has {len(folder.class_names)} "
+                         "class folders")
+    class_names = list(folder.class_names if loaded.class_names is None else loaded.class_names)
+    train_index = folder_split(data_dir, "train", class_ids=class_names, train_split=split)
+    val_index = folder_split(data_dir, "val", class_ids=class_names, train_split=split)
+    if len(train_index) == 0 or len(val_index) == 0:
+        raise ValueError(f"{data_dir}: too few images for a train and a val split ({len(folder)} in all)")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    cfg = data_config(loaded.model)  # the teacher's input size and normalisation: one service size for both
+    chans = cfg["input_size"][0]
+    mean, std = list(cfg["mean"]), list(cfg["std"])
+    if len(mean) != chans:  # as Preprocessed does: timm keeps 3-entry mean/std for 1-channel models
+        mean, std = [float(np.mean(mean))] * chans, [float(np.mean(std))] * chans
+    cfg = {**cfg, "mean": mean, "std": std}
+    service = default_service_size(cfg)
+    name = model_name or FOLDER_LITTLE
+    run = {"model": name, "data_dir": str(Path(data_dir).resolve()), "teacher": teacher, "epochs": epochs,
+           "seed": seed, "batch_size": batch_size, "lr": lr, "hflip": hflip, "train_split": split.as_dict(),
+           "data_config": cfg, "service_size": list(service)}
+    from littlebig.imagenet import iter_batches
+
+    def decode(index):
+        return np.concatenate([b for b, _ in iter_batches(index, service, 256, workers)])
+
+    images, labels = decode(train_index), train_index.labels
+    val = Dataset(decode(val_index), val_index.labels, tuple(class_names))
+    # The teacher's logits on the un-augmented train images, once (cached: a resumed run reuses them).
+    cache = state_dir / f"{out.stem}.teacher-{len(images)}.npy"
+    key = state_dir / f"{out.stem}.teacher-{len(images)}.json"
+    source = Path(teacher)
+    ident = {"teacher": str(source.resolve()), "size": source.stat().st_size if source.exists() else None, **run}
+    if cache.exists() and key.exists() and json.loads(key.read_text()) == ident:
+        soft = torch.from_numpy(np.load(cache))
+    else:
+        logits = logits_of(Preprocessed(loaded.model, service).to(dev), images, dev)
+        _save_npy(cache, logits)
+        write_json(key, ident)
+        soft = torch.from_numpy(logits)
+    model = create_classifier(name, num_classes=len(class_names), in_chans=chans, pretrained_cfg=cfg)
+    net = Preprocessed(model, service).to(dev)
+    model.to(dev)
+    transform = create_transform(
+        input_size=tuple(cfg["input_size"]), is_training=True, scale=TRAIN_SCALE, hflip=hflip,
+        interpolation=cfg["interpolation"], mean=tuple(mean), std=tuple(std),
+    )
+    steps_per_epoch = max(1, len(labels) // batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    rng = np.random.default_rng(seed)
+    kd = RECIPES["little"]
+    state_path = state_dir / f"{out.stem}.state.pt"
+    history: list[dict[str, float]] = []
+    seconds = 0.0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["run"] != run:
+            raise ValueError(f"{state_path} is a different run ({state['run']}); delete it to start afresh")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        history, seconds = state["history"], state["seconds"]
+        tqdm.write(f"resuming {out.name} after epoch {len(history)}/{epochs} from {state_path}")
+    extra_base = {"train_split": split.as_dict(), "data_dir": str(data_dir), "teacher": teacher,
+                  "teacher_form": loaded.form}
+    summary: dict[str, Any] = {}
+    pil = [_pil(img) for img in images]
+    for epoch in range(len(history), epochs):
+        began = time.time()
+        model.train()
+        order = rng.permutation(len(labels))
+        bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{epochs}", unit="batch")
+        for step in bar:
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            x = torch.stack([transform(pil[i]) for i in idx]).to(dev)
+            y = torch.from_numpy(labels[idx]).to(dev)
+            with _autocast(dev):
+                logits = model(x).float()
+                loss = distillation_loss(logits, y, soft[idx].to(dev), kd.kd_temperature, kd.kd_alpha)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        val_acc = accuracy(net, val, dev)
+        seconds += time.time() - began
+        history.append({"epoch": epoch + 1, "val_acc": val_acc, "seconds": round(time.time() - began, 1)})
+        tqdm.write(f"{name} epoch {epoch + 1}: val accuracy {val_acc:.4f}")
+        summary = {**run, **extra_base, "epochs_done": epoch + 1, "train_seconds": round(seconds, 1),
+                   "val_acc": val_acc, "threads": torch.get_num_threads(), "device": device, "history": history,
+                   "train_images": int(len(labels))}
+        save_checkpoint(model, out, name=name, class_names=class_names, extra=summary)
+        _save_state(state_path, {"run": run, "model": model.state_dict(), "opt": opt.state_dict(),
+                                 "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                                 "torch_rng": torch.get_rng_state(), "history": history, "seconds": seconds})
+    if not summary:  # already finished: the checkpoint holds its summary
+        summary = checkpoint_metadata(out)["extra"]
+    write_json(state_dir / f"{out.stem}.summary.json", summary)
+    return summary

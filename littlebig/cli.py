@@ -20,12 +20,47 @@ def _subparser(sub: argparse._SubParsersAction, name: str, **kwargs: str) -> arg
     return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
 
 
+def _cmd_train_folder(args: argparse.Namespace) -> int:
+    """A little companion on the user's folder, distilled from their big (export/train.py ``train_on_folder``)."""
+    from littlebig.export.models import parse_data_config
+    from littlebig.export.train import FOLDER_LITTLE, train_on_folder
+
+    if args.role not in ("little", "middle"):
+        raise ValueError(f"--data-dir FOLDER trains a distilled companion (little or middle), not {args.role}")
+    if args.out is None or args.teacher is None:
+        raise ValueError("training on a folder needs --teacher BIG_CHECKPOINT and --out PATH (the committed "
+                         "checkpoints are Fashion-MNIST's)")
+    if args.init is not None:
+        raise ValueError("--init goes with the Fashion-MNIST recipes, not with --data-dir FOLDER")
+    summary = train_on_folder(
+        args.out, args.data_dir, args.teacher, model_name=args.model or FOLDER_LITTLE, teacher_name=args.teacher_model,
+        teacher_data_config=parse_data_config(args.teacher_data_config or ""), teacher_ema=args.teacher_ema,
+        epochs=args.epochs or 30, batch_size=args.batch_size, hflip=args.hflip, train_share=args.train_share,
+        seed=args.seed, threads=args.threads, device=args.device, state_dir=args.state_dir,
+    )
+    split = summary["train_split"]
+    print(f"{args.role} {summary['model']} on {summary['train_images']} train images ({split['share']:.0%} of each "
+          f"class, seed {split['seed']}): val {summary['val_acc']:.4f}, {summary['train_seconds']:.0f} s over "
+          f"{summary['epochs_done']} epochs -> {args.out}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from littlebig.imagenet import is_imagenet_folder
+
+    if args.data_dir is not None and is_imagenet_folder(args.data_dir):
+        return _cmd_train_folder(args)
     from littlebig.export.train import train_role
 
+    folder_only = {"--model": args.model, "--teacher-model": args.teacher_model,
+                   "--teacher-data-config": args.teacher_data_config, "--train-share": args.train_share}
+    given = [flag for flag, value in folder_only.items() if value is not None] + (["--teacher-ema"] * args.teacher_ema)
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --data-dir FOLDER (a folder of class folders)")
     summary = train_role(
         args.role, args.out, epochs=args.epochs, seed=args.seed, data_dir=args.data_dir, threads=args.threads,
-        device=args.device, init=args.init, teacher=args.teacher, state_dir=args.state_dir,
+        device=args.device, init=args.init, teacher=None if args.teacher is None else Path(args.teacher),
+        state_dir=args.state_dir,
     )
     print(f"{args.role}: val {summary['val_acc']:.4f}, test {summary['test_acc']:.4f}, "
           f"{summary['train_seconds']:.0f} s over {summary['epochs_done']} epochs")
@@ -36,23 +71,42 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = _subparser(
         sub,
         "train",
-        help="train one model of the cascade (little, middle, big) on Fashion-MNIST",
+        help="train one model of the cascade (little, middle, big) on Fashion-MNIST, or a little on your folder",
         epilog="resumable: rerun the same command after a stop to continue from the last epoch\n"
         "examples (the committed pair, checkpoints/README.md):\n"
         "  littlebig train big64 --out build/train/big64.safetensors\n"
         "  littlebig train big --init build/train/big64.safetensors\n"
-        "  littlebig train little --teacher checkpoints/big.safetensors",
+        "  littlebig train little --teacher checkpoints/big.safetensors\n"
+        "a little companion on your own folder (root/<class>/<image>.jpg), distilled from your big:\n"
+        "  littlebig train little --data-dir my_images/ --teacher output/train/model_best.pth.tar "
+        "--out build/own/little.safetensors\n"
+        "it trains on a seeded share of each class (--train-share, default 0.6), recorded in the checkpoint:\n"
+        "export, calibrate and report then use only the rest (halved into val and test)",
     )
     p.add_argument("role", choices=["little", "middle", "big", "big64"], help="which recipe of the registry to train")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default checkpoints/ROLE.safetensors)")
-    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (a folder: 30)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device: cpu, or cuda where a GPU exists")
     p.add_argument("--init", type=Path, default=None, help="start from this checkpoint (same architecture)")
-    p.add_argument("--teacher", type=Path, default=None, help="distil from this checkpoint's soft labels")
+    p.add_argument(
+        "--teacher", default=None,
+        help="distil from this checkpoint's soft labels (with a folder: any form littlebig export reads)",
+    )
     p.add_argument("--state-dir", type=Path, default=Path("build/train"), help="per-epoch resume state")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
+    p.add_argument(
+        "--data-dir", default=None,
+        help="Fashion-MNIST IDX folder, or your folder of class folders (trains a distilled little on it)",
+    )
+    g = p.add_argument_group("a little on your folder (--data-dir FOLDER)")
+    g.add_argument("--model", default=None, help="the little's timm name (default mobilenetv3_small_075)")
+    g.add_argument("--teacher-model", default=None, help="the teacher's timm name where its file records none")
+    g.add_argument("--teacher-data-config", default=None, metavar="SPEC", help="as export's --big-data-config")
+    g.add_argument("--teacher-ema", action="store_true", help="a timm teacher's state_dict_ema (export --use-ema)")
+    g.add_argument("--train-share", type=float, default=None, help="share of each class trained on (default 0.6)")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--hflip", type=float, default=0.5, help="timm's horizontal-flip probability (0 for digits, text)")
     p.set_defaults(func=_cmd_train)
 
 
