@@ -71,9 +71,9 @@ def _tensors(root: Path, files: tuple[str, ...]):
 
 def train_big(root: Path, out: Path, epochs: int = 6, seed: int = 0) -> dict:
     """Train the big on the folder's train part and save it the four ways; returns a summary."""
+    import timm
     import torch
     import torch.nn.functional as F
-    import timm
     from safetensors.torch import save_file
     from timm.utils import CheckpointSaver, ModelEmaV3
 
