@@ -182,6 +182,29 @@ def _timed_run(argv: list[str]) -> float:
     return time.monotonic() - began
 
 
+def test_a_failure_halfway_through_repo_leaves_the_old_repository(build, tmp_path, monkeypatch):
+    """The third config written raises (as a full disk would): the old repository stays, no scratch is left."""
+    from littlebig.model_repository import generate as generator
+
+    repo = tmp_path / "model_repository"
+    generator.generate(build, repo, "cpu")
+    before = tree_digest(repo)
+    written = []
+    real = generator.write_config
+
+    def failing(config, model_dir):
+        written.append(model_dir)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return real(config, model_dir)
+
+    monkeypatch.setattr(generator, "write_config", failing)
+    with pytest.raises(OSError, match="No space"):
+        generator.generate(build, repo, "cpu", generator.ServeOptions(bls_instances=1))
+    assert len(written) == 3 and tree_digest(repo) == before and hidden_siblings(repo) == []
+
+
+@pytest.mark.slow
 def test_kill_9_during_repo_leaves_the_old_or_the_new_repository(build, tmp_path):
     repo = tmp_path / "model_repository"
     old = [*LITTLEBIG, "repo", "--build", str(build), "--out", str(repo)]
