@@ -241,7 +241,8 @@ def train_role(role: str, out: Path | None = None, **kwargs: Any) -> dict[str, A
     return train(RECIPES[role], out or default_checkpoint(role), **kwargs)
 
 
-#: The default little for a user's folder: at 32x32 it costs 0.5% of a resnet10t's MACs (README, "Your own pair").
+#: The default little for a user's folder: at 32x32 it costs 1.5M MACs, 6.8% of a resnet10t's 22.3M, and trains at
+#: about 2.4 s an epoch on 1,078 images on 2 cores (README, "Your own pair on your own images").
 FOLDER_LITTLE = "mobilenetv3_small_075"
 #: RandomResizedCrop's area range: the teacher's soft labels are of the whole image (computed once), so a crop
 #: keeps at least half of it (timm's default 0.08 would distil whole-image labels onto small patches).
