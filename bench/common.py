@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench.perf import write_input_data
-from littlebig.data import load_split
-from littlebig.export.pipeline import export_dir, read_export, stages_of
+from littlebig.export.pipeline import export_dir, exported_split, read_export, stages_of
 
 
 def snapshot(build: Path, dest: Path) -> Path:
@@ -44,7 +43,7 @@ def snapshot(build: Path, dest: Path) -> Path:
 def load_test_images(build: Path, work: Path, count: int) -> tuple[dict[str, Any], np.ndarray, Path]:
     """The pair's export record, the first ``count`` real test images, and perf_analyzer's --input-data of them."""
     exported = read_export(build)
-    images = load_split("test", exported["data_dir"], tuple(exported["service_size"])).images[:count]
+    images = exported_split(exported, "test").images[:count]
     return exported, images, write_input_data(images, work / "input-data.json")
 
 

@@ -126,18 +126,11 @@ def _load(
     split: str, data_dir: str | None, url: str, model: str, timeout_s: float, exported: dict[str, Any] | None
 ) -> Dataset:
     """The labelled split: Fashion-MNIST, a ``val/ test/`` folder, or a folder of class folders split as export's."""
-    from littlebig.imagenet import TrainSplit, is_imagenet_folder, load_folder_split
+    from littlebig.export.pipeline import exported_split
 
     if data_dir is None:
         return load_split(split, None)
-    size = _service_size(url, model, timeout_s)
-    if not is_imagenet_folder(data_dir):
-        return load_split(split, data_dir, size)
-    record = exported or {}
-    return load_folder_split(
-        data_dir, split, size, record.get("class_ids"), TrainSplit.of(record.get("train_split")),
-        record.get("max_images"),
-    )
+    return exported_split({**(exported or {}), "data_dir": data_dir}, split, _service_size(url, model, timeout_s))
 
 
 def _service_size(url: str, model: str, timeout_s: float) -> tuple[int, int, int]:

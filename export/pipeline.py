@@ -95,6 +95,20 @@ def split_batches(
     return len(labels), batches()
 
 
+def exported_split(exported: dict[str, Any], split: str, size: tuple[int, int, int] | None = None):
+    """A split of export.json's data at the service size (``data.Dataset``), the rows calibration and the report
+    see: a folder of class folders split as recorded (its train share left out, the model's class ids, the
+    sample size); Fashion-MNIST or a ``val/ test/`` folder as ``data.load_split`` reads them."""
+    from littlebig.imagenet import TrainSplit, is_imagenet_folder, load_folder_split
+
+    size = tuple(size or exported["service_size"])
+    data_dir = exported["data_dir"]
+    if not is_imagenet_folder(data_dir):
+        return load_split(split, data_dir, size)
+    train_split = TrainSplit.of(exported.get("train_split"))
+    return load_folder_split(data_dir, split, size, exported.get("class_ids"), train_split, exported.get("max_images"))
+
+
 def class_ids_of(weights: str, class_names: list[str]) -> list[str]:
     """The ids an ImageNet-style folder's sub-folders are matched to: timm's synsets for its own
     ImageNet-1k weights, the class names a littlebig checkpoint was trained on otherwise."""
