@@ -325,12 +325,12 @@ def run_check(args: argparse.Namespace, gpu: str) -> int:
     from littlebig.model_repository.server import Ports, TritonServer
 
     bundle, report_path = args.bundle, args.build / "gpu-check.json"
-    if int(np.__version__.split(".")[0]) >= 2:  # the 2.51 Python backend corrupts tensors with numpy 2 (FACTS)
+    if int(np.__version__.split(".")[0]) >= 2:  # the 2.51 Python backend builds zero-byte tensors with numpy 2
         print(f"numpy {np.__version__} here: the check needs numpy < 2 (make gpu-venv, deploy/README.md)")
         return 2
     if not (bundle / "bundle.json").exists():
         missing = [f for f in ("export/export.json", "calibration.json") if not (args.build / f).exists()]
-        if missing:  # a fresh clone: say what to run instead of a FileNotFoundError from deep inside (issue 21)
+        if missing:  # a fresh clone: say what to run instead of a FileNotFoundError from deep inside
             print(
                 f"no bundle at {bundle}, and {args.build} has no {' or '.join(missing)} to prepare one from: run "
                 "`make gpu-check-bundle` first (it exports and calibrates; deploy/README.md), or bring build/gpu-check/"

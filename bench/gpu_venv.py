@@ -1,14 +1,14 @@
 """Make the venv ``make gpu-check`` runs in on a GPU machine that has no package registry.
 
 That machine's python3 has torch (CUDA) and timm, but numpy 2, with which every tensor the 2.51 Python
-backend builds from numpy has byte size 0 (../shared/FACTS.md, "On a GPU machine"). So: a venv made
+backend builds from numpy has byte size 0 (measured on an H100). So: a venv made
 ``--without-pip``; numpy < 2 unpacked from a brought wheel (a wheel is a zip: unpacking it is its
 install); a ``.pth`` to the system site-packages that hold torch (after the venv's own, so numpy 1.26
 wins); nvidia-pytriton's ``pytriton/`` and ``nvidia_pytriton.libs/`` copied in (the tritonserver tree);
 and littlebig's sources mapped as pyproject.toml lays them out (``littlebig.export`` = ``export/``...)
 by a meta-path finder, as an editable install would do. Run it with the system python3 (stdlib only).
 
-Python 3.10 is supported, as pyproject.toml's ``requires-python`` says (GitHub issue 21): GPU images with 3.10
+Python 3.10 is supported, as pyproject.toml's ``requires-python`` says: GPU images with 3.10
 have no ``tomllib``, so the two setuptools tables this needs are then read by :func:`layout_without_tomllib`,
 which accepts only the plain forms pyproject.toml uses and refuses anything else.
 """

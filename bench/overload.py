@@ -1,5 +1,5 @@
 """`make overload`: a step load on littlebig, 1x, 2x, then 1x of big alone's saturation rate, with the load
-governor on and off (GitHub issue 16, section 4).
+governor on and off.
 
 What one run does, on the real embedded tritonserver and the real test images:
 - serves the same pair twice, governor off (static T) and on (``slo_p99_ms``, ``max_accuracy_drop``), each

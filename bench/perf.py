@@ -68,8 +68,8 @@ class PerfAnalyzer:
 
     @classmethod
     def brought_to(cls, binary: Path, work: Path) -> PerfAnalyzer:
-        """A brought binary, given libcudart.so.12 and libb64.so.0d from pytriton's own copies (FACTS.md, "On a
-        GPU machine"), linked under those names in ``work/perf-libs``."""
+        """A brought binary, given libcudart.so.12 and libb64.so.0d from pytriton's own copies (verified
+        on a GPU machine), linked under those names in ``work/perf-libs``."""
         from littlebig.model_repository.server import triton_home
 
         libs = triton_home().parent.parent / "nvidia_pytriton.libs"

@@ -1,6 +1,6 @@
 """`make bench`: little, big and littlebig each at its best deployment, in one run, on real images.
 
-Why each number is there (GitHub issues 6 and 12):
+Why each number is there:
 - each model is served at the best deployment a time-budgeted search finds (``bench/search.py``): a speed-up
   over big on one core while the cascade uses two is no speed-up;
 - little's and big's best rates and the served escalation rate p give the ideal cascade R* = 1/(1/R_little +

@@ -1,4 +1,4 @@
-"""Best against best (GitHub issue 12): search each model's deployment space within a time budget.
+"""Best against best: search each model's deployment space within a time budget.
 
 Every candidate is a ``ServeOptions`` the generator offers. It is generated as usual and installed in one
 explicit-model-control repository under its own name (a littlebig candidate gets its own copies of little

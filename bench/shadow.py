@@ -1,4 +1,4 @@
-"""`make bench-shadow`: what shadow sampling costs littlebig at its best deployment (GitHub issue 23).
+"""`make bench-shadow`: what shadow sampling costs littlebig at its best deployment.
 
 Shadow sampling (``ServeOptions.shadow_rate`` R, ``littlebig/shadow.py``) sends a seeded share R of the rows the
 cascade answered confidently to big as well, after their responses are built and never awaited. It cannot delay an

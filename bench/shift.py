@@ -1,4 +1,4 @@
-"""`make shift` (issue 23, section 4): does the shadow loss bound see a shift that keeps little confident and wrong,
+"""`make shift`: does the shadow loss bound see a shift that keeps little confident and wrong,
 and does recalibrating from the shadow records bring the served accuracy back to big's?
 
 One run, on the real embedded tritonserver, a real Prometheus (Debian's ``prometheus``, the same package as promtool)

@@ -1,6 +1,6 @@
 """`make bench-stages`: big alone, the two-stage and the three-stage cascade, each at its best, in one run.
 
-GitHub issue 24: whether three stages (little -> middle -> big) serve faster than two (little -> big) on this
+Whether three stages (little -> middle -> big) serve faster than two (little -> big) on this
 machine is a finding, not a target. One tritonserver (explicit model control), one set of real test images, the
 real perf_analyzer, and the deployment search of ``make bench`` (``bench/search.py``), run per group on one time
 budget:

@@ -294,7 +294,7 @@ def set_precision_flags(config: Any, precision: str, flags: Any) -> None:
     TensorRT's builder config starts with ``BuilderFlag.TF32`` set ("TF32 ... is enabled by default",
     TensorRT 10 API docs, ``BuilderFlag.TF32``), so on Ampere and later an "fp32" plan would run its
     convolutions and matrix products with 10-bit mantissas and likely miss fp32's parity limit (1e-3 max abs
-    logit difference vs onnxruntime; GitHub issue 21, item 6). ``flags`` is ``tensorrt.BuilderFlag``.
+    logit difference vs onnxruntime). ``flags`` is ``tensorrt.BuilderFlag``.
     """
     if precision == "fp16":
         config.set_flag(flags.FP16)
@@ -413,7 +413,8 @@ def batch_invariance(run: Any, images: np.ndarray, max_batch: int) -> tuple[np.n
     """(batch-1 logits, max-batch logits) of the same ``max_batch`` rows: ``run(images, batch_size)``.
 
     The rows are the first ``max_batch`` images, repeated when there are fewer, so the batched run really is
-    one batch of the profile's max (before issue 21, 8 rows were compared: batch 1 vs batch 8).
+    one batch of the profile's max, not a fixed 8 rows (batch 1 vs batch 8 would leave larger batches' kernels
+    unchecked).
     """
     if len(images) == 0:
         raise ValueError("no images for the batch invariance check")

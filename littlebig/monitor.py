@@ -1,4 +1,4 @@
-"""``littlebig monitor``: the live state of a littlebig server on one terminal screen (issue 23).
+"""``littlebig monitor``: the live state of a littlebig server on one terminal screen.
 
 It reads the server's Prometheus metrics endpoint directly (Triton's metrics port, e.g.
 http://127.0.0.1:8002/metrics): no Prometheus is needed, so a bare ``littlebig serve`` can be watched. Each frame

@@ -1,4 +1,4 @@
-"""Shadow sampling: how much accuracy the cascade is losing now, measured against big on live rows (issue 23).
+"""Shadow sampling: how much accuracy the cascade is losing now, measured against big on live rows.
 
 The cascade can lose accuracy against big only on rows an earlier stage answers and big would answer
 differently (README, "Calibration"). The BLS model sends a seeded random share R of the rows it answered

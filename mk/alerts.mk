@@ -1,4 +1,4 @@
-# Drift alert rules (issue 16, deploy/prometheus/): `make test` checks them and runs their unit tests.
+# Drift alert rules (deploy/prometheus/): `make test` checks them and runs their unit tests.
 # promtool comes from Debian's prometheus package (apt-packages.txt: make setup installs it as root).
 PROMTOOL ?= promtool
 

@@ -1,8 +1,8 @@
-# `make bench`: the real perf_analyzer against the embedded tritonserver (GitHub issues 6 and 12): little, big
+# `make bench`: the real perf_analyzer against the embedded tritonserver: little, big
 # and littlebig each at the best deployment a time-budgeted search finds (bench/search.py), best against best.
 #
 # perf_analyzer comes from the tritonclient 2.51.0 wheel in its own venv: its grpc extra caps protobuf
-# below 5, which the main venv's onnx cannot live with (../shared/FACTS.md). Newer wheels carry a
+# below 5, which the main venv's onnx cannot live with (it wants protobuf 5 or later). Newer wheels carry a
 # binary that needs glibc 2.38. A stamp makes the second run take a second.
 PERF_VENV ?= .venv-perf
 PERF_STAMP := $(PERF_VENV)/.littlebig-perf
@@ -31,7 +31,7 @@ bench: setup
 	$(MAKE) --no-print-directory perf-analyzer
 	$(BIN)/python -m bench.run --build $(BUILD) --perf-venv $(PERF_VENV) --budget-s $(BENCH_BUDGET_S) $(BENCH_ARGS)
 
-# `make bench-stages` (GitHub issue 24): big alone, the two-stage cascade of $(BUILD) and the three-stage cascade of
+# `make bench-stages`: big alone, the two-stage cascade of $(BUILD) and the three-stage cascade of
 # $(BUILD3), each at the best deployment the search finds on one time budget split between them, in one run on the
 # same test images (bench/stages.py); little and middle alone too, for each cascade's R*. Writes
 # $(BUILD)/bench-stages.{json,png}. The whole run takes about the budget plus a few minutes.
@@ -46,7 +46,7 @@ bench-stages: setup
 	$(BIN)/python -m bench.stages --build $(BUILD) --build-three $(BUILD3) --perf-venv $(PERF_VENV) \
 	  --budget-s $(BENCH_STAGES_BUDGET_S) $(BENCH_STAGES_ARGS)
 
-# `make bench-shadow` (issue 23): what shadow sampling costs. littlebig at the best deployment of the newest
+# `make bench-shadow`: what shadow sampling costs. littlebig at the best deployment of the newest
 # `make bench` record in bench/results, at shadow rates 0, 0.01 and 0.05, each its own repository and server (one at
 # a time), interleaved over 2 rounds, the real perf_analyzer on 512 real test images at the record's headline batch
 # and concurrency (bench/shadow.py). Writes $(BUILD)/bench-shadow.{json,png} and copies them to

@@ -1,4 +1,4 @@
-# `make bench-encoded` (issue 25, section 4): files sent as JPEG bytes (server-side decoding) against pixels
+# `make bench-encoded`: files sent as JPEG bytes (server-side decoding) against pixels
 # (client-side decoding) at 224, 384 and 600 px on scikit-image's photos: bytes on the wire, images/s end to end,
 # decode time per image, and decode threads vs instances under perf_analyzer. Starts its own servers on free
 # loopback ports; writes $(BUILD)/bench-encoded.json (BENCHMARKS.md, "Encoded images"). About 3 minutes.

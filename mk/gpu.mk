@@ -1,4 +1,4 @@
-# `make gpu-check`: the cascade on the real tritonserver on an NVIDIA GPU (GitHub issue 11; deploy/README.md).
+# `make gpu-check`: the cascade on the real tritonserver on an NVIDIA GPU (deploy/README.md).
 #
 # little and big are STAND-INS for Triton's onnxruntime/TensorRT backends (not on PyPI): Python-backend
 # torch models on KIND_GPU from the checkpoints (profile gpu-standin). Without a CUDA device the check prints

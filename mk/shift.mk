@@ -1,4 +1,4 @@
-# `make shift` (issue 23, section 4): the shadow loss bound on a shift. The real server with shadow sampling, a real
+# `make shift`: the shadow loss bound on a shift. The real server with shadow sampling, a real
 # Prometheus running deploy/prometheus/littlebig.rules.yml (durations scaled down), replaying clean test images, then
 # contrast-shifted ones, then recalibrating from the shadow records and replaying shifted images again (bench/shift.py).
 # Writes $(BUILD)/shift.{json,png}; RELIABILITY.md, "Shift". About 10 minutes on the 2-core reference machine.

@@ -1,4 +1,4 @@
-# `make soak`: reliability under load (GitHub issue 7; figures in RELIABILITY.md).
+# `make soak`: reliability under load (figures in RELIABILITY.md).
 #
 # 1. the mixed good/bad load at full size (10,000 requests at concurrency 32, every good answer checked
 #    against the offline reference), plus the fault-injection and fuzz tests, on the real tritonserver;

@@ -4,7 +4,7 @@ Why one Python file and not a shell script: the NGC Triton image the deploy file
 (``nvcr.io/nvidia/tritonserver:24.10-py3``) ships ``python3`` (its Python backend, which runs the littlebig
 BLS model, needs it), and this file uses the standard library only and imports nothing from littlebig.
 So compose mounts it as it is, ``make deploy-configmap`` copies it verbatim into the Kubernetes ConfigMap,
-the Supervisor and the CLI import it, and there is no second implementation to drift (GitHub issue 15).
+the Supervisor and the CLI import it, and there is no second implementation to drift.
 
 Two checks, over Triton's HTTP/KServe v2 endpoint:
 
@@ -17,7 +17,7 @@ Two checks, over Triton's HTTP/KServe v2 endpoint:
   threshold 1, so the image goes through big; an answer marked DEGRADED is a failure of big. The request
   carries the parameter ``littlebig_probe: true``, so the cascade keeps the probe out of its traffic
   metrics (two pods probing every 10 s would otherwise add 120 identical all-zero rows per 10 minutes to
-  the drift alerts' counters; GitHub issue 21).
+  the drift alerts' counters).
 
 Usage (exit 0 healthy, 1 unhealthy, 2 bad usage)::
 

@@ -7,8 +7,8 @@ backends that, like them on KIND_GPU, leaves LOGITS in GPU memory. The served mo
 reference is computed by exactly the code that serves.
 
 Batches are padded to a few bucket sizes, each warmed up once: torch eager plans cuDNN kernels for every
-new input shape, which made unbucketed dynamic batching on an H100 spend most of its time planning
-(../shared/FACTS.md, "On a GPU machine"). TF32 is off so the stand-ins compute in FP32, the precision
+new input shape, which made unbucketed dynamic batching spend most of its time planning (measured on an
+H100). TF32 is off so the stand-ins compute in FP32, the precision
 the threshold was calibrated in (ONNX on onnxruntime).
 """
 

@@ -1,4 +1,4 @@
-"""The drift alert rules (deploy/prometheus/, issue 16): promtool checks them and runs their unit tests, and the
+"""The drift alert rules (deploy/prometheus/): promtool checks them and runs their unit tests, and the
 whole loop runs on the real server: replayed images -> littlebig's metrics -> the rules -> alerts or none.
 
 promtool comes from Debian's prometheus package (apt-packages.txt; `make setup` installs it as root, CI does).
@@ -152,7 +152,7 @@ def test_the_alerts_fire_exactly_past_their_documented_thresholds(tmp_path):
     assert all(rules()[a].get("for") for a in DRIFT_ALERTS)
 
 
-# --- the shadow loss bound (issue 23) ----------------------------------------------------------------------
+# --- the shadow loss bound ---------------------------------------------------------------------------------
 
 def shadow_series(rows: int, confident: int, shadow: int, disagreements: int, eps: float) -> list[tuple[str, str]]:
     """Counters growing by the given counts every 30 minutes (a sample each 3m: whole rows), on two bins."""

@@ -71,7 +71,7 @@ def test_perf_analyzer_sends_exactly_our_images(server, build_dir, served_thresh
     assert rows == {"littlebig": 64, "big": expected_big}
 
 
-# ---------------------------------------------------------------- best against best (issue 12) -------------------
+# ---------------------------------------------------------------- best against best ------------------------------
 def test_candidates_are_distinct_servable_deployments():
     from bench.search import BLS, grid, refinements
     from littlebig.model_repository.generate import ServeOptions
@@ -203,7 +203,7 @@ def test_little_in_process_serves_the_same_answers(build_dir, tmp_path, in_proce
     assert int(after) - int(before) == (0 if in_process else len(images))  # BLS calls to the little model
 
 
-# ---------------------------------------------------------------- cascades of any length (issue 24) ---------------
+# ---------------------------------------------------------------- cascades of any length --------------------------
 def test_ideal_rate_of_k_stages_is_the_rows_time_back_to_back():
     """R* = 1 / sum_k(q_k / R_k), against the time each row spends in the stages it reaches, row by row."""
     from bench.rates import bound_stages, ideal, ideal_stages, reaching

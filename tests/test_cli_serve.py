@@ -1,4 +1,4 @@
-"""`littlebig serve` applies every deployment flag to an existing repository, or refuses it (GitHub issue 15).
+"""`littlebig serve` applies every deployment flag to an existing repository, or refuses it.
 
 Through the installed console script, on the real tritonserver: the served config is read back from
 Triton's model-config endpoint, not from the files.

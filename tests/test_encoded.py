@@ -331,7 +331,7 @@ def test_classify_cli_encoded_and_pixels_give_the_same_records(server, photos, t
 
 # ---- the decoder at an RGB service size, with a small pixel limit ---------------------------------------------
 
-#: floor(224 / 0.875): the default service size of a pair whose big is efficientnet_b0 (issue 25, section 5)
+#: floor(224 / 0.875): the default service size of a pair whose big is efficientnet_b0 (timm's eval resize)
 RGB_SIZE = (256, 256, 3)
 SMALL_LIMIT = 200_000  # chelsea (451x300 = 135,300 pixels) passes, astronaut (512x512 = 262,144) does not
 

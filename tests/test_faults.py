@@ -1,4 +1,4 @@
-"""Faults of big under concurrent load, on the real tritonserver (issue 15): a stalled big stub
+"""Faults of big under concurrent load, on the real tritonserver: a stalled big stub
 (SIGSTOP, then SIGCONT) and a big slower than the BLS timeout.
 
 Each test starts its own server and load, prints its figures (``pytest -s``; RELIABILITY.md quotes

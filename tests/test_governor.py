@@ -1,4 +1,4 @@
-"""Issue 16: the load governor (T under load, within the accuracy budget) and per-request deadlines.
+"""The load governor (T under load, within the accuracy budget) and per-request deadlines.
 
 The controller is unit-tested on the file the server runs (``littlebig/control.py``, stdlib + numpy, installed
 beside the BLS model.py by the generator); the served

@@ -143,7 +143,7 @@ def test_a_cuda_bundle_pins_the_standins_to_gpu_0(build_dir, tmp_path):
 
 def test_without_a_bundle_or_a_build_it_says_what_to_run(tmp_path, capsys):
     """A fresh clone on a GPU machine: `make gpu-check` found no bundle and no build, and died with a
-    FileNotFoundError from read_export (issue 21, item 7). Now it names `make gpu-check-bundle` and exits 2
+    FileNotFoundError from read_export. Now it names `make gpu-check-bundle` and exits 2
     (run here through the CPU dry run, the same code path past the CUDA check)."""
     rc = gpu_check.main(["--build", str(tmp_path / "build"), "--device", "cpu", "--no-perf"])
     out = capsys.readouterr().out
@@ -163,14 +163,14 @@ def test_the_documented_recipe_builds_the_bundle_before_the_check():
 
 
 def test_r_star_is_the_rate_of_little_then_big_back_to_back():
-    """R* against figures worked out by hand and FACTS.md's H100 row, not against its own formula."""
+    """R* against figures worked out by hand and rates measured on an H100, not against its own formula."""
     from bench import rates
 
     assert rates.ideal(1000.0, 100.0, 0.0) == pytest.approx(1000.0)  # nothing escalates: little's rate
     # 300 img/s little, 200 img/s big, half escalate: 1 image costs 1/300 + 0.5/200 = 7/1200 s -> 171.43 img/s
     assert rates.ideal(300.0, 200.0, 0.5) == pytest.approx(1200 / 7)
     assert rates.bound(300.0, 200.0, 0.5) == pytest.approx(1200 / 7 / 200)
-    assert rates.ideal(20_255, 486, 0.18) / 486 == pytest.approx(4.9, abs=0.05)  # FACTS.md's H100 row
+    assert rates.ideal(20_255, 486, 0.18) / 486 == pytest.approx(4.9, abs=0.05)  # H100, timm fp16 + CUDA graphs
     assert rates.bls_overhead(6.0, 2.5, 8.0, 0.25) == pytest.approx(1.5)  # 6 ms in all, 2.5 + 2 of them waiting
 
 
@@ -198,7 +198,7 @@ def test_gpu_venv_maps_the_package_layout_ahead_of_the_bare_littlebig_folder(tmp
     assert standin == str(ROOT / "model_repository" / "torch_standin.py")
 
 
-# --- issue 21, item 2: outputs in GPU memory are counted, and an unreadable output fails its chunk only ------
+# --- outputs in GPU memory are counted, and an unreadable output fails its chunk only ----------------------
 
 NO_LOGITS_BIG = '''"""big that answers without its LOGITS output: the BLS model cannot read that chunk's logits."""
 import triton_python_backend_utils as pb_utils
@@ -264,7 +264,7 @@ def test_an_output_in_gpu_memory_is_counted_and_fails_cleanly_without_torch(tmp_
 def test_unreadable_big_logits_fail_their_chunk_through_the_policy(build_dir, tmp_path, test_split, policy):
     """On the real server: big answers without LOGITS (as a GPU tensor with no torch to copy it would fail).
     The chunk fails alone, through on_big_failure: DEGRADED answers by little, or UNAVAILABLE naming big; never
-    an INTERNAL error for the whole execute (before issue 21 the conversion raised out of _run)."""
+    an INTERNAL error for the whole execute (the conversion must not raise out of _run)."""
     from tritonclient.utils import InferenceServerException
 
     from littlebig.model_repository.generate import ServeOptions
@@ -303,7 +303,7 @@ def test_the_check_fails_on_outputs_in_gpu_memory(server):
 
 
 def test_gpu_venv_reads_the_layout_on_python_3_10_too():
-    """GPU images with Python 3.10 have no tomllib (issue 21, item 8): the fallback reader must give what
+    """GPU images with Python 3.10 have no tomllib: the fallback reader must give what
     tomllib gives on pyproject.toml, be the one used when tomllib is missing, and refuse forms it cannot read."""
     import tomllib
 

@@ -1,4 +1,4 @@
-"""Every GPU-profile setting of the generator (issue 11, section 2), checked on the generated configs.
+"""Every GPU-profile setting of the generator, checked on the generated configs.
 
 Nothing here needs a GPU: the configs are parsed back as Triton's ModelConfig and their fields checked;
 TensorRT plans are placeholders (the generator only copies them) with the tensorrt.json that
@@ -172,7 +172,7 @@ def test_the_engine_cache_directory_is_a_volume_in_both_deploy_files():
 
 
 def test_plans_take_t_min_governor_steps_and_drift_reference_from_their_own_val_logits(build, tmp_path):
-    """Issue 21, item 3: served plans (and the FP16 accelerator) get T from the plans' val logits, and so must
+    """Served plans (and the FP16 accelerator) get T from the plans' val logits, and so must
     T_min, the governor's steps and the drift alerts' reference, not the FP32 ONNX val logits."""
     from littlebig.decision import confidence, escalate, softmax
     from littlebig.export.calibrate import Outputs, governor_levels, threshold_floor
@@ -299,7 +299,7 @@ def test_deployment_selects_the_gpu_product_the_plans_were_built_on():
 
 
 def without_queue_policy(edit):
-    """``edit``, then big's config without its queue policy (what the generator wrote before issue 11)."""
+    """``edit``, then big's config without its queue policy (what an older generator wrote)."""
 
     def both(repo: Path) -> None:
         edit(repo)

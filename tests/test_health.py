@@ -1,5 +1,5 @@
 """The one health check (model_repository/health.py) with big's stub dead behind ``on_big_failure=little``:
-the cascade still answers, DEGRADED, and that must fail readiness everywhere it is used (GitHub issue 15).
+the cascade still answers, DEGRADED, and that must fail readiness everywhere it is used.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def littlebig_counters(server) -> dict[tuple, float]:
 
 def test_probes_alone_move_no_littlebig_traffic_counter(server, test_split):
     """Readiness probes (health.py ready, through the cascade with threshold 1) must not look like traffic:
-    two pods every 10 s would otherwise add 120 all-zero rows per 10 minutes to the drift alerts' counters
-    (GitHub issue 21, item 4). A real request after them moves the counters: the scrape can see a change."""
+    two pods every 10 s would otherwise add 120 all-zero rows per 10 minutes to the drift alerts' counters.
+    A real request after them moves the counters: the scrape can see a change."""
     data, _ = test_split
     before = littlebig_counters(server)
     assert any(name == "littlebig_rows_total" for name, _ in before), sorted(before)  # the families exist

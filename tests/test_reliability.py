@@ -1,4 +1,4 @@
-"""Reliability on the real tritonserver (GitHub issue 7): bad input under load, big's failure policy,
+"""Reliability on the real tritonserver: bad input under load, big's failure policy,
 a killed stub, a hung model, supervision, restricted admin APIs, oversize requests.
 
 Tests that break a server start their own on free loopback ports and stop it, checking that none of

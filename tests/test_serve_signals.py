@@ -1,4 +1,4 @@
-"""`make serve` stops on SIGTERM every time, and a killed launcher never leaves its tritonserver behind (issue 22).
+"""`make serve` stops on SIGTERM every time, and a killed launcher never leaves its tritonserver behind.
 
 Done as a process manager does it: `make serve` in a process group of its own on free ports, wait for
 ``/v2/health/ready``, signal the whole group. make forwards the TERM it gets to `littlebig serve`, so the

@@ -1,4 +1,4 @@
-"""Issue 25, section 5: with the service size floor(size / crop_pct), big sees exactly what timm's eval transform
+"""With the service size floor(size / crop_pct), big sees exactly what timm's eval transform
 makes of the user's original file, through either entry point (client pixels or the server's decoder)."""
 
 from __future__ import annotations

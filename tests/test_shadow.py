@@ -1,4 +1,4 @@
-"""Shadow sampling's parts apart from the server (issue 23): the seeded draw, the rotating records, and
+"""Shadow sampling's parts apart from the server: the seeded draw, the rotating records, and
 recalibration from them (its promise checked on synthetic traffic whose truth is known)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shadow sampling on the real tritonserver (issue 23).
+"""Shadow sampling on the real tritonserver.
 
 - Every shadow record and counter equals the offline reference: a record's answer and big's are the offline
   little's and big's for that image, shadow rows are exactly the confident ones (at the served T or a request's

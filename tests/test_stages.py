@@ -1,4 +1,4 @@
-"""Cascades of any length: the one decision rule for K stages and the joint calibration (GitHub issue 24).
+"""Cascades of any length: the one decision rule for K stages and the joint calibration.
 
 Expected values come from independent computations: a per-row walk in plain Python for the rule, the
 two-model functions for K = 2, and a large synthetic population for the promise.

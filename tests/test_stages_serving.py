@@ -1,4 +1,4 @@
-"""A cascade of three models (little -> middle -> big) on the real tritonserver (GitHub issue 24).
+"""A cascade of three models (little -> middle -> big) on the real tritonserver.
 
 Every served answer (LABEL, PROBS, ESCALATED, STAGE, REASON) equals the offline reference of the one decision rule
 (``decision.cascade_stages``) at the served thresholds and at a request's own threshold; the per-stage counters and

@@ -180,7 +180,7 @@ class Flags:  # stands in for tensorrt.BuilderFlag
 
 def test_fp32_plans_clear_tf32_and_fp16_plans_keep_it():
     """TF32 is on by default in TensorRT's builder config; an fp32 plan with it would run its convolutions with
-    10-bit mantissas and likely miss fp32's 1e-3 parity limit on Ampere and later (issue 21, item 6)."""
+    10-bit mantissas and likely miss fp32's 1e-3 parity limit on Ampere and later."""
     fp32, fp16 = RecordingBuilderConfig(), RecordingBuilderConfig()
     lbtrt.set_precision_flags(fp32, "fp32", Flags)
     lbtrt.set_precision_flags(fp16, "fp16", Flags)
