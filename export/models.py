@@ -417,7 +417,7 @@ def default_service_size(cfg: dict[str, Any]) -> tuple[int, int, int]:
     The client (or the ``decode`` model) brings a file to the service size with timm's own first step (shorter
     side to that size, PIL bicubic), so big's graph then only crops and big sees exactly timm's eval transform of
     the original file. At big's input size instead, big's graph resized a second time: 1.1 (600 px, crop_pct
-    0.949) to 2.1 (224 px, 0.875) grey levels from timm's on scikit-image's photos (GitHub issue 25, section 5).
+    0.949) to 2.1 (224 px, 0.875) grey levels from timm's on scikit-image's photos.
     """
     chans, height, width = cfg["input_size"]
     crop_pct = float(cfg.get("crop_pct") or 1.0)
