@@ -53,7 +53,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from littlebig import control, decision, shadow
+from littlebig import control, decision, guard, shadow
 from littlebig.atomic import replacing_dir
 from littlebig.export.pipeline import (
     ROLES,
@@ -162,6 +162,20 @@ class ServeOptions:
         default=None,
         metadata=flag("shadow sampling: where the rotating records go (default: logs/ beside the repository)"),
     )
+    #: The accuracy guard (littlebig/guard.py): from the shadow rows, an anytime-valid test of "the cascade
+    #: disagrees with big by more than guard_eps" raises T when it fires and lowers it only on evidence. Needs
+    #: shadow sampling. Off: the served path is unchanged.
+    guard: bool = field(
+        default=False, metadata=flag("accuracy guard: raise T when shadow rows show disagreement with big > eps")
+    )
+    #: The guard's budget on the disagreement with big (an upper bound of the accuracy lost against it).
+    #: None: calibration's eps.
+    guard_eps: float | None = field(
+        default=None, metadata=flag("accuracy guard: disagreement budget (default: calibration's eps)")
+    )
+    guard_alpha: float = field(
+        default=0.05, metadata=flag("accuracy guard: level of its tests (chance of ever firing on traffic within eps)")
+    )
     # overrides the calibrated T
     threshold: float | None = field(default=None, metadata=flag("serve this T instead of a calibrated one"))
     #: little/big queue policy: work queued longer than this is REJECTed instead of run. None: the BLS
@@ -226,6 +240,12 @@ class ServeOptions:
         check_queue_timeout(self)
         if not 0.0 <= self.shadow_rate <= 1.0:
             raise ValueError(f"{_flag('shadow_rate')} must be in [0, 1], got {self.shadow_rate!r}")
+        if self.guard and self.shadow_rate <= 0:
+            raise ValueError(f"{_flag('guard')} needs shadow sampling: give {_flag('shadow_rate')} > 0")
+        if self.guard_eps is not None and not 0.0 < self.guard_eps < 1.0:
+            raise ValueError(f"{_flag('guard_eps')} must be in (0, 1), got {self.guard_eps!r}")
+        if not 0.0 < self.guard_alpha < 1.0:
+            raise ValueError(f"{_flag('guard_alpha')} must be in (0, 1), got {self.guard_alpha!r}")
         if not 0.0 <= self.max_accuracy_drop < 1.0:
             raise ValueError(f"{_flag('max_accuracy_drop')} must be in [0, 1), got {self.max_accuracy_drop!r}")
         if self.slo_p99_ms is not None and not self.slo_p99_ms > 0:
@@ -385,6 +405,9 @@ def bls_config(
                 "shadow_rate": repr(opts.shadow_rate),
                 "shadow_seed": opts.shadow_seed,
                 "shadow_log_dir": opts.shadow_log_dir or "",
+                "guard": str(opts.guard).lower(),
+                "guard_eps": repr(opts.guard_eps if opts.guard_eps is not None else eps),
+                "guard_alpha": repr(opts.guard_alpha),
             }
         ),
     )
@@ -798,6 +821,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     # T_min, the governor's steps and the drift reference from the same outputs as T: the precision served
     governor = governor_settings(build, thresholds, opts, rule, tensorrt=plans or fp16_accelerator)
     eps = float(read_calibration(build).get("eps", -1.0))
+    if opts.guard and opts.guard_eps is None and not 0.0 < eps < 1.0:
+        raise ValueError(f"{_flag('guard')}: this calibration records no eps; give {_flag('guard_eps')}")
     served = Served(exported, thresholds, rule, governor, eps, plans, extra_summary)
     check_not_served(out)
     with replacing_dir(out) as tmp:
@@ -833,6 +858,7 @@ def _write_repository(build: Path, out: Path, profile: str, opts: ServeOptions, 
     shutil.copy2(Path(control.__file__), bls_dir / "1" / "control.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
     shutil.copy2(Path(shadow.__file__), bls_dir / "1" / "shadow.py")
+    shutil.copy2(Path(guard.__file__), bls_dir / "1" / "guard.py")
     if opts.little_in_process:
         shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
     (bls_dir / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")

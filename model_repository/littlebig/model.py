@@ -51,6 +51,7 @@ import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, check_deadline
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax, stage_names
 from decision import REASONS as REASON_NAMES
+from guard import Guard
 from shadow import DROP_REASONS, RecordWriter, Sampler
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
@@ -59,6 +60,8 @@ NUMPY_MAJOR_SUPPORTED = 1
 #: REASON per row, indexed by its code: who answered, and why little answered a row it was unsure of.
 REASONS = np.array([r.encode() for r in REASON_NAMES], dtype=np.object_)
 CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
+#: The guard saves its state on every change of T and after this many observed rows in between.
+GUARD_SAVE_ROWS = 200
 #: Shadow calls one BLS instance keeps in flight at most; a draw beyond them is dropped (``busy``), so shadow work
 #: never piles up in front of big.
 SHADOW_MAX_CALLS = 4
@@ -71,73 +74,139 @@ METRICS = {
     "rows": ("littlebig_rows_total", "counter", "Rows (images) answered by the cascade", None),
     "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big (last) model", None),
     "stage_rows": (
-        "littlebig_stage_rows_total", "counter", "Rows answered by each stage of the cascade (little ... big)", "stage"
+        "littlebig_stage_rows_total",
+        "counter",
+        "Rows answered by each stage of the cascade (little ... big)",
+        "stage",
     ),
     "degraded": (
-        "littlebig_degraded_rows_total", "counter", "Escalated rows answered by little because big failed", None
+        "littlebig_degraded_rows_total",
+        "counter",
+        "Escalated rows answered by little because big failed",
+        None,
     ),
     "failed": (
-        "littlebig_failed_requests_total", "counter",
-        "Requests answered with an error (Triton counts them as successes)", None,
+        "littlebig_failed_requests_total",
+        "counter",
+        "Requests answered with an error (Triton counts them as successes)",
+        None,
     ),
     "cancelled": (
-        "littlebig_cancelled_requests_total", "counter",
-        "Requests their client cancelled before a later stage was called for them (none of their rows went on)", None,
+        "littlebig_cancelled_requests_total",
+        "counter",
+        "Requests their client cancelled before a later stage was called for them (none of their rows went on)",
+        None,
     ),
     "load": (
-        "littlebig_load_rows_total", "counter",
-        "Rows answered by little because the governor lowered T under load (REASON load)", None,
+        "littlebig_load_rows_total",
+        "counter",
+        "Rows answered by little because the governor lowered T under load (REASON load)",
+        None,
     ),
     "deadline": (
-        "littlebig_deadline_rows_total", "counter",
-        "Rows answered by little because big could not answer within the request's deadline_ms", None,
+        "littlebig_deadline_rows_total",
+        "counter",
+        "Rows answered by little because big could not answer within the request's deadline_ms",
+        None,
     ),
     "calibration_escalations": (
-        "littlebig_calibration_escalations_total", "counter",
-        "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)", None,
+        "littlebig_calibration_escalations_total",
+        "counter",
+        "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)",
+        None,
     ),
     "confidence": (
-        "littlebig_little_confidence_rows_total", "counter",
-        "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total", "upper",
+        "littlebig_little_confidence_rows_total",
+        "counter",
+        "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total",
+        "upper",
     ),
     "confident": (
-        "littlebig_confident_rows_total", "counter",
+        "littlebig_confident_rows_total",
+        "counter",
         "Rows answered before big because the stage was confident (REASON confident): what shadow sampling draws from",
         None,
     ),
     "shadow_rows": (
-        "littlebig_shadow_rows_total", "counter",
+        "littlebig_shadow_rows_total",
+        "counter",
         "Confident rows also answered by big in the shadow (after their response), per little confidence bin",
         "upper",
     ),
     "shadow_disagreements": (
-        "littlebig_shadow_disagreements_total", "counter",
-        "Shadow rows whose big answer differs from the served one, per little confidence bin", "upper",
+        "littlebig_shadow_disagreements_total",
+        "counter",
+        "Shadow rows whose big answer differs from the served one, per little confidence bin",
+        "upper",
     ),
     "shadow_dropped": (
-        "littlebig_shadow_dropped_rows_total", "counter",
+        "littlebig_shadow_dropped_rows_total",
+        "counter",
         "Confident rows drawn for the shadow whose big call was not made (load, breaker, deadline, busy) or failed",
         "drop",
     ),
     "shadow_rate": ("littlebig_shadow_rate", "gauge", "Share of rows drawn for shadow sampling (R)", None),
     "calibrated_eps": (
-        "littlebig_calibrated_eps", "gauge", "Accuracy-loss budget eps of the calibration (the loss alert's)", None
+        "littlebig_calibrated_eps",
+        "gauge",
+        "Accuracy-loss budget eps of the calibration (the loss alert's)",
+        None,
     ),
     "threshold": ("littlebig_threshold", "gauge", "T in force for rows without their own threshold", "bls_instance"),
+    # The accuracy guard's (registered only with ``guard`` on)
+    "guard_threshold": (
+        "littlebig_guard_threshold",
+        "gauge",
+        "The accuracy guard's T (the calibrated T until its test fires)",
+        "bls_instance",
+    ),
+    "guard_log_evalue": (
+        "littlebig_guard_log_evalue",
+        "gauge",
+        "Log wealth of the guard's test of disagreement with big > eps at its T; it fires at log(1/alpha)",
+        "bls_instance",
+    ),
+    "guard_binding": (
+        "littlebig_guard_binding",
+        "gauge",
+        "1 while the guard's raised T is in force (it wins over the governor's), 0 while the governor's is",
+        "bls_instance",
+    ),
+    "guard_cannot_meet": (
+        "littlebig_guard_cannot_meet_eps",
+        "gauge",
+        "1 while no T short of sending every row to big is shown within the guard's eps",
+        "bls_instance",
+    ),
+    "guard_eps": ("littlebig_guard_eps", "gauge", "The accuracy guard's disagreement budget", None),
+    "guard_firings": ("littlebig_guard_firings_total", "counter", "Times the guard's test fired and raised T", None),
+    "guard_lowerings": (
+        "littlebig_guard_lowerings_total",
+        "counter",
+        "Times the guard lowered T on evidence within eps",
+        None,
+    ),
+    "guard_rows": ("littlebig_guard_rows_total", "counter", "Drawn rows the guard's tests have observed", None),
     "calibrated_escalation_rate": (
-        "littlebig_calibrated_escalation_rate", "gauge",
-        "Val escalation rate at the calibrated T (drift alerts' reference)", None,
+        "littlebig_calibrated_escalation_rate",
+        "gauge",
+        "Val escalation rate at the calibrated T (drift alerts' reference)",
+        None,
     ),
     "calibration_rows": ("littlebig_calibration_rows", "gauge", "Val rows the calibration was measured on", None),
     "calibrated_confidence_share": (
-        "littlebig_calibrated_confidence_share", "gauge", "Val share of each confidence bin (drift alerts' reference)",
+        "littlebig_calibrated_confidence_share",
+        "gauge",
+        "Val share of each confidence bin (drift alerts' reference)",
         "upper",
     ),
     # Not traffic: a defect detector (probes' calls count too). CPU memory is asked for; make gpu-check asserts
     # this stays 0, which it cannot see from the answers (they are copied when torch is there).
     "gpu_outputs": (
-        "littlebig_gpu_memory_outputs_total", "counter",
-        "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for", "role",
+        "littlebig_gpu_memory_outputs_total",
+        "counter",
+        "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for",
+        "role",
     ),
 }
 
@@ -172,6 +241,36 @@ class Parameters(dict):
         raise pb_utils.TritonModelException(
             f"littlebig's config.pbtxt has no parameter {key!r}: generate the repository with `littlebig repo`"
         )
+
+
+class Seen:
+    """One execute's drawn rows for the guard: fed to it once every shadow call of the execute is back, or never
+    if any drawn row's big answer stays unknown (``void``)."""
+
+    def __init__(self, feed, conf, mismatch):
+        self.feed, self.conf, self.mismatch = feed, list(conf), list(mismatch)
+        self.pending, self.closed, self.voided = 0, False, False
+
+    def add(self, conf, mismatch):
+        self.conf.append(conf)
+        self.mismatch.append(mismatch)
+
+    def void(self):
+        self.voided = True
+
+    def done(self):
+        self.pending -= 1
+        self._maybe_feed()
+
+    def close(self):
+        """No more calls will be added."""
+        self.closed = True
+        self._maybe_feed()
+
+    def _maybe_feed(self):
+        if self.closed and self.pending == 0 and not self.voided:
+            self.voided = True  # fed once
+            self.feed(np.concatenate(self.conf), np.concatenate(self.mismatch))
 
 
 class Rows(NamedTuple):
@@ -245,6 +344,15 @@ class TritonPythonModel:
                     f"littlebig: cannot write shadow records in {directory} ({exc}): give a writable "
                     "--shadow-log-dir, or serve with --shadow-rate 0"
                 ) from exc
+        self.guard, self.guard_path, self.guard_unsaved = None, None, 0
+        if params["guard"] == "true":
+            if self.records is None:
+                raise pb_utils.TritonModelException("littlebig: the accuracy guard needs shadow_rate > 0")
+            self.guard = Guard(self.threshold, float(params["guard_eps"]), float(params["guard_alpha"]))
+            # Its T and evidence survive a restart: the state is saved beside the instance's shadow records.
+            self.guard_path = os.path.join(os.path.dirname(self.records.path), f"guard-{instance or '0'}.json")
+            if self.guard.load(self.guard_path):
+                pb_utils.Logger.log_info(f"littlebig: accuracy guard resumed at T {self.guard.threshold:.6g}")
         self.executor_installed = False
         labels = {"model": args["model_name"], "version": args["model_version"]}
         per_label = {
@@ -258,12 +366,13 @@ class TritonPythonModel:
         }
         kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
         # Keep the families referenced: a metric whose family is collected stops updating.
+        wanted = {k: v for k, v in METRICS.items() if self.guard is not None or not k.startswith("guard_")}
         self.families = {
-            key: pb_utils.MetricFamily(name, text, kinds[kind]) for key, (name, kind, text, _) in METRICS.items()
+            key: pb_utils.MetricFamily(name, text, kinds[kind]) for key, (name, kind, text, _) in wanted.items()
         }
         self.metrics = {
             key: [self.families[key].Metric(labels={**labels, **extra}) for extra in per_label[per]]
-            for key, (_, _, _, per) in METRICS.items()
+            for key, (_, _, _, per) in wanted.items()
         }
         self.gpu_output_logged = False
         shares = json.loads(params["calibrated_confidence_shares"])
@@ -271,8 +380,10 @@ class TritonPythonModel:
             metric.set(share)
         self.metrics["calibrated_escalation_rate"][0].set(float(params["calibrated_escalation_rate"]))
         self.metrics["calibration_rows"][0].set(float(params["calibration_rows"]))
-        self.metrics["threshold"][0].set(self.governor.threshold)
         self.metrics["shadow_rate"][0].set(self.sampler.rate)
+        if self.guard is not None:
+            self.metrics["guard_eps"][0].set(self.guard.eps)
+        self._show_threshold()
         self.metrics["calibrated_eps"][0].set(float(params["calibrated_eps"]))
 
     def finalize(self):
@@ -404,7 +515,7 @@ class TritonPythonModel:
         received = time.monotonic()  # deadlines count from here: Triton's queue time is not visible to the model
         signal = self.governor.predicted_p99_s(received, self.breakers["big"].in_flight_s(received))
         if self.governor.update(signal, received):
-            self.metrics["threshold"][0].set(self.governor.threshold)
+            self._show_threshold()
         images, own, deadlines, probe_rows, spans = [], [], [], [], {}
         start = 0
         for i, request in enumerate(requests):
@@ -460,7 +571,7 @@ class TritonPythonModel:
         for k, role in enumerate(roles[1:], start=1):
             here = confidence(probs[active])
             calibrated = self.thresholds[k - 1]
-            in_force = self.governor.threshold if k == last else calibrated
+            in_force = self._in_force() if k == last else calibrated
             esc = escalate(here, np.where(governed[active], in_force, rows.own[active]))
             if k == last:  # rows at the last transition below the calibrated T: what val would have escalated
                 below_calibrated[active] = escalate(here, calibrated)
@@ -520,7 +631,11 @@ class TritonPythonModel:
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
         confident = (reason == CONFIDENT) & (stage < last)  # answered before big, confidently: shadow candidates
         self._observe(
-            conf[traffic], sent_to_big[traffic], reason[traffic], below_calibrated[traffic], stage[traffic],
+            conf[traffic],
+            sent_to_big[traffic],
+            reason[traffic],
+            below_calibrated[traffic],
+            stage[traffic],
             int((confident & traffic).sum()),
         )
         # Drawn after the responses are built, and never awaited: shadow work cannot delay an answer.
@@ -528,8 +643,13 @@ class TritonPythonModel:
         if drawn.any():
             by_big = drawn & sent_to_big & (stage == last)  # big answered these anyway: recorded, no call
             self._record("escalated", held[by_big], labels[by_big, 0])
-            self._shadow(images, np.flatnonzero(drawn & confident), held, conf, rows.deadline)
             unknown = drawn & ~by_big & ~confident  # load, deadline, failure: big's answer is not known
+            # The guard's observation of this execute: every drawn row, or none (an unknown one would bias it)
+            seen = None
+            if self.guard is not None and not unknown.any():
+                mismatch = held[by_big].argmax(-1) != labels[by_big, 0]
+                seen = Seen(self._guard_observe, [confidence(held[by_big])], [mismatch])
+            self._shadow(images, np.flatnonzero(drawn & confident), held, conf, rows.deadline, seen)
             self._record("unknown", held[unknown], np.full(int(unknown.sum()), -1))
 
     def _record(self, kind, held, big):
@@ -537,13 +657,16 @@ class TritonPythonModel:
         if self.records is not None and len(held):
             self.records.write(kind, confidence(held), held.argmax(axis=-1), np.asarray(big), time.time())
 
-    def _shadow(self, images, rows, held, little_conf, deadlines):
-        """Send drawn confident ``rows`` to big without waiting: ``_shadow_done`` counts and records the answers.
+    def _shadow(self, images, rows, held, little_conf, deadlines, seen=None):
+        """Send drawn confident ``rows`` to big without waiting: ``_shadow_done`` counts and records the answers
+        (and adds them to ``seen``, the guard's observation of the execute, which any drop voids).
 
         Dropped first (counted by reason, recorded as unknown): under the governor's load levels, while big's
         breaker is open, for rows whose deadline is closer than big's predicted latency, and beyond
         ``SHADOW_MAX_CALLS`` calls in flight."""
         if not len(rows):
+            if seen is not None:
+                seen.close()
             return
         now = time.monotonic()
         big = self.breakers["big"]
@@ -556,23 +679,31 @@ class TritonPythonModel:
             dropped = {"deadline": rows[tight]}
             rows = rows[~tight]
             max_batch = self.max_batch["big"]
-            chunks = [rows[a:a + max_batch] for a in range(0, len(rows), max_batch)]
+            chunks = [rows[a : a + max_batch] for a in range(0, len(rows), max_batch)]
             room = max(SHADOW_MAX_CALLS - len(self.shadow_in_flight), 0)
             dropped["busy"] = np.concatenate([rows[:0], *chunks[room:]])
             for chunk in chunks[:room]:
                 call = self._call("big", images[chunk])
                 self.shadow_in_flight.add(call)
                 bins = np.searchsorted(CONFIDENCE_BINS, little_conf[chunk])
-                call.add_done_callback(lambda done, held=held[chunk], bins=bins: self._shadow_done(done, held, bins))
+                if seen is not None:
+                    seen.pending += 1
+                call.add_done_callback(
+                    lambda done, held=held[chunk], bins=bins: self._shadow_done(done, held, bins, seen)
+                )
         for why, dropped_rows in dropped.items():
             self._drop(why, held[dropped_rows])
+            if seen is not None and len(dropped_rows):
+                seen.void()
+        if seen is not None:
+            seen.close()
 
     def _drop(self, why, held):
         if len(held):
             self.metrics["shadow_dropped"][DROP_REASONS.index(why)].increment(len(held))
             self._record("unknown", held, np.full(len(held), -1))
 
-    def _shadow_done(self, call, held, bins):
+    def _shadow_done(self, call, held, bins, seen=None):
         """A shadow call's completion (on the stub's event loop, after the response went): count and record."""
         self.shadow_in_flight.discard(call)
         try:
@@ -583,8 +714,14 @@ class TritonPythonModel:
             big = self._logits("big", call.result()).argmax(axis=-1)
         except Exception:
             self._drop("failed", held)
+            if seen is not None:
+                seen.void()
+                seen.done()
             return
         disagree = big != held.argmax(axis=-1)
+        if seen is not None:
+            seen.add(confidence(held), disagree)
+            seen.done()
         per_bin = {
             "shadow_rows": np.bincount(bins, minlength=len(CONFIDENCE_BINS)),
             "shadow_disagreements": np.bincount(bins, weights=disagree, minlength=len(CONFIDENCE_BINS)),
@@ -594,6 +731,44 @@ class TritonPythonModel:
                 if count:
                     metric.increment(int(count))
         self._record("shadow", held, big)
+
+    def _in_force(self):
+        """The last T for rows without their own: the guard's once it has raised T (accuracy first), else the
+        governor's (the calibrated T, or lower under load)."""
+        if self.guard is not None and self.guard.raised:
+            return self.guard.threshold
+        return self.governor.threshold
+
+    def _show_threshold(self):
+        self.metrics["threshold"][0].set(self._in_force())
+        if self.guard is not None:
+            self.metrics["guard_threshold"][0].set(self.guard.threshold)
+            self.metrics["guard_log_evalue"][0].set(self.guard.raise_test.log_wealth)
+            self.metrics["guard_binding"][0].set(float(self.guard.raised))
+            self.metrics["guard_cannot_meet"][0].set(float(self.guard.cannot_meet))
+
+    def _guard_observe(self, conf, mismatch):
+        """One execute's drawn rows, all known: test, move T if the guard says so, keep the state durable."""
+        firings, lowerings = self.guard.firings, self.guard.lowerings
+        changed = self.guard.observe(conf, mismatch)
+        self.metrics["guard_rows"][0].increment(len(conf))
+        if self.guard.firings > firings:
+            self.metrics["guard_firings"][0].increment(1)
+        if self.guard.lowerings > lowerings:
+            self.metrics["guard_lowerings"][0].increment(1)
+        self._show_threshold()
+        self.guard_unsaved += len(conf)
+        if changed or self.guard_unsaved >= GUARD_SAVE_ROWS:
+            try:
+                self.guard.save(self.guard_path)
+                self.guard_unsaved = 0
+            except OSError as exc:
+                pb_utils.Logger.log_warn(f"littlebig: could not save the accuracy guard's state: {exc}")
+        if changed:
+            pb_utils.Logger.log_info(
+                f"littlebig: accuracy guard moved T to {self.guard.threshold:.6g} "
+                f"(firings {self.guard.firings}, lowerings {self.guard.lowerings})"
+            )
 
     def _observe(self, conf, esc, reason, below_calibrated, stage, confident):
         """Traffic metrics once per execute: each call is an IPC round trip to the server, so none per row."""
