@@ -10,3 +10,14 @@ SHIFT_ARGS ?=
 shift: setup
 	$(MAKE) --no-print-directory $(BUILD)/calibration.json
 	$(BIN)/python -m bench.shift --build $(BUILD) $(SHIFT_ARGS)
+
+# `make guard`: the accuracy guard on the same shift, off and on (clean -> shift -> clean), every served row compared
+# with big's offline answer, then a long clean run counting false firings (bench/guard.py). Writes
+# $(BUILD)/guard.{json,png}; BENCHMARKS.md, "Accuracy guard". GUARD_ARGS: e.g. --eps 0.02 --phase-rows 4000.
+GUARD_ARGS ?=
+
+.PHONY: guard
+
+guard: setup
+	$(MAKE) --no-print-directory $(BUILD)/calibration.json
+	$(BIN)/python -m bench.guard --build $(BUILD) $(GUARD_ARGS)
