@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     build, work = args.build, args.build / "guard-work"
+    if work.exists():  # a guard resumes from its saved state: every run here starts from the calibrated T
+        shutil.rmtree(work)
     exported = read_export(build)
     test = load_split("test", exported.get("data_dir"), tuple(exported["service_size"]))
     shifted = SHIFTS[args.shift](test.images, args.strength)

@@ -17,8 +17,8 @@ long the monitoring runs and however often it is looked at.
 - **Raise.** H0: the disagreement at the guard's T is <= eps. When K reaches 1/alpha the guard fires: T goes to
   the smallest level whose Wilson upper bound (``shadow.wilson_cc``) on the last ``window`` observations is
   within eps, or to ``ALWAYS_BIG`` (every row escalated) when too few rows back any level. The bet is the
-  predictable plug-in ``(m - eps) / (m (1 - m) + (m - eps)^2)`` (GRAPA's approximation) from the observations
-  since the last change, clipped to [0, 0.5 / eps]: on traffic within eps it bets nothing and its wealth stays
+  predictable plug-in ``(m - eps) / (m (1 - m) + (m - eps)^2)`` (GRAPA's approximation), m the test's own
+  observations so far discounted with a half-life of ``BET_HALF_LIFE`` rows, clipped to [0, 0.5 / eps]: on traffic within eps it bets nothing and its wealth stays
   put, so a later shift is seen as soon as it starts, not after paying back a long clean run.
 - **Lower.** While T is raised, every level below it, down to the calibrated T, runs the mirror test, H0: the
   disagreement at that level is >= eps, at alpha / (number of levels) (Bonferroni). T goes down to the lowest
@@ -53,6 +53,9 @@ WINDOW = 2000
 PRIOR_ROWS = 20
 #: Levels above the calibrated T: 1 - (1 - T_cal) x RATIO^k for k = 1..LEVELS, then ALWAYS_BIG.
 LEVELS, RATIO = 12, 0.6
+#: Half-life, in observations, of the rows the bet's estimate weighs: it follows a shift in a few hundred rows
+#: instead of averaging it with every row since the test started.
+BET_HALF_LIFE = 500
 #: Largest bet, as a share of the one that could zero the wealth (1 / eps raising; 1 / (1 - eps) lowering).
 MAX_BET = 0.5
 
@@ -74,8 +77,9 @@ def z_one_sided(alpha: float) -> float:
 
 
 def grapa_bet(hits: float, rows: float, eps: float, direction: int) -> float:
-    """The plug-in bet for ``direction`` +1 (the mean is above eps) or -1 (below), from ``hits`` of ``rows`` seen
-    since the test started, shrunk towards eps by ``PRIOR_ROWS``; 0 while the estimate leans the other way."""
+    """The plug-in bet for ``direction`` +1 (the mean is above eps) or -1 (below), from ``hits`` of ``rows`` (the
+    test's observations, discounted by ``BET_HALF_LIFE``), shrunk towards eps by ``PRIOR_ROWS``; 0 while the
+    estimate leans the other way."""
     m = (hits + eps * PRIOR_ROWS) / (rows + PRIOR_ROWS)
     edge = direction * (m - eps)
     if edge <= 0:
@@ -86,7 +90,8 @@ def grapa_bet(hits: float, rows: float, eps: float, direction: int) -> float:
 
 @dataclass
 class Test:
-    """One betting test of the mean of a 0/1 stream against eps: log wealth and what it has seen."""
+    """One betting test of the mean of a 0/1 stream against eps: log wealth, and the discounted hits and rows its
+    bet is set from."""
 
     log_wealth: float = 0.0
     hits: float = 0.0
@@ -101,8 +106,9 @@ class Test:
         if bet > 0:
             factors = 1.0 + bet * direction * (x.astype(np.float64) - eps)
             self.log_wealth += float(np.log(factors).sum())
-        self.hits += float(x.sum())
-        self.rows += len(x)
+        keep = 0.5 ** (len(x) / BET_HALF_LIFE)
+        self.hits = self.hits * keep + float(x.sum())
+        self.rows = self.rows * keep + len(x)
 
 
 class Guard:
