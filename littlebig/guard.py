@@ -47,8 +47,10 @@ except ImportError:  # tests and tools
     from littlebig.decision import ALWAYS_BIG, escalate
     from littlebig.shadow import wilson_cc
 
-#: Observations the raise picks its level on (the most recent ones).
-WINDOW = 2000
+#: Observations the raise picks its level on: the most recent ones, few enough to be mostly the traffic that made
+#: the test fire (a longer window mixed with the rows before a shift picks too low a T), enough to certify a level
+#: within eps = 1% with no disagreement among them.
+WINDOW = 500
 #: Pseudo-observations at eps in the bet's plug-in estimate: no bet until the stream itself leans.
 PRIOR_ROWS = 20
 #: Levels above the calibrated T: 1 - (1 - T_cal) x RATIO^k for k = 1..LEVELS, then ALWAYS_BIG.
