@@ -428,6 +428,13 @@ def shadow_calibration_step(build: Path, records_dir: Path, since: float | None 
     return record
 
 
+def read_tensorrt(build: Path) -> dict[str, Any] | None:
+    """``tensorrt.json``, what ``littlebig export --tensorrt`` recorded with the plans (their profiles, precision,
+    GPU and calibration on the plans' own outputs); None where no plans were built."""
+    path = export_dir(build) / "tensorrt.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def read_calibration(build: Path) -> dict[str, Any]:
     path = build / "calibration.json"
     if not path.exists():

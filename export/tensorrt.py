@@ -34,7 +34,6 @@ every entry point says so clearly and :func:`run_tensorrt_cli` exits 1.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from littlebig.atomic import replacing_file, write_bytes, write_json
-from littlebig.export.pipeline import ROLES, export_dir, read_export
+from littlebig.export.pipeline import ROLES, export_dir, read_export, read_tensorrt
 
 INPUT_NAME, OUTPUT_NAME = "IMAGE", "LOGITS"
 PRECISIONS = ("fp16", "fp32")
@@ -124,9 +123,9 @@ def gpu_product_label(device_name: str) -> str:
 def plan_profiles(build: Path) -> dict[str, tuple[tuple[int, ...], ...]]:
     """Each role's (min, opt, max) IMAGE shape as ``tensorrt.json`` recorded it when the plans were built."""
     path = export_dir(build) / "tensorrt.json"
-    if not path.exists():
+    record = read_tensorrt(build)
+    if record is None:
         raise FileNotFoundError(f"{path} not found: rerun `littlebig export --tensorrt`")
-    record = json.loads(path.read_text())
     profiles = {}
     for role in ROLES:
         profile = record.get(role, {}).get("profile") or record.get("profile")

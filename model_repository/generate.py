@@ -62,6 +62,7 @@ from littlebig.export.pipeline import (
     export_dir,
     read_calibration,
     read_export,
+    read_tensorrt,
     stages_of,
 )
 
@@ -111,7 +112,7 @@ class ServeOptions:
     # 500 -> 100: same throughput, -7.5% latency at concurrency 1 (BENCHMARKS.md)
     queue_delay_us: int = field(default=100, metadata=flag("dynamic batching max queue delay"))
     little_instances: int = field(default=1, metadata=flag("little's instance count"))
-    # 1 -> 2: make bench's best deployment (littlebig +53% in its screen; BENCHMARKS.md)
+    # 1 -> 2: make bench's best littlebig deployment (BENCHMARKS.md, the search table)
     big_instances: int = field(default=2, metadata=flag("big's instance count"))
     bls_instances: int = field(default=2, metadata=flag("littlebig's (BLS) instance count"))
     intra_op_threads: int = field(default=1, metadata=flag("onnxruntime threads per cpu-profile instance"))
@@ -652,7 +653,7 @@ def check_plan_profiles(build: Path, opts: ServeOptions) -> str | None:
     """
     from littlebig.export.tensorrt import plan_profiles
 
-    record = json.loads((export_dir(build) / "tensorrt.json").read_text())
+    record = read_tensorrt(build) or {}
     for role, (_, _, hi) in plan_profiles(build).items():
         if opts.role_max_batch(role) > hi[0]:
             flag = "--max-batch-size" if role == "little" else "--big-max-batch-size"
@@ -667,7 +668,7 @@ def check_plan_profiles(build: Path, opts: ServeOptions) -> str | None:
 def check_fp16_calibration(build: Path) -> None:
     """An FP16 TensorRT accelerator needs a T calibrated on FP16 TensorRT outputs: the fp16 plans' tensorrt.json."""
     path = export_dir(build) / "tensorrt.json"
-    precision = json.loads(path.read_text()).get("precision") if path.exists() else None
+    precision = (read_tensorrt(build) or {}).get("precision")
     if precision != "fp16":
         raise ValueError(
             "trt_precision fp16 needs a threshold calibrated on FP16 TensorRT outputs, and "
@@ -691,13 +692,13 @@ def served_thresholds(build: Path, opts: ServeOptions, plans: bool = False) -> t
     calibration = read_calibration(build)
     stages = len(calibration.get("stages", ROLES))
     if plans:
-        trt = export_dir(build) / "tensorrt.json"
-        if not trt.exists():
+        record = read_tensorrt(build)
+        if record is None:
             raise FileNotFoundError(
-                f"{trt} not found: plans without their calibration; rerun `littlebig export "
-                "--tensorrt` or pass use_plans=False"
+                f"{export_dir(build) / 'tensorrt.json'} not found: plans without their calibration; rerun "
+                "`littlebig export --tensorrt` or pass use_plans=False"
             )
-        calibration = {**calibration, "rules": json.loads(trt.read_text())["calibration"]["rules"]}
+        calibration = {**calibration, "rules": record["calibration"]["rules"]}
     rule = opts.rule or calibration["serve_rule"]
     if opts.threshold is not None:
         return [decision.check_threshold(opts.threshold)] * (stages - 1), "override"
@@ -754,7 +755,7 @@ def governor_settings(
     val = served_val_outputs(build, tensorrt)
     floor = threshold_floor(val, threshold, opts.max_accuracy_drop)
     if tensorrt and rule is not None and opts.max_accuracy_drop == MAX_ACCURACY_DROP:
-        recorded = json.loads((export_dir(build) / "tensorrt.json").read_text())["calibration"]["rules"].get(rule, {})
+        recorded = (read_tensorrt(build) or {}).get("calibration", {}).get("rules", {}).get(rule, {})
         if recorded.get("threshold") == threshold and "t_min" in recorded and recorded["t_min"] != floor:
             raise ValueError(
                 f"T_min {floor!r} from {export_dir(build) / 'logits-plan-val.npz'} differs from the "

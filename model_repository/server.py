@@ -113,9 +113,6 @@ class StopSignals:
         except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
             pass
 
-    def is_set(self) -> bool:
-        return self.signum is not None
-
     def wait(self, timeout: float | None = None) -> bool:
         """True once a signal came; else after ``timeout`` s, False. A signal wakes it at once."""
         if self.signum is None:
