@@ -18,8 +18,9 @@ long the monitoring runs and however often it is looked at.
   the smallest level whose Wilson upper bound (``shadow.wilson_cc``) on the last ``window`` observations is
   within eps, or to ``ALWAYS_BIG`` (every row escalated) when too few rows back any level. The bet is the
   predictable plug-in ``(m - eps) / (m (1 - m) + (m - eps)^2)`` (GRAPA's approximation), m the test's own
-  observations so far discounted with a half-life of ``BET_HALF_LIFE`` rows, clipped to [0, 0.5 / eps]: on traffic within eps it bets nothing and its wealth stays
-  put, so a later shift is seen as soon as it starts, not after paying back a long clean run.
+  observations so far discounted with a half-life of ``BET_HALF_LIFE`` rows, clipped to [0, 0.5 / eps]: on
+  traffic within eps it bets nothing and its wealth stays put, so a later shift is seen as soon as it starts,
+  not after paying back a long clean run.
 - **Lower.** While T is raised, every level below it, down to the calibrated T, runs the mirror test, H0: the
   disagreement at that level is >= eps, at alpha / (number of levels) (Bonferroni). T goes down to the lowest
   level whose test rejects: only as fast as the evidence allows.
