@@ -1,13 +1,27 @@
 """The BLS model's control loop, apart from Triton: when to stop calling a model (``Breaker``), which T
-is in force under load (``Governor``), and a request's deadline. Stdlib and numpy only, so the tests
+is in force under load (``Governor``) and for accuracy (``Guard``), and a request's deadline. Stdlib, numpy and
+the sibling ``decision`` and ``shadow`` only, so the tests
 exercise the same code the server runs: the generator copies this file beside the BLS model.py, as it does
 ``decision.py``; both live in ``littlebig/`` so that tests and tools import them as ``littlebig.control``.
 """
 
+from __future__ import annotations
+
+import json
+import math
+import os
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
+
+try:  # in the served repository: the generator's copies beside model.py
+    from decision import ALWAYS_BIG, escalate
+    from shadow import wilson_cc
+except ImportError:  # tests and tools
+    from littlebig.decision import ALWAYS_BIG, escalate
+    from littlebig.shadow import wilson_cc
 
 
 def check_deadline(value: object) -> float:
@@ -160,3 +174,218 @@ class Governor:
             self.level, self.changed = max(0, self.level - steps), now
             return True
         return False
+
+
+# --- the accuracy guard ----------------------------------------------------------------------------------------
+#
+# The accuracy guard: the served cascade raises its own T when shadow rows show it disagrees with big by more
+# than eps, and lowers it again only on evidence.
+#
+# What it observes: the rows shadow sampling draws (a uniform R-share of traffic) whose big answer is known, each
+# as (the answer-before-big's confidence, whether that answer differs from big's). An escalated row's big answer
+# comes with the escalation; a confident row's from its shadow call. From the pair, the cascade's disagreement at
+# *any* T is known for the row: ``~escalate(conf, T) & mismatch`` (the shared decision rule). An execute whose drawn
+# rows are not all known (shadow work dropped or failed) gives no observation at all, so the dropped confident
+# rows cannot bias the stream towards the escalated ones.
+#
+# The tests are anytime-valid: betting e-processes (Shafer and Vovk's game-theoretic testing; the betting form of
+# Waudby-Smith and Ramdas, "Estimating means of bounded random variables by betting", JRSS B 86(1), 2024). Under
+# the null, the wealth ``K_t = prod (1 + lambda_i (X_i - eps))`` with a bet ``lambda_i >= 0`` fixed before ``X_i``
+# is seen is a nonnegative supermartingale, so by Ville's inequality P(K ever reaches 1/alpha) <= alpha however
+# long the monitoring runs and however often it is looked at.
+#
+# - **Raise.** H0: the disagreement at the guard's T is <= eps. When K reaches 1/alpha the guard fires: T goes to
+#   the smallest level whose Wilson upper bound (``shadow.wilson_cc``) on the last ``window`` observations is
+#   within eps, or to ``ALWAYS_BIG`` (every row escalated) when too few rows back any level. The bet is the
+#   predictable plug-in ``(m - eps) / (m (1 - m) + (m - eps)^2)`` (GRAPA's approximation), m the test's own
+#   observations so far discounted with a half-life of ``BET_HALF_LIFE`` rows, clipped to [0, 0.5 / eps]: on
+#   traffic within eps it bets nothing and its wealth stays put, so a later shift is seen as soon as it starts,
+#   not after paying back a long clean run.
+# - **Lower.** While T is raised, every level below it, down to the calibrated T, runs the mirror test, H0: the
+#   disagreement at that level is >= eps, at alpha / (number of levels) (Bonferroni). T goes down to the lowest
+#   level whose test rejects: only as fast as the evidence allows.
+#
+# Each change restarts every test on the observations that follow. With the governor: while the guard has not
+# raised T, the governor's T (latency) is served; once raised, the guard's T wins (accuracy first).
+
+
+#: Observations the raise picks its level on: the most recent ones, few enough to be mostly the traffic that made
+#: the test fire (a longer window mixed with the rows before a shift picks too low a T), enough to certify a level
+#: within eps = 1% with no disagreement among them.
+WINDOW = 500
+#: Pseudo-observations at eps in the bet's plug-in estimate: no bet until the stream itself leans.
+PRIOR_ROWS = 20
+#: Levels above the calibrated T: 1 - (1 - T_cal) x RATIO^k for k = 1..LEVELS, then ALWAYS_BIG.
+LEVELS, RATIO = 12, 0.6
+#: Half-life, in observations, of the rows the bet's estimate weighs: it follows a shift in a few hundred rows
+#: instead of averaging it with every row since the test started.
+BET_HALF_LIFE = 500
+#: Largest bet, as a share of the one that could zero the wealth (1 / eps raising; 1 / (1 - eps) lowering).
+MAX_BET = 0.5
+
+
+def guard_levels(calibrated: float) -> list[float]:
+    """The guard's T levels, calibrated first: geometric in 1 - T (confidence crowds near 1), then ALWAYS_BIG."""
+    gap = 1.0 - calibrated
+    levels = [calibrated] + [1.0 - gap * RATIO**k for k in range(1, LEVELS + 1)] + [ALWAYS_BIG]
+    return sorted({round(t, 10) for t in levels if calibrated <= t <= ALWAYS_BIG})
+
+
+def z_one_sided(alpha: float) -> float:
+    """z with P(N(0, 1) > z) = alpha (bisection on erfc: no scipy inside the server)."""
+    lo, hi = 0.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2)) > alpha else (lo, mid)
+    return (lo + hi) / 2
+
+
+def grapa_bet(hits: float, rows: float, eps: float, direction: int) -> float:
+    """The plug-in bet for ``direction`` +1 (the mean is above eps) or -1 (below), from ``hits`` of ``rows`` (the
+    test's observations, discounted by ``BET_HALF_LIFE``), shrunk towards eps by ``PRIOR_ROWS``; 0 while the
+    estimate leans the other way."""
+    m = (hits + eps * PRIOR_ROWS) / (rows + PRIOR_ROWS)
+    edge = direction * (m - eps)
+    if edge <= 0:
+        return 0.0
+    cap = MAX_BET / (eps if direction > 0 else 1.0 - eps)
+    return min(edge / (m * (1.0 - m) + edge * edge), cap)
+
+
+@dataclass
+class Test:
+    """One betting test of the mean of a 0/1 stream against eps: log wealth, and the discounted hits and rows its
+    bet is set from."""
+
+    log_wealth: float = 0.0
+    hits: float = 0.0
+    rows: float = 0.0
+
+    def update(self, x: np.ndarray, eps: float, direction: int) -> None:
+        """One block of observations with one bet, set before the block is seen (rows of a block are independent
+        draws, so the product of their factors keeps the supermartingale property)."""
+        if not len(x):
+            return
+        bet = grapa_bet(self.hits, self.rows, eps, direction)
+        if bet > 0:
+            factors = 1.0 + bet * direction * (x.astype(np.float64) - eps)
+            self.log_wealth += float(np.log(factors).sum())
+        keep = 0.5 ** (len(x) / BET_HALF_LIFE)
+        self.hits = self.hits * keep + float(x.sum())
+        self.rows = self.rows * keep + len(x)
+
+
+class Guard:
+    """The guard of one BLS instance (module docstring). ``observe`` takes each execute's known drawn rows and
+    says whether T changed; ``threshold`` is the guard's T; ``state``/``restore`` make it survive a restart."""
+
+    def __init__(self, calibrated: float, eps: float, alpha: float, window: int = WINDOW) -> None:
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"guard eps must be in (0, 1), got {eps!r}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"guard alpha must be in (0, 1), got {alpha!r}")
+        self.calibrated, self.eps, self.alpha = float(calibrated), float(eps), float(alpha)
+        self.levels = guard_levels(self.calibrated)
+        self.z = z_one_sided(alpha)
+        self.threshold = self.calibrated
+        self.recent: deque[tuple[float, bool]] = deque(maxlen=window)
+        self.firings = 0
+        self.lowerings = 0
+        self.cannot_meet = False  # the last raise found no level within eps: every row goes to big
+        self._restart()
+
+    def _restart(self) -> None:
+        self.raise_test = Test()
+        self.lower_tests = {t: Test() for t in self.levels if t < self.threshold}
+
+    @property
+    def raised(self) -> bool:
+        return self.threshold > self.calibrated
+
+    @property
+    def log_threshold(self) -> float:
+        """Log wealth at which the raise test fires (log 1/alpha)."""
+        return math.log(1.0 / self.alpha)
+
+    def disagreement(self, conf: np.ndarray, mismatch: np.ndarray, threshold: float) -> np.ndarray:
+        """Per row, whether the cascade at ``threshold`` would answer it differently from big."""
+        return ~escalate(conf, threshold) & mismatch
+
+    def observe(self, conf: np.ndarray, mismatch: np.ndarray) -> bool:
+        """One execute's known drawn rows (confidence before big, answer differs from big's). True: T changed."""
+        conf = np.asarray(conf, dtype=np.float64).reshape(-1)
+        mismatch = np.asarray(mismatch, dtype=bool).reshape(-1)
+        if not len(conf):
+            return False
+        self.recent.extend(zip(conf.tolist(), mismatch.tolist()))
+        self.raise_test.update(self.disagreement(conf, mismatch, self.threshold), self.eps, +1)
+        if self.threshold < ALWAYS_BIG and self.raise_test.log_wealth >= self.log_threshold:
+            self.threshold = self._lowest_within_eps(self.threshold)
+            self.firings += 1
+            self._restart()
+            return True
+        if self.lower_tests:
+            bar = math.log(len(self.lower_tests) / self.alpha)
+            for t, test in self.lower_tests.items():
+                test.update(self.disagreement(conf, mismatch, t), self.eps, -1)
+            proven = [t for t, test in self.lower_tests.items() if test.log_wealth >= bar]
+            if proven:
+                self.threshold = min(proven)
+                self.lowerings += 1
+                self.cannot_meet = False
+                self._restart()
+                return True
+        return False
+
+    def _lowest_within_eps(self, above: float) -> float:
+        """The smallest level above ``above`` whose Wilson upper bound on the recent rows is within eps."""
+        conf = np.array([c for c, _ in self.recent])
+        mismatch = np.array([m for _, m in self.recent], dtype=bool)
+        for t in self.levels:
+            if t <= above or t >= ALWAYS_BIG:
+                continue
+            hits = int(self.disagreement(conf, mismatch, t).sum())
+            if wilson_cc(hits, len(conf), self.z)[1] <= self.eps:
+                self.cannot_meet = False
+                return t
+        self.cannot_meet = True
+        return ALWAYS_BIG
+
+    def state(self) -> dict:
+        """What a restart needs: the configuration it belongs to, T, the tests' wealth and the recent rows."""
+        return {
+            "calibrated": self.calibrated, "eps": self.eps, "alpha": self.alpha, "threshold": self.threshold,
+            "firings": self.firings, "lowerings": self.lowerings, "cannot_meet": self.cannot_meet,
+            "raise_test": vars(self.raise_test),
+            "lower_tests": [[t, vars(test)] for t, test in self.lower_tests.items()],
+            "recent": [list(r) for r in self.recent],
+        }  # fmt: skip
+
+    def restore(self, state: dict) -> bool:
+        """Take a saved ``state`` if it belongs to this calibration (T, eps, alpha); False (fresh start) if not."""
+        same = all(math.isclose(float(state.get(k, -1)), getattr(self, k)) for k in ("calibrated", "eps", "alpha"))
+        if not same or float(state["threshold"]) not in self.levels:
+            return False
+        self.threshold = float(state["threshold"])
+        self.firings, self.lowerings = int(state["firings"]), int(state["lowerings"])
+        self.cannot_meet = bool(state["cannot_meet"])
+        self.raise_test = Test(**state["raise_test"])
+        self.lower_tests = {float(t): Test(**s) for t, s in state["lower_tests"]}
+        self.recent.clear()
+        self.recent.extend((float(c), bool(m)) for c, m in state["recent"])
+        return True
+
+    def save(self, path: str) -> None:
+        """Write ``state()`` beside ``path`` and rename it into place: a crash leaves the old state or the new."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.state(), f)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> bool:
+        """``restore`` from ``path``; False where there is none, it is unreadable, or it is another calibration's."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return self.restore(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError):
+            return False

@@ -53,7 +53,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from littlebig import control, decision, guard, shadow
+from littlebig import control, decision, shadow
 from littlebig.atomic import replacing_dir
 from littlebig.export.pipeline import (
     ROLES,
@@ -163,7 +163,7 @@ class ServeOptions:
         default=None,
         metadata=flag("shadow sampling: where the rotating records go (default: logs/ beside the repository)"),
     )
-    #: The accuracy guard (littlebig/guard.py): from the shadow rows, an anytime-valid test of "the cascade
+    #: The accuracy guard (littlebig/control.py ``Guard``): from the shadow rows, an anytime-valid test of "the cascade
     #: disagrees with big by more than guard_eps" raises T when it fires and lowers it only on evidence. Needs
     #: shadow sampling. Off: the served path is unchanged.
     guard: bool = field(
@@ -859,7 +859,6 @@ def _write_repository(build: Path, out: Path, profile: str, opts: ServeOptions, 
     shutil.copy2(Path(control.__file__), bls_dir / "1" / "control.py")
     shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
     shutil.copy2(Path(shadow.__file__), bls_dir / "1" / "shadow.py")
-    shutil.copy2(Path(guard.__file__), bls_dir / "1" / "guard.py")
     if opts.little_in_process:
         shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
     (bls_dir / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")

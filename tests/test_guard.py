@@ -1,6 +1,6 @@
-"""The accuracy guard's statistics on synthetic streams of known disagreement (littlebig/guard.py), and on the real
-server: T raised under a shifted stream, every answer equal to the offline cascade at the T in force, the state
-surviving a restart.
+"""The accuracy guard (littlebig/control.py ``Guard``): its statistics on synthetic streams of known disagreement,
+and on the real server: T raised under a shifted stream, every answer equal to the offline cascade at the T in
+force, the state surviving a restart.
 
 The synthetic streams are seeded, so every figure here is exact for those seeds: the false-firing share is the
 level's bound checked on 200 fixed streams, not a sampled estimate that could land either side of it."""
@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 
+from littlebig.control import Guard, guard_levels, z_one_sided
 from littlebig.decision import ALWAYS_BIG, escalate
-from littlebig.guard import Guard, guard_levels, z_one_sided
 from littlebig.model_repository.generate import ServeOptions
 
 CALIBRATED, EPS, ALPHA = 0.888, 0.01, 0.05

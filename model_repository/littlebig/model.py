@@ -48,10 +48,9 @@ from typing import NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from control import Breaker, Governor, check_deadline
+from control import Breaker, Governor, Guard, check_deadline
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax, stage_names
 from decision import REASONS as REASON_NAMES
-from guard import Guard
 from shadow import DROP_REASONS, RecordWriter, Sampler
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
