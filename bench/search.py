@@ -55,6 +55,9 @@ ROLE_FIELDS = {
         "little_in_process",
     ),
 }
+#: Options a littlebig candidate may also set that watch the answers rather than deploy the models (an A/B of
+#: shadow sampling or the accuracy guard): appended after ROLE_FIELDS, so no search name changes.
+WATCH_FIELDS = ("shadow_rate", "guard", "guard_eps")
 SHORT = {
     "bls_instances": "bls",
     "little_instances": "li",
@@ -64,6 +67,9 @@ SHORT = {
     "big_max_batch_size": "bmb",
     "queue_delay_us": "q",
     "little_in_process": "lip",
+    "shadow_rate": "sr",
+    "guard": "g",
+    "guard_eps": "ge",
 }
 
 
@@ -107,10 +113,11 @@ class Candidate:
 
 def candidate(role: str, stage: str = "grid", **options: Any) -> Candidate:
     """A candidate with its options in ROLE_FIELDS order (so equal settings give equal names)."""
-    unknown = set(options) - set(ROLE_FIELDS[role])
+    allowed = ROLE_FIELDS[role] + (WATCH_FIELDS if role == BLS else ())
+    unknown = set(options) - set(allowed)
     if unknown:
         raise ValueError(f"{role} candidates do not depend on {sorted(unknown)}")
-    return Candidate(role, tuple((k, options[k]) for k in ROLE_FIELDS[role] if k in options), stage)
+    return Candidate(role, tuple((k, options[k]) for k in allowed if k in options), stage)
 
 
 def grid(defaults: dict[str, Any]) -> dict[str, list[Candidate]]:
