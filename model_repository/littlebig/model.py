@@ -73,139 +73,98 @@ METRICS = {
     "rows": ("littlebig_rows_total", "counter", "Rows (images) answered by the cascade", None),
     "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big (last) model", None),
     "stage_rows": (
-        "littlebig_stage_rows_total",
-        "counter",
-        "Rows answered by each stage of the cascade (little ... big)",
-        "stage",
+        "littlebig_stage_rows_total", "counter", "Rows answered by each stage of the cascade (little ... big)", "stage"
     ),
     "degraded": (
-        "littlebig_degraded_rows_total",
-        "counter",
-        "Escalated rows answered by little because big failed",
-        None,
+        "littlebig_degraded_rows_total", "counter", "Escalated rows answered by little because big failed", None
     ),
     "failed": (
-        "littlebig_failed_requests_total",
-        "counter",
-        "Requests answered with an error (Triton counts them as successes)",
-        None,
+        "littlebig_failed_requests_total", "counter",
+        "Requests answered with an error (Triton counts them as successes)", None,
     ),
     "cancelled": (
-        "littlebig_cancelled_requests_total",
-        "counter",
-        "Requests their client cancelled before a later stage was called for them (none of their rows went on)",
-        None,
+        "littlebig_cancelled_requests_total", "counter",
+        "Requests their client cancelled before a later stage was called for them (none of their rows went on)", None,
     ),
     "load": (
-        "littlebig_load_rows_total",
-        "counter",
-        "Rows answered by little because the governor lowered T under load (REASON load)",
-        None,
+        "littlebig_load_rows_total", "counter",
+        "Rows answered by little because the governor lowered T under load (REASON load)", None,
     ),
     "deadline": (
-        "littlebig_deadline_rows_total",
-        "counter",
-        "Rows answered by little because big could not answer within the request's deadline_ms",
-        None,
+        "littlebig_deadline_rows_total", "counter",
+        "Rows answered by little because big could not answer within the request's deadline_ms", None,
     ),
     "calibration_escalations": (
-        "littlebig_calibration_escalations_total",
-        "counter",
-        "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)",
-        None,
+        "littlebig_calibration_escalations_total", "counter",
+        "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)", None,
     ),
     "confidence": (
-        "littlebig_little_confidence_rows_total",
-        "counter",
-        "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total",
-        "upper",
+        "littlebig_little_confidence_rows_total", "counter",
+        "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total", "upper",
     ),
     "confident": (
-        "littlebig_confident_rows_total",
-        "counter",
+        "littlebig_confident_rows_total", "counter",
         "Rows answered before big because the stage was confident (REASON confident): what shadow sampling draws from",
         None,
     ),
     "shadow_rows": (
-        "littlebig_shadow_rows_total",
-        "counter",
+        "littlebig_shadow_rows_total", "counter",
         "Confident rows also answered by big in the shadow (after their response), per little confidence bin",
         "upper",
     ),
     "shadow_disagreements": (
-        "littlebig_shadow_disagreements_total",
-        "counter",
-        "Shadow rows whose big answer differs from the served one, per little confidence bin",
-        "upper",
+        "littlebig_shadow_disagreements_total", "counter",
+        "Shadow rows whose big answer differs from the served one, per little confidence bin", "upper",
     ),
     "shadow_dropped": (
-        "littlebig_shadow_dropped_rows_total",
-        "counter",
+        "littlebig_shadow_dropped_rows_total", "counter",
         "Confident rows drawn for the shadow whose big call was not made (load, breaker, deadline, busy) or failed",
         "drop",
     ),
     "shadow_rate": ("littlebig_shadow_rate", "gauge", "Share of rows drawn for shadow sampling (R)", None),
     "calibrated_eps": (
-        "littlebig_calibrated_eps",
-        "gauge",
-        "Accuracy-loss budget eps of the calibration (the loss alert's)",
-        None,
+        "littlebig_calibrated_eps", "gauge", "Accuracy-loss budget eps of the calibration (the loss alert's)", None
     ),
     "threshold": ("littlebig_threshold", "gauge", "T in force for rows without their own threshold", "bls_instance"),
     # The accuracy guard's (registered only with ``guard`` on)
     "guard_threshold": (
-        "littlebig_guard_threshold",
-        "gauge",
-        "The accuracy guard's T (the calibrated T until its test fires)",
+        "littlebig_guard_threshold", "gauge", "The accuracy guard's T (the calibrated T until its test fires)",
         "bls_instance",
     ),
     "guard_log_evalue": (
-        "littlebig_guard_log_evalue",
-        "gauge",
+        "littlebig_guard_log_evalue", "gauge",
         "Log wealth of the guard's test of disagreement with big > eps at its T; it fires at log(1/alpha)",
         "bls_instance",
     ),
     "guard_binding": (
-        "littlebig_guard_binding",
-        "gauge",
+        "littlebig_guard_binding", "gauge",
         "1 while the guard's raised T is in force (it wins over the governor's), 0 while the governor's is",
         "bls_instance",
     ),
     "guard_cannot_meet": (
-        "littlebig_guard_cannot_meet_eps",
-        "gauge",
-        "1 while no T short of sending every row to big is shown within the guard's eps",
-        "bls_instance",
+        "littlebig_guard_cannot_meet_eps", "gauge",
+        "1 while no T short of sending every row to big is shown within the guard's eps", "bls_instance",
     ),
     "guard_eps": ("littlebig_guard_eps", "gauge", "The accuracy guard's disagreement budget", None),
     "guard_firings": ("littlebig_guard_firings_total", "counter", "Times the guard's test fired and raised T", None),
     "guard_lowerings": (
-        "littlebig_guard_lowerings_total",
-        "counter",
-        "Times the guard lowered T on evidence within eps",
-        None,
+        "littlebig_guard_lowerings_total", "counter", "Times the guard lowered T on evidence within eps", None
     ),
     "guard_rows": ("littlebig_guard_rows_total", "counter", "Drawn rows the guard's tests have observed", None),
     "calibrated_escalation_rate": (
-        "littlebig_calibrated_escalation_rate",
-        "gauge",
-        "Val escalation rate at the calibrated T (drift alerts' reference)",
-        None,
+        "littlebig_calibrated_escalation_rate", "gauge",
+        "Val escalation rate at the calibrated T (drift alerts' reference)", None,
     ),
     "calibration_rows": ("littlebig_calibration_rows", "gauge", "Val rows the calibration was measured on", None),
     "calibrated_confidence_share": (
-        "littlebig_calibrated_confidence_share",
-        "gauge",
-        "Val share of each confidence bin (drift alerts' reference)",
+        "littlebig_calibrated_confidence_share", "gauge", "Val share of each confidence bin (drift alerts' reference)",
         "upper",
     ),
     # Not traffic: a defect detector (probes' calls count too). CPU memory is asked for; make gpu-check asserts
     # this stays 0, which it cannot see from the answers (they are copied when torch is there).
     "gpu_outputs": (
-        "littlebig_gpu_memory_outputs_total",
-        "counter",
-        "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for",
-        "role",
+        "littlebig_gpu_memory_outputs_total", "counter",
+        "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for", "role",
     ),
 }
 
@@ -630,11 +589,7 @@ class TritonPythonModel:
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
         confident = (reason == CONFIDENT) & (stage < last)  # answered before big, confidently: shadow candidates
         self._observe(
-            conf[traffic],
-            sent_to_big[traffic],
-            reason[traffic],
-            below_calibrated[traffic],
-            stage[traffic],
+            conf[traffic], sent_to_big[traffic], reason[traffic], below_calibrated[traffic], stage[traffic],
             int((confident & traffic).sum()),
         )
         # Drawn after the responses are built, and never awaited: shadow work cannot delay an answer.
@@ -678,7 +633,7 @@ class TritonPythonModel:
             dropped = {"deadline": rows[tight]}
             rows = rows[~tight]
             max_batch = self.max_batch["big"]
-            chunks = [rows[a : a + max_batch] for a in range(0, len(rows), max_batch)]
+            chunks = [rows[a:a + max_batch] for a in range(0, len(rows), max_batch)]
             room = max(SHADOW_MAX_CALLS - len(self.shadow_in_flight), 0)
             dropped["busy"] = np.concatenate([rows[:0], *chunks[room:]])
             for chunk in chunks[:room]:
