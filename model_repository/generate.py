@@ -755,7 +755,7 @@ def governor_settings(
     val = served_val_outputs(build, tensorrt)
     floor = threshold_floor(val, threshold, opts.max_accuracy_drop)
     if tensorrt and rule is not None and opts.max_accuracy_drop == MAX_ACCURACY_DROP:
-        recorded = (read_tensorrt(build) or {}).get("calibration", {}).get("rules", {}).get(rule, {})
+        recorded = read_tensorrt(build)["calibration"]["rules"].get(rule, {})
         if recorded.get("threshold") == threshold and "t_min" in recorded and recorded["t_min"] != floor:
             raise ValueError(
                 f"T_min {floor!r} from {export_dir(build) / 'logits-plan-val.npz'} differs from the "

@@ -710,7 +710,10 @@ class TritonPythonModel:
             self.metrics["guard_firings"][0].increment(1)
         if self.guard.lowerings > lowerings:
             self.metrics["guard_lowerings"][0].increment(1)
-        self._show_threshold()
+        if changed:  # T, binding and cannot-meet move only with T; the test's wealth moves with every observation
+            self._show_threshold()
+        else:
+            self.metrics["guard_log_evalue"][0].set(self.guard.raise_test.log_wealth)
         self.guard_unsaved += len(conf)
         if changed or self.guard_unsaved >= GUARD_SAVE_ROWS:
             try:
