@@ -19,15 +19,12 @@ import json
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from bench.shift import SHIFTS, stream_logits
-from littlebig.decision import CASCADE as BLS
+from bench.shift import SHIFTS, Replay, add_shift_arguments, shifted_logits
 from littlebig.metrics_text import fetch
 
 #: What the timeline reads from the metrics port: key -> metric (summed over its samples).
@@ -42,39 +39,6 @@ GAUGES = {
 PHASES = ("clean", "shift", "back")
 
 
-def replay(url: str, images: np.ndarray, big: np.ndarray, pace: float, batch: int, phase: str, t0: float,
-           out: list[dict[str, Any]], lock: threading.Lock) -> None:  # fmt: skip
-    """Send ``images`` in batches at ``pace`` rows/s (open loop); per batch: rows, served disagreement with big,
-    escalated rows."""
-    import tritonclient.grpc as grpcclient
-
-    def send(rows: slice) -> None:
-        client = grpcclient.InferenceServerClient(url)
-        try:
-            inp = grpcclient.InferInput("IMAGE", list(images[rows].shape), "UINT8")
-            inp.set_data_from_numpy(images[rows])
-            result = client.infer(BLS, [inp], client_timeout=60)
-        finally:
-            client.close()
-        served = result.as_numpy("LABEL").reshape(-1)
-        with lock:
-            out.append({
-                "phase": phase, "t": time.time() - t0, "rows": len(served),
-                "disagree": int((served != big[rows]).sum()), "escalated": int(result.as_numpy("ESCALATED").sum()),
-            })  # fmt: skip
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
-        futures = []
-        for k, a in enumerate(tqdm(range(0, len(images), batch), desc=phase, unit="batch")):
-            delay = start + k * batch / pace - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            futures.append(pool.submit(send, slice(a, a + batch)))
-        for f in futures:
-            f.result()
-
-
 def watch(metrics_url: str, t0: float, stop: threading.Event, out: list[dict[str, Any]]) -> None:
     while not stop.wait(0.5):
         try:
@@ -84,9 +48,11 @@ def watch(metrics_url: str, t0: float, stop: threading.Event, out: list[dict[str
         out.append({"t": time.time() - t0, **{k: m.total(name) for k, name in GAUGES.items() if name in m}})
 
 
-def run(build: Path, work: Path, guard: bool, streams: dict[str, tuple[np.ndarray, np.ndarray]],
+def run(build: Path, work: Path, guard: bool, streams: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
         args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    """One fresh server (guard on or off), every phase in turn; its batches, timeline and phase spans."""
+    """One fresh server (guard on or off), every phase (images, labels, big's offline answers) replayed in turn
+    (``bench.shift.Replay``: per batch, the served disagreement with big and the escalations); its batches,
+    timeline and phase spans."""
     from littlebig.model_repository.generate import ServeOptions, generate
     from littlebig.model_repository.server import Ports, TritonServer
 
@@ -97,10 +63,10 @@ def run(build: Path, work: Path, guard: bool, streams: dict[str, tuple[np.ndarra
         guard=guard, guard_eps=args.eps, guard_alpha=args.alpha, bls_instances=1,
     )  # fmt: skip
     generate(build, repo, "cpu", opts)
-    batches: list[dict[str, Any]] = []
     timeline: list[dict[str, Any]] = []
     phases: dict[str, tuple[float, float]] = {}
-    lock, stop = threading.Lock(), threading.Event()
+    stop = threading.Event()
+    replay = Replay(f"127.0.0.1:{ports.grpc}", args.pace)
     with TritonServer(repo, ports, log_file=work / f"tritonserver-{name}.log").start():
         t0 = time.time()
         watcher = threading.Thread(
@@ -108,15 +74,16 @@ def run(build: Path, work: Path, guard: bool, streams: dict[str, tuple[np.ndarra
         )
         watcher.start()
         try:
-            for phase, (images, big) in streams.items():
+            for phase, (images, labels, big) in streams.items():
                 start = time.time() - t0
-                replay(f"127.0.0.1:{ports.grpc}", images, big, args.pace, 10, phase, t0, batches, lock)
+                replay.run(phase, images, labels, big, t0)
                 time.sleep(1.0)  # the last shadow calls land
                 phases[phase] = (start, time.time() - t0)
         finally:
             stop.set()
             watcher.join()
-    return {"guard": guard, "batches": sorted(batches, key=lambda b: b["t"]), "timeline": timeline, "phases": phases}
+    batches = sorted(replay.batches, key=lambda b: b["t"])
+    return {"guard": guard, "batches": batches, "timeline": timeline, "phases": phases}
 
 
 def summary(result: dict[str, Any], eps: float) -> dict[str, Any]:
@@ -184,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from littlebig.export.pipeline import read_export, reference_logits
 
     ap = argparse.ArgumentParser(prog="python -m bench.guard", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build", type=Path, default=Path("build"))
-    ap.add_argument("--shift", choices=sorted(SHIFTS), default="contrast")
-    ap.add_argument("--strength", type=float, default=0.7, help="contrast factor (1: no shift)")
+    add_shift_arguments(ap)
     ap.add_argument("--eps", type=float, default=0.01, help="the guard's disagreement budget")
     ap.add_argument("--alpha", type=float, default=0.05)
     ap.add_argument("--shadow-rate", type=float, default=0.4)
@@ -202,20 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split("test", exported.get("data_dir"), tuple(exported["service_size"]))
     shifted = SHIFTS[args.shift](test.images, args.strength)
     clean_big = reference_logits(build, "test")["big"].argmax(-1)
-    cache = build / f"shift-logits-{args.shift}-{args.strength:g}.npz"
-    if not cache.exists():
-        np.savez(cache, **stream_logits(build, shifted, "shifted"))
-    shifted_big = np.load(cache)["big"].argmax(-1)
+    shifted_big = shifted_logits(build, args.shift, args.strength, shifted)["big"].argmax(-1)
     rng = np.random.default_rng(args.seed)
     draw = {phase: rng.choice(len(test.labels), args.phase_rows) for phase in PHASES}
-    streams = {
-        "clean": (test.images[draw["clean"]], clean_big[draw["clean"]]),
-        "shift": (shifted[draw["shift"]], shifted_big[draw["shift"]]),
-        "back": (test.images[draw["back"]], clean_big[draw["back"]]),
-    }
+    images = {"clean": test.images, "shift": shifted, "back": test.images}
+    big = {"clean": clean_big, "shift": shifted_big, "back": clean_big}
+    streams = {phase: (images[phase][r], test.labels[r], big[phase][r]) for phase, r in draw.items()}
     results = {name: run(build, work, name == "on", streams, args) for name in ("off", "on")}
     long_rows = rng.choice(len(test.labels), args.clean_rows)
-    long = run(build, work / "long", True, {"clean": (test.images[long_rows], clean_big[long_rows])}, args)
+    long_stream = (test.images[long_rows], test.labels[long_rows], clean_big[long_rows])
+    long = run(build, work / "long", True, {"clean": long_stream}, args)
     out = {
         "eps": args.eps, "alpha": args.alpha, "shadow_rate": args.shadow_rate, "pace": args.pace,
         "shift": f"{args.shift} {args.strength}", "phase_rows": args.phase_rows,

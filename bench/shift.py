@@ -87,6 +87,21 @@ def stream_logits(build: Path, images: np.ndarray, name: str) -> dict[str, np.nd
     return {role: run_onnx(export_dir(build) / f"{role}.onnx", images, f"{role} {name}") for role in ("little", "big")}
 
 
+def shifted_logits(build: Path, shift: str, strength: float, images: np.ndarray) -> dict[str, np.ndarray]:
+    """``stream_logits`` on the shifted test images, cached in ``build`` per shift and strength."""
+    cache = build / f"shift-logits-{shift}-{strength:g}.npz"
+    if not cache.exists():
+        np.savez(cache, **stream_logits(build, images, "shifted"))
+    return dict(np.load(cache))
+
+
+def add_shift_arguments(ap: argparse.ArgumentParser) -> None:
+    """The build and the shift, as ``make shift`` and ``make guard`` take them."""
+    ap.add_argument("--build", type=Path, default=Path("build"))
+    ap.add_argument("--shift", choices=sorted(SHIFTS), default="contrast")
+    ap.add_argument("--strength", type=float, default=0.7, help="contrast factor (1: no shift)")
+
+
 def offline(logits: dict[str, dict[str, np.ndarray]], labels: np.ndarray, threshold: float) -> dict[str, Any]:
     """Little, big and the cascade at ``threshold`` on each stream: the shift's property, checked first."""
     from littlebig.decision import cascade, confidence, softmax
@@ -169,7 +184,8 @@ class Prometheus:
 
 @dataclass
 class Replay:
-    """Paced replay of one stream; per batch: when, and how many rows the cascade, big and little got right."""
+    """Paced replay of one stream; per batch: when, how many rows the cascade and big got right, how many the
+    cascade answered differently from big, and how many it escalated."""
 
     url: str
     pace: float  # rows per second
@@ -192,7 +208,7 @@ class Replay:
             self.batches.append({
                 "phase": phase, "t": time.time() - t0, "rows": len(labels),
                 "served_correct": int((served == labels).sum()), "big_correct": int((big == labels).sum()),
-                "escalated": int(result.as_numpy("ESCALATED").sum()),
+                "disagree": int((served != big).sum()), "escalated": int(result.as_numpy("ESCALATED").sum()),
             })  # fmt: skip
 
     def run(self, phase: str, images: np.ndarray, labels: np.ndarray, big: np.ndarray, t0: float) -> None:
@@ -292,9 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     from littlebig.model_repository.generate import ServeOptions, generate, served_threshold
 
     ap = argparse.ArgumentParser(prog="python -m bench.shift", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build", type=Path, default=Path("build"))
-    ap.add_argument("--shift", choices=sorted(SHIFTS), default="contrast")
-    ap.add_argument("--strength", type=float, default=0.7, help="contrast factor (1: no shift)")
+    add_shift_arguments(ap)
     ap.add_argument("--shadow-rate", type=float, default=0.4,
                     help="R: 0.4, so a 90 s window holds 1,000 shadow rows of the shifted stream")  # fmt: skip
     ap.add_argument("--pace", type=float, default=100.0, help="rows per second (big keeps up at 84%% escalated)")
@@ -310,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     shifted = SHIFTS[args.shift](test.images, args.strength)
     threshold, rule = served_threshold(build, ServeOptions())
     clean = reference_logits(build, "test")  # cached by make calibrate / report
-    cache = build / f"shift-logits-{args.shift}-{args.strength:g}.npz"
-    if not cache.exists():
-        np.savez(cache, **stream_logits(build, shifted, "shifted"))
-    logits = {"clean": {r: clean[r] for r in ("little", "big")}, "shifted": dict(np.load(cache))}
+    logits = {
+        "clean": {r: clean[r] for r in ("little", "big")},
+        "shifted": shifted_logits(build, args.shift, args.strength, shifted),
+    }
     check = offline(logits, test.labels, threshold)
     for name, r in check.items():
         print(f"offline {name:8s}: little {r['little_acc']:.4f}, big {r['big_acc']:.4f}, cascade {r['cascade_acc']:.4f}"
