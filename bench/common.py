@@ -12,13 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.perf import write_input_data
+from bench.perf import PerfAnalyzer, write_input_data
 from littlebig.export.pipeline import export_dir, exported_split, read_export, stages_of
 
 
@@ -140,6 +141,58 @@ def add_search_arguments(ap: argparse.ArgumentParser, budget_env: str, budget_s:
     ap.add_argument("--finalists", type=int, default=2, help="most finalists per role confirmed over the sweep")
 
 
+def search_parser(prog: str, doc: str, out_name: str, budget_env: str, budget_s: float) -> argparse.ArgumentParser:
+    """The arguments of a deployment-search entry point (``make bench``, ``make bench-stages``): the build, the
+    search's batches, concurrencies and budget, and the deployment flags every candidate starts from (``--rule``)."""
+    from littlebig.cli import add_serve_options
+
+    ap = entry_parser(prog, doc, f"bench JSON (default BUILD/{out_name}; the PNG goes beside it)", 512,
+                      "real test images to send")  # fmt: skip
+    add_search_arguments(ap, budget_env, budget_s)
+    add_serve_options(ap, build=False)
+    return ap
+
+
+@dataclass(frozen=True)
+class SearchStart:
+    """A deployment-search entry point's parsed arguments and what follows from them."""
+
+    args: argparse.Namespace
+    started: float  # time.monotonic() at the start: the record's wall time
+    batches: tuple[int, ...]
+    concurrencies: tuple[int, ...]
+    headline: int
+    out: Path
+    work: Path
+    base: dict[str, Any]  # the deployment flags given: the base of every candidate
+    pa: PerfAnalyzer
+    pa_version: str
+
+
+def start_search(
+    ap: argparse.ArgumentParser,
+    argv: list[str] | None,
+    out_name: str,
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
+) -> SearchStart:
+    """Parse and check the arguments (``check``: the entry point's own, before anything is written), then make the
+    work folder beside the output and find perf_analyzer."""
+    from littlebig.cli import given_serve_options
+
+    args = ap.parse_args(argv)
+    started = time.monotonic()
+    headline = headline_batch(ap, args)
+    if check is not None:
+        check(ap, args)
+    out = args.out or args.build / out_name
+    pa = PerfAnalyzer(args.perf_venv)
+    return SearchStart(
+        args, started, tuple(int(b) for b in args.batches.split(",")),
+        tuple(int(c) for c in args.concurrency.split(",")), headline, out, work_dir(out), given_serve_options(args),
+        pa, pa.version(),
+    )  # fmt: skip
+
+
 def headline_batch(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """The batch of the headline figures: --headline-batch, which must be one of --batches, or the largest."""
     batches = tuple(int(b) for b in args.batches.split(","))
@@ -154,3 +207,33 @@ def work_dir(out: Path) -> Path:
     work = out.parent / f"{out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
     return work
+
+
+#: The background of each phase of a timeline plot (bench.shift, bench.guard): clean, shifted, clean again.
+PHASE_COLORS = {"clean": "green", "shift": "red", "after": "blue", "back": "blue"}
+
+
+def shade_phases(axes: Any, phases: dict[str, tuple[float, float]]) -> None:
+    """Shade each phase's span of seconds on every axis of a timeline plot."""
+    for ax in axes:
+        for phase, (start, end) in phases.items():
+            ax.axvspan(start, end, alpha=0.08, color=PHASE_COLORS[phase])
+
+
+def save_figure(fig: Any, path: Path, title: str, fontsize: float = 10) -> None:
+    """Title, tighten and write a bench figure (PNG, 110 dpi)."""
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def concurrency_axis(ax: Any, batch: int, concurrencies: list[int], legend_fontsize: float) -> None:
+    """A throughput-against-concurrency panel of a deployment search: log2 concurrency ticks, grid, legend."""
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.set(title=f"batch {batch}", ylabel="images/s", xlabel="concurrency (requests in flight)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(concurrencies)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_fontsize)

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import save_figure, shade_phases
 from bench.shift import SHIFTS, Replay, add_shift_arguments, shifted_logits
 from littlebig.metrics_text import fetch
 
@@ -136,14 +137,11 @@ def plot(results: dict[str, dict[str, Any]], eps: float, path: Path) -> None:
     axes[1].set_ylabel("T")
     axes[2].set_ylabel(f"escalated, last {window} batches (%)")
     axes[2].set_xlabel("seconds")
+    shade_phases(axes, next(iter(results.values()))["phases"])
     for ax in axes:
-        for phase, (start, end) in next(iter(results.values()))["phases"].items():
-            ax.axvspan(start, end, alpha=0.08, color={"clean": "green", "shift": "red", "back": "blue"}[phase])
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Accuracy guard: clean -> contrast shift -> clean, guard off and on (every row compared with big)",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, "Accuracy guard: clean -> contrast shift -> clean, guard off and on (every row compared "
+                "with big)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

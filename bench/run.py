@@ -20,16 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.common import (
-    add_search_arguments,
-    entry_parser,
-    finish,
-    headline_batch,
-    load_test_images,
-    snapshot,
-    warm_up,
-    work_dir,
-)
+from bench.common import concurrency_axis, finish, load_test_images, search_parser, snapshot, start_search, warm_up
 from bench.perf import PerfAnalyzer, Window
 from littlebig.decision import CASCADE, cascade
 from littlebig.export.pipeline import ROLES, export_dir, read_export
@@ -126,7 +117,6 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
 
     s, rows = result["summary"], result["search"]["confirm"]
     batches = [int(b) for b in s["per_batch"]]
@@ -152,12 +142,7 @@ def plot(result: dict, path: Path) -> None:
         pts = [r for r in s["per_point"] if r["batch"] == batch]
         ax.plot([r["concurrency"] for r in pts], [r["ideal_throughput"] for r in pts], ls="--", c="gray",
                 label="R* from the best little and big")  # fmt: skip
-        ax.set(title=f"batch {batch}", ylabel="images/s", xlabel="concurrency (requests in flight)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["concurrency"] for r in pts}))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        concurrency_axis(ax, batch, [r["concurrency"] for r in pts], 6)
     h = s["per_batch"][str(s["headline_batch"])]
     fig.suptitle(
         f"littlebig on Triton 2.51 (CPU), best against best: batch {s['headline_batch']} littlebig "
@@ -211,34 +196,21 @@ def run_search(args, opts_base: dict, images: np.ndarray, input_data: Path, work
 
 
 def main(argv: list[str] | None = None) -> int:
-    from littlebig.cli import add_serve_options, given_serve_options
     from littlebig.model_repository.generate import ServeOptions, served_threshold
 
-    ap = entry_parser("python -m bench.run", __doc__, "bench JSON (default BUILD/bench.json; the PNG goes beside it)",
-                      512, "real Fashion-MNIST test images to send")  # fmt: skip
-    add_search_arguments(ap, "BENCH_BUDGET_S", 900)
+    ap = search_parser("python -m bench.run", __doc__, "bench.json", "BENCH_BUDGET_S", 900)
     ap.add_argument("--offline-seconds", type=float, default=1.5)
-    add_serve_options(ap, build=False)  # the base every candidate starts from (e.g. --rule)
-    args = ap.parse_args(argv)
+    run = start_search(ap, argv, "bench.json")
+    args, base = run.args, run.base
 
-    started = time.monotonic()
-    batches = tuple(int(b) for b in args.batches.split(","))
-    headline = headline_batch(ap, args)
-    out = args.out or args.build / "bench.json"
-    work = work_dir(out)
-    base = given_serve_options(args)
-    pa = PerfAnalyzer(args.perf_venv)
-    pa_version = pa.version()
-
-    args.build = snapshot(args.build, work / "build")
-    exported, images, input_data = load_test_images(args.build, work, args.images)
+    args.build = snapshot(args.build, run.work / "build")
+    exported, images, input_data = load_test_images(args.build, run.work, args.images)
     threshold, rule = served_threshold(args.build, ServeOptions(**base))
     p_offline = offline_escalation(args.build, images, threshold)
     offline = offline_floor(args.build, images, (1, 32), args.offline_seconds)
 
-    found = run_search(args, base, images, input_data, work, pa)
-    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
-    summary = S.summarise(found["confirm"], batches, concurrencies, headline)
+    found = run_search(args, base, images, input_data, run.work, run.pa)
+    summary = S.summarise(found["confirm"], run.batches, run.concurrencies, run.headline)
     summary["escalation"]["offline"] = p_offline
     result = {
         "speedup_vs_big_best": summary["speedup_vs_big_best"],
@@ -258,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "models": {role: exported[role]["name"] for role in ROLES},
         "export": {role: {k: exported[role].get(k) for k in ("name", "weights", "onnx")} for role in ROLES},
         "offline_floor": offline,
-        "perf_analyzer": {"version": pa_version, "protocol": "grpc"},
+        "perf_analyzer": {"version": run.pa_version, "protocol": "grpc"},
     }
-    return finish(result, out, "bench.run", argv, started, print_table, plot)
+    return finish(result, run.out, "bench.run", argv, run.started, print_table, plot)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from bench.common import save_figure, shade_phases
 from littlebig.decision import CASCADE as BLS
 from littlebig.model_repository.server import Ports, TritonServer, free_port
 
@@ -287,19 +288,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_yticks([0, 1], ["drift alert", "loss alert"])
     ax.set_ylim(-0.6, 1.6)
     ax.set_xlabel("seconds")
-    for ax in axes:
-        for name, (start, end) in result["phases"].items():
-            ax.axvspan(start, end, alpha=0.08, color={"clean": "green", "shift": "red", "after": "blue"}[name])
+    shade_phases(axes, result["phases"])
     for ax in axes[:3]:
         ax.legend(fontsize=7, loc="upper left")
     for name, (start, end) in result["phases"].items():
         axes[0].text((start + end) / 2, 1.02, name, transform=axes[0].get_xaxis_transform(), ha="center", fontsize=8)
     after = result["recalibrated"]["threshold"]
-    fig.suptitle(f"{result['shift']} shift: clean -> shift -> recalibrated from the shadow records (T "
-                 f"{result['threshold']:.3f} -> {after:.3f}); Prometheus durations / {result['time_scale']:g}",
-                 fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, f"{result['shift']} shift: clean -> shift -> recalibrated from the shadow records (T "
+                f"{result['threshold']:.3f} -> {after:.3f}); Prometheus durations / {result['time_scale']:g}")
 
 
 def main(argv: list[str] | None = None) -> int:

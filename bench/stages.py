@@ -24,26 +24,17 @@ expected MACs from each build's ``calibration.json`` (val) and, on the benchmark
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from bench import search as S
-from bench.common import (
-    add_search_arguments,
-    entry_parser,
-    finish,
-    headline_batch,
-    load_test_images,
-    snapshot,
-    warm_up,
-    work_dir,
-)
+from bench.common import concurrency_axis, finish, load_test_images, search_parser, snapshot, start_search, warm_up
 from bench.perf import PerfAnalyzer, Window
 from bench.rates import bound_stages, ideal_stages, reaching
 from littlebig.decision import CASCADE, cascade_stages
@@ -342,7 +333,6 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
 
     s, rows = result["summary"], result["search"]["confirm"]
     batches = [int(b) for b in s["per_batch"]]
@@ -370,12 +360,7 @@ def plot(result: dict, path: Path) -> None:
             star = [r["ideal"].get(g, {}).get("ideal_throughput", np.nan) for r in pts]
             ax.plot([r["concurrency"] for r in pts], star, ls="--", c=COLORS[g], lw=1,
                     label=f"R* {g}-stage (best stage rates)")  # fmt: skip
-        ax.set(title=f"batch {batch}", ylabel="images/s", xlabel="concurrency (requests in flight)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["concurrency"] for r in pts}))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=5)
+        concurrency_axis(ax, batch, [r["concurrency"] for r in pts], 5)
     ax = fig.add_subplot(grid[1, -1])
     width = 0.8 / len(COMPARED)
     for i, g in enumerate(COMPARED):
@@ -400,31 +385,21 @@ def plot(result: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- main -------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from littlebig.cli import add_serve_options, given_serve_options
     from littlebig.model_repository.generate import ServeOptions, served_thresholds
 
-    ap = entry_parser("python -m bench.stages", __doc__,
-                      "bench JSON (default BUILD/bench-stages.json; the PNG goes beside it)",
-                      512, "real test images to send")  # fmt: skip
+    ap = search_parser("python -m bench.stages", __doc__, "bench-stages.json", "BENCH_STAGES_BUDGET_S", 1500)
     ap.add_argument("--build-three", type=Path, help="the three-stage build (default BUILD/three)")
-    add_search_arguments(ap, "BENCH_STAGES_BUDGET_S", 1500)
-    add_serve_options(ap, build=False)  # the base every candidate starts from (e.g. --rule)
-    args = ap.parse_args(argv)
 
-    started = time.monotonic()
-    batches = tuple(int(b) for b in args.batches.split(","))
-    headline = headline_batch(ap, args)
-    build_three = args.build_three or args.build / "three"
-    for b, want in ((args.build, 2), (build_three, 3)):
-        got = len(stages_of(read_export(b)))
-        if got != want:
-            ap.error(f"{b} exports a cascade of {got} models: this bench compares 2 ({args.build}) with 3 "
-                     f"({build_three})")  # fmt: skip
-    out = args.out or args.build / "bench-stages.json"
-    work = work_dir(out)
-    base = given_serve_options(args)
-    pa = PerfAnalyzer(args.perf_venv)
-    pa_version = pa.version()
+    def check(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        args.build_three = args.build_three or args.build / "three"
+        for b, want in ((args.build, 2), (args.build_three, 3)):
+            got = len(stages_of(read_export(b)))
+            if got != want:
+                ap.error(f"{b} exports a cascade of {got} models: this bench compares 2 ({args.build}) with 3 "
+                         f"({args.build_three})")  # fmt: skip
+
+    run = start_search(ap, argv, "bench-stages.json", check)
+    args, base, work, build_three = run.args, run.base, run.work, run.args.build_three
 
     two, three = snapshot(args.build, work / "build-two"), snapshot(build_three, work / "build-three")
     if read_export(two)["service_size"] != read_export(three)["service_size"]:
@@ -436,12 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         thresholds, rule = served_thresholds(b, ServeOptions(**base))
         offline_figures[g] = offline(b, images, thresholds, rule)
 
-    found = run_search(args, base, images, input_data, work, pa, two, three)
-    concurrencies = tuple(int(c) for c in args.concurrency.split(","))
-    summary = summarise(found["confirm"], batches, concurrencies, headline, offline_figures)
+    found = run_search(args, base, images, input_data, work, run.pa, two, three)
+    summary = summarise(found["confirm"], run.batches, run.concurrencies, run.headline, offline_figures)
     result = {
         "ratios": summary["ratios"],
-        "headline_batch": headline,
+        "headline_batch": run.headline,
         "summary": summary,
         "offline": offline_figures,
         "shared_models": shared,
@@ -449,9 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         "base_options": base,
         "builds": {"two": str(args.build), "three": str(build_three)},
         "images": {"split": "test", "count": len(images), "service_size": exported["service_size"]},
-        "perf_analyzer": {"version": pa_version, "protocol": "grpc"},
+        "perf_analyzer": {"version": run.pa_version, "protocol": "grpc"},
     }
-    return finish(result, out, "bench.stages", argv, started, print_table, plot)
+    return finish(result, run.out, "bench.stages", argv, run.started, print_table, plot)
 
 
 if __name__ == "__main__":

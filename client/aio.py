@@ -71,28 +71,31 @@ class AsyncLittleBigClient(_ClientBase):
         except InferenceServerException as exc:
             raise self._error(exc) from None
 
+    async def _describe(self, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``model``'s metadata and config, as the ``from_server`` constructors take them."""
+        meta = await self._call(self._client.get_model_metadata, model, as_json=True)
+        return meta, (await self._call(self._client.get_model_config, model, as_json=True))["config"]
+
+    async def _is_ready(self, model: str) -> bool:
+        """Whether the server serves ``model`` (an unreachable server is an error, not a no)."""
+        try:
+            return await self._call(self._client.is_model_ready, model)
+        except ServerUnavailable:
+            raise
+        except ClientError:
+            return False
+
     async def service(self) -> Service:
         if self._service is None:
-            meta = await self._call(self._client.get_model_metadata, self.model, as_json=True)
-            config = await self._call(self._client.get_model_config, self.model, as_json=True)
-            self._service = Service.from_server(meta, config["config"])
+            self._service = Service.from_server(*await self._describe(self.model))
         return self._service
 
     async def encoded_service(self) -> EncodedService | None:
         """``<model>_encoded`` if files go encoded and the server has it (asked once), else None."""
         if self._encoded is True:
             name = self.model + ENCODED_SUFFIX
-            try:
-                ready = await self._call(self._client.is_model_ready, name)
-            except ServerUnavailable:
-                raise
-            except ClientError:
-                ready = False
-            self._encoded = None
-            if ready:
-                meta = await self._call(self._client.get_model_metadata, name, as_json=True)
-                config = await self._call(self._client.get_model_config, name, as_json=True)
-                self._encoded = EncodedService.from_server(meta, config["config"])
+            ready = await self._is_ready(name)
+            self._encoded = EncodedService.from_server(*await self._describe(name)) if ready else None
         return self._encoded or None
 
     async def infer_encoded(

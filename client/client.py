@@ -422,12 +422,24 @@ class LittleBigClient(_ClientBase):
         except InferenceServerException as exc:
             raise self._error(exc) from None
 
+    def _describe(self, model: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``model``'s metadata and config, as the ``from_server`` constructors take them."""
+        meta = self._call(self._client.get_model_metadata, model, as_json=True)
+        return meta, self._call(self._client.get_model_config, model, as_json=True)["config"]
+
+    def _is_ready(self, model: str) -> bool:
+        """Whether the server serves ``model`` (an unreachable server is an error, not a no)."""
+        try:
+            return self._call(self._client.is_model_ready, model)
+        except ServerUnavailable:
+            raise
+        except ClientError:
+            return False
+
     @property
     def service(self) -> Service:
         if self._service is None:
-            meta = self._call(self._client.get_model_metadata, self.model, as_json=True)
-            config = self._call(self._client.get_model_config, self.model, as_json=True)["config"]
-            self._service = Service.from_server(meta, config)
+            self._service = Service.from_server(*self._describe(self.model))
         return self._service
 
     @property
@@ -435,17 +447,7 @@ class LittleBigClient(_ClientBase):
         """``<model>_encoded`` if files go encoded and the server has it (asked once), else None."""
         if self._encoded is True:
             name = self.model + ENCODED_SUFFIX
-            try:
-                ready = self._call(self._client.is_model_ready, name)
-            except ServerUnavailable:
-                raise
-            except ClientError:
-                ready = False
-            self._encoded = None
-            if ready:
-                meta = self._call(self._client.get_model_metadata, name, as_json=True)
-                config = self._call(self._client.get_model_config, name, as_json=True)["config"]
-                self._encoded = EncodedService.from_server(meta, config)
+            self._encoded = EncodedService.from_server(*self._describe(name)) if self._is_ready(name) else None
         return self._encoded or None
 
     def infer_encoded(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,60 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with replacing_file(path) as partial:
-        torch.save(state, partial)
+class Resumable:
+    """The full state of one training run after each epoch: the weights under ``weights_key``, optimiser,
+    schedule, numpy and torch RNGs, history and seconds spent, so a stopped run continues from its last epoch
+    (and a different run under the same name is refused instead of being continued)."""
+
+    def __init__(self, path: Path, run: dict[str, Any], weights_key: str, module: torch.nn.Module,
+                 opt: torch.optim.Optimizer, sched: Any, rng: np.random.Generator) -> None:
+        self.path, self.run, self.weights_key = path, run, weights_key
+        self.module, self.opt, self.sched, self.rng = module, opt, sched, rng
+        self.history: list[dict[str, float]] = []
+        self.seconds, self.began = 0.0, 0.0
+        self.bar: tqdm | None = None  # the running epoch's progress bar
+
+    def resume(self, label: str, epochs: int) -> None:
+        """Load the saved state if there is one; ValueError if it belongs to another run."""
+        if not self.path.exists():
+            return
+        state = torch.load(self.path, weights_only=False)
+        if state["run"] != self.run:
+            raise ValueError(f"{self.path} is a different run ({state['run']}); delete it to start afresh")
+        self.module.load_state_dict(state[self.weights_key])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.history, self.seconds = state["history"], state["seconds"]
+        tqdm.write(f"resuming {label} after epoch {len(self.history)}/{epochs} from {self.path}")
+
+    def epochs(self, label: str, epochs: int, rows: int, batch_size: int) -> Iterator[Iterator[np.ndarray]]:
+        """The epochs still to run, each an iterator over its shuffled batches of row indices (drawn from the run's
+        own RNG, with a tqdm bar); the module is put in train mode at the start of each."""
+        for epoch in range(len(self.history), epochs):
+            self.began = time.time()
+            self.module.train()
+            order = self.rng.permutation(rows)
+            steps = max(1, rows // batch_size)
+            bar = tqdm(range(steps), desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch")
+            self.bar = bar
+            yield (order[step * batch_size : (step + 1) * batch_size] for step in bar)
+
+    def epoch_done(self, label: str, val_acc: float) -> None:
+        """Count the epoch just run in the history and say its accuracy."""
+        took = time.time() - self.began
+        self.seconds += took
+        epoch = len(self.history) + 1
+        self.history.append({"epoch": epoch, "val_acc": val_acc, "seconds": round(took, 1)})
+        tqdm.write(f"{label} epoch {epoch}: val accuracy {val_acc:.4f}")
+
+    def save(self) -> None:
+        state = {"run": self.run, self.weights_key: self.module.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "rng": self.rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state(), "history": self.history, "seconds": self.seconds}
+        with replacing_file(self.path) as partial:
+            torch.save(state, partial)
 
 
 def train(
@@ -178,28 +230,11 @@ def train(
     rng = np.random.default_rng(seed)
     run = {"recipe": recipe.model, "input_size": list(recipe.input_size), "epochs": epochs, "seed": seed,
            "init": str(init) if init else None, "teacher": str(teacher) if teacher else None}
-    state_path = state_dir / f"{out.stem}.state.pt"
-    history: list[dict[str, float]] = []
-    seconds = 0.0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["run"] != run:
-            raise ValueError(f"{state_path} is a different run ({state['run']}); delete it to start afresh")
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        history, seconds = state["history"], state["seconds"]
-        tqdm.write(f"resuming {out.name} after epoch {len(history)}/{epochs} from {state_path}")
+    state = Resumable(state_dir / f"{out.stem}.state.pt", run, "net", net, opt, sched, rng)
+    state.resume(out.name, epochs)
     summary: dict[str, Any] = {}
-    for epoch in range(len(history), epochs):
-        began = time.time()
-        net.train()
-        order = rng.permutation(len(train_set))
-        bar = tqdm(range(steps_per_epoch), desc=f"{recipe.model} epoch {epoch + 1}/{epochs}", unit="batch")
-        for step in bar:
-            idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
+    for batches in state.epochs(recipe.model, epochs, len(train_set), recipe.batch_size):
+        for step, idx in enumerate(batches):
             x = torch.from_numpy(augment(train_set.images[idx], rng)).to(dev)
             y = torch.from_numpy(train_set.labels[idx]).to(dev)
             with _autocast(dev):
@@ -213,18 +248,14 @@ def train(
             opt.step()
             sched.step()
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                state.bar.set_postfix(loss=f"{loss.item():.3f}")
         val_acc = accuracy(net, val_set, dev)
-        seconds += time.time() - began
-        history.append({"epoch": epoch + 1, "val_acc": val_acc, "seconds": round(time.time() - began, 1)})
-        tqdm.write(f"{recipe.model} epoch {epoch + 1}: val accuracy {val_acc:.4f}")
-        summary = {**run, "epochs_done": epoch + 1, "train_seconds": round(seconds, 1), "val_acc": val_acc,
-                   "threads": torch.get_num_threads(), "device": device, "history": history,
+        state.epoch_done(recipe.model, val_acc)
+        summary = {**run, "epochs_done": len(state.history), "train_seconds": round(state.seconds, 1),
+                   "val_acc": val_acc, "threads": torch.get_num_threads(), "device": device, "history": state.history,
                    "autocast": str(autocast_dtype(dev)).removeprefix("torch.")}
         save_checkpoint(model, out, name=recipe.model, class_names=list(train_set.class_names), extra=summary)
-        _save_state(state_path, {"run": run, "net": net.state_dict(), "opt": opt.state_dict(),
-                                 "sched": sched.state_dict(), "rng": rng.bit_generator.state,
-                                 "torch_rng": torch.get_rng_state(), "history": history, "seconds": seconds})
+        state.save()
     if not summary:  # already finished: the checkpoint holds its summary
         summary = checkpoint_metadata(out)["extra"]
     summary["test_acc"] = accuracy(net, load_fashion_mnist("test", data_dir), dev)
@@ -344,31 +375,14 @@ def train_on_folder(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
     rng = np.random.default_rng(seed)
     kd = RECIPES["little"]
-    state_path = state_dir / f"{out.stem}.state.pt"
-    history: list[dict[str, float]] = []
-    seconds = 0.0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state["run"] != run:
-            raise ValueError(f"{state_path} is a different run ({state['run']}); delete it to start afresh")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        rng.bit_generator.state = state["rng"]
-        torch.set_rng_state(state["torch_rng"])
-        history, seconds = state["history"], state["seconds"]
-        tqdm.write(f"resuming {out.name} after epoch {len(history)}/{epochs} from {state_path}")
+    state = Resumable(state_dir / f"{out.stem}.state.pt", run, "model", model, opt, sched, rng)
+    state.resume(out.name, epochs)
     extra_base = {"train_split": split.as_dict(), "data_dir": str(data_dir), "teacher": teacher,
                   "teacher_form": loaded.form}
     summary: dict[str, Any] = {}
     pil = [_pil(img) for img in images]
-    for epoch in range(len(history), epochs):
-        began = time.time()
-        model.train()
-        order = rng.permutation(len(labels))
-        bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{epochs}", unit="batch")
-        for step in bar:
-            idx = order[step * batch_size : (step + 1) * batch_size]
+    for batches in state.epochs(name, epochs, len(labels), batch_size):
+        for idx in batches:
             x = torch.stack([transform(pil[i]) for i in idx]).to(dev)
             y = torch.from_numpy(labels[idx]).to(dev)
             with _autocast(dev):
@@ -378,18 +392,14 @@ def train_on_folder(
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            state.bar.set_postfix(loss=f"{loss.item():.3f}")
         val_acc = accuracy(net, val, dev)
-        seconds += time.time() - began
-        history.append({"epoch": epoch + 1, "val_acc": val_acc, "seconds": round(time.time() - began, 1)})
-        tqdm.write(f"{name} epoch {epoch + 1}: val accuracy {val_acc:.4f}")
-        summary = {**run, **extra_base, "epochs_done": epoch + 1, "train_seconds": round(seconds, 1),
-                   "val_acc": val_acc, "threads": torch.get_num_threads(), "device": device, "history": history,
-                   "train_images": int(len(labels))}
+        state.epoch_done(name, val_acc)
+        summary = {**run, **extra_base, "epochs_done": len(state.history), "train_seconds": round(state.seconds, 1),
+                   "val_acc": val_acc, "threads": torch.get_num_threads(), "device": device,
+                   "history": state.history, "train_images": int(len(labels))}
         save_checkpoint(model, out, name=name, class_names=class_names, extra=summary)
-        _save_state(state_path, {"run": run, "model": model.state_dict(), "opt": opt.state_dict(),
-                                 "sched": sched.state_dict(), "rng": rng.bit_generator.state,
-                                 "torch_rng": torch.get_rng_state(), "history": history, "seconds": seconds})
+        state.save()
     if not summary:  # already finished: the checkpoint holds its summary
         summary = checkpoint_metadata(out)["extra"]
     write_json(state_dir / f"{out.stem}.summary.json", summary)

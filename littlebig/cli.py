@@ -8,16 +8,30 @@ failed (a parity or health check, a server error), 2 bad usage or input.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 BUILD = Path("build")
+Command = Callable[[argparse.Namespace], int]  # runs a subcommand: its exit code
+Arguments = Callable[[argparse.ArgumentParser], None]  # adds a subcommand's arguments
 
 
-def _subparser(sub: argparse._SubParsersAction, name: str, **kwargs: str) -> argparse.ArgumentParser:
-    """A subcommand whose epilog (examples, exit codes) keeps its line breaks."""
-    return sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+#: Every subcommand, in the order ``littlebig --help`` lists them: name -> (its parser's keywords, the function that
+#: adds its arguments, the function that runs it).
+SUBCOMMANDS: dict[str, tuple[dict[str, str], Arguments, Command]] = {}
+
+
+def command(run: Command, *, help: str, epilog: str) -> Callable[[Arguments], Arguments]:
+    """Register the decorated function as the arguments of the subcommand ``run`` answers (``_cmd_<name>``); its
+    epilog (examples, exit codes) keeps its line breaks."""
+
+    def register(arguments: Arguments) -> Arguments:
+        SUBCOMMANDS[run.__name__.removeprefix("_cmd_")] = ({"help": help, "epilog": epilog}, arguments, run)
+        return arguments
+
+    return register
 
 
 def _cmd_train_folder(args: argparse.Namespace) -> int:
@@ -67,22 +81,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "train",
-        help="train one model of the cascade (little, middle, big) on Fashion-MNIST, or a little on your folder",
-        epilog="resumable: rerun the same command after a stop to continue from the last epoch\n"
-        "examples (the committed pair, checkpoints/README.md):\n"
-        "  littlebig train big64 --out build/train/big64.safetensors\n"
-        "  littlebig train big --init build/train/big64.safetensors\n"
-        "  littlebig train little --teacher checkpoints/big.safetensors\n"
-        "a little companion on your own folder (root/<class>/<image>.jpg), distilled from your big:\n"
-        "  littlebig train little --data-dir my_images/ --teacher output/train/model_best.pth.tar "
-        "--out build/own/little.safetensors\n"
-        "it trains on a seeded share of each class (--train-share, default 0.6), recorded in the checkpoint:\n"
-        "export, calibrate and report then use only the rest (halved into val and test)",
-    )
+@command(
+    _cmd_train,
+    help="train one model of the cascade (little, middle, big) on Fashion-MNIST, or a little on your folder",
+    epilog="resumable: rerun the same command after a stop to continue from the last epoch\n"
+    "examples (the committed pair, checkpoints/README.md):\n"
+    "  littlebig train big64 --out build/train/big64.safetensors\n"
+    "  littlebig train big --init build/train/big64.safetensors\n"
+    "  littlebig train little --teacher checkpoints/big.safetensors\n"
+    "a little companion on your own folder (root/<class>/<image>.jpg), distilled from your big:\n"
+    "  littlebig train little --data-dir my_images/ --teacher output/train/model_best.pth.tar "
+    "--out build/own/little.safetensors\n"
+    "it trains on a seeded share of each class (--train-share, default 0.6), recorded in the checkpoint:\n"
+    "export, calibrate and report then use only the rest (halved into val and test)",
+)
+def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("role", choices=["little", "middle", "big", "big64"], help="which recipe of the registry to train")
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default checkpoints/ROLE.safetensors)")
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (a folder: 30)")
@@ -107,7 +120,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--train-share", type=float, default=None, help="share of each class trained on (default 0.6)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--hflip", type=float, default=0.5, help="timm's horizontal-flip probability (0 for digits, text)")
-    p.set_defaults(func=_cmd_train)
 
 
 def _weights(role: str, name: str | None, weights: str | None) -> tuple[str | None, str]:
@@ -231,32 +243,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "export",
-        help="export the cascade's models (little/big, or any number) to ONNX with preprocessing inside",
-        epilog="examples:\n  littlebig export\n"
-        "  littlebig export --models mobilenetv3_small_075,resnet10t,resnet18 --build build/three  "
-        "# three stages: little, middle, big\n"
-        "  littlebig export --little deit_tiny_patch16_224 --big deit_base_patch16_384 "
-        "--little-weights pretrained --big-weights pretrained --data-dir my_images/\n"
-        "  littlebig export --little efficientnet_b0 --big tf_efficientnet_b7 --little-weights pretrained "
-        "--big-weights pretrained --data-dir ~/imagenet/val --max-images 2000\n"
-        "  littlebig export --big-weights output/train/model_best.pth.tar --little-weights little.safetensors "
-        "--data-dir my_images/\n"
-        "  littlebig export --big resnet50 --big-weights resnet50.pth --big-data-config "
-        "input_size=3x128x128,crop_pct=1.0 ...\n"
-        "weights: a littlebig checkpoint, a timm train.py checkpoint (.pth.tar: state_dict, or state_dict_ema with\n"
-        "--use-ema; arch and data config from it), a torch state dict (.pth/.pt, 'module.' prefix or not), a plain\n"
-        "safetensors state dict, 'pretrained' (timm's hub), or 'pretrained:FILE' (the hub's file, local). torch\n"
-        "files are read with weights_only=True: one that needs pickled code is refused. Class count and input\n"
-        "channels come from the head and stem weights; class names from the checkpoint, else the folder's sorted\n"
-        "class folders. Data config: the architecture's, then the checkpoint's record, then --*-data-config.\n"
-        "--data-dir: Fashion-MNIST IDX files, a folder with val/ test/ class folders, or an ImageNet-style\n"
-        "folder (one sub-folder per class, as ILSVRC2012 val): streamed, split in a calibration and a test half\n"
-        "(less the train share a littlebig little trained on it records)",
-    )
+@command(
+    _cmd_export,
+    help="export the cascade's models (little/big, or any number) to ONNX with preprocessing inside",
+    epilog="examples:\n  littlebig export\n"
+    "  littlebig export --models mobilenetv3_small_075,resnet10t,resnet18 --build build/three  "
+    "# three stages: little, middle, big\n"
+    "  littlebig export --little deit_tiny_patch16_224 --big deit_base_patch16_384 "
+    "--little-weights pretrained --big-weights pretrained --data-dir my_images/\n"
+    "  littlebig export --little efficientnet_b0 --big tf_efficientnet_b7 --little-weights pretrained "
+    "--big-weights pretrained --data-dir ~/imagenet/val --max-images 2000\n"
+    "  littlebig export --big-weights output/train/model_best.pth.tar --little-weights little.safetensors "
+    "--data-dir my_images/\n"
+    "  littlebig export --big resnet50 --big-weights resnet50.pth --big-data-config "
+    "input_size=3x128x128,crop_pct=1.0 ...\n"
+    "weights: a littlebig checkpoint, a timm train.py checkpoint (.pth.tar: state_dict, or state_dict_ema with\n"
+    "--use-ema; arch and data config from it), a torch state dict (.pth/.pt, 'module.' prefix or not), a plain\n"
+    "safetensors state dict, 'pretrained' (timm's hub), or 'pretrained:FILE' (the hub's file, local). torch\n"
+    "files are read with weights_only=True: one that needs pickled code is refused. Class count and input\n"
+    "channels come from the head and stem weights; class names from the checkpoint, else the folder's sorted\n"
+    "class folders. Data config: the architecture's, then the checkpoint's record, then --*-data-config.\n"
+    "--data-dir: Fashion-MNIST IDX files, a folder with val/ test/ class folders, or an ImageNet-style\n"
+    "folder (one sub-folder per class, as ILSVRC2012 val): streamed, split in a calibration and a test half\n"
+    "(less the train share a littlebig little trained on it records)",
+)
+def _add_export(p: argparse.ArgumentParser) -> None:
     for role in ("little", "big"):
         p.add_argument(
             f"--{role}", default=None,
@@ -304,7 +315,6 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     trt.add_argument("--tensorrt", action="store_true", help="build TensorRT plans instead of exporting ONNX")
     trt.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     trt.add_argument("--max-batch-size", type=int, default=64, help="the plans' optimisation profile: 1..N")
-    p.set_defaults(func=_cmd_export)
 
 
 def _add_data_options(p: argparse.ArgumentParser, data_dir: bool = True, compute: bool = True) -> None:
@@ -351,21 +361,19 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "calibrate",
-        help="choose the threshold T on the val split",
-        epilog="example: littlebig calibrate --rules paper bounded guaranteed --serve-rule bounded\n"
-        "rules: export/calibrate.py (README, Calibration); bounded promises accuracy loss vs big <= eps w.p. 1-delta",
-    )
+@command(
+    _cmd_calibrate,
+    help="choose the threshold T on the val split",
+    epilog="example: littlebig calibrate --rules paper bounded guaranteed --serve-rule bounded\n"
+    "rules: export/calibrate.py (README, Calibration); bounded promises accuracy loss vs big <= eps w.p. 1-delta",
+)
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
     from littlebig.export.calibrate import RULES, SERVE_RULE  # numpy only
 
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     p.add_argument("--serve-rule", default=SERVE_RULE, choices=list(RULES), help="the rule whose T is served")
     p.add_argument("--build", type=Path, default=BUILD)
     _add_data_options(p)
-    p.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
@@ -410,15 +418,14 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_recalibrate(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "recalibrate",
-        help="choose T again from live shadow records (littlebig serve --shadow-rate R)",
-        epilog="example: littlebig recalibrate --from-shadow build/logs --repository build/model_repository\n"
-        "The records are a uniform R-sample of traffic; T is guaranteed's exact test on them "
-        "(README, Shadow sampling).",
-    )
+@command(
+    _cmd_recalibrate,
+    help="choose T again from live shadow records (littlebig serve --shadow-rate R)",
+    epilog="example: littlebig recalibrate --from-shadow build/logs --repository build/model_repository\n"
+    "The records are a uniform R-sample of traffic; T is guaranteed's exact test on them "
+    "(README, Shadow sampling).",
+)
+def _add_recalibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-shadow", type=Path, required=True, help="folder of the shadow records (shadow-*.jsonl*)")
     p.add_argument("--since", type=float, default=None, help="only records at or after this Unix time")
     p.add_argument("--build", type=Path, default=BUILD, help="calibration.json's folder; the result goes beside it")
@@ -426,7 +433,6 @@ def _add_recalibrate(sub: argparse._SubParsersAction) -> None:
         "--repository", type=Path, default=None,
         help="regenerate this repository with the new T (its recorded deployment options, rule shadow)",
     )  # fmt: skip
-    p.set_defaults(func=_cmd_recalibrate)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -444,16 +450,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "report",
-        help="the offline cascade result on the test split (json, md, png)",
-        epilog="example: littlebig report --build build",
-    )
+@command(
+    _cmd_report,
+    help="the offline cascade result on the test split (json, md, png)",
+    epilog="example: littlebig report --build build",
+)
+def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build", type=Path, default=BUILD)
     _add_data_options(p)
-    p.set_defaults(func=_cmd_report)
 
 
 def add_serve_options(p: argparse.ArgumentParser, build: bool = True) -> None:
@@ -493,18 +497,16 @@ def _cmd_repo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_repo(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "repo",
-        help="generate the Triton model repository (cpu or gpu profile)",
-        epilog="examples:\n  littlebig repo --profile cpu --out build/model_repository\n"
-        "  littlebig repo --profile gpu --out build/model_repository_gpu",
-    )
+@command(
+    _cmd_repo,
+    help="generate the Triton model repository (cpu or gpu profile)",
+    epilog="examples:\n  littlebig repo --profile cpu --out build/model_repository\n"
+    "  littlebig repo --profile gpu --out build/model_repository_gpu",
+)
+def _add_repo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--out", type=Path, default=BUILD / "model_repository")
     add_serve_options(p)
-    p.set_defaults(func=_cmd_repo)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -560,15 +562,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub: argparse._SubParsersAction) -> None:
+@command(
+    _cmd_serve,
+    help="run the embedded tritonserver on the cpu repository",
+    epilog="example: HTTP_PORT=9000 littlebig serve   (or: make serve)",
+)
+def _add_serve(p: argparse.ArgumentParser) -> None:
     import os
 
-    p = _subparser(
-        sub,
-        "serve",
-        help="run the embedded tritonserver on the cpu repository",
-        epilog="example: HTTP_PORT=9000 littlebig serve   (or: make serve)",
-    )
     p.add_argument("--repository", type=Path, default=BUILD / "model_repository")
     p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
@@ -584,12 +585,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--health-failures", type=int, default=2, help="failed checks in a row that trigger a restart")
     h.add_argument("--max-restarts", type=int, default=10, help="give up (exit 1) after this many restarts")
     add_serve_options(p)
-    p.set_defaults(func=_cmd_serve)
 
 
 def _client_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Client failures as one line on stderr: exit 2 for the caller's input, 1 for the service."""
 
+    @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
         from littlebig.client import ClientError, InputError
 
@@ -602,14 +603,15 @@ def _client_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argpars
     return run
 
 
-def _add_client_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+def _add_address(p: argparse.ArgumentParser, flag: str, env: str, default: str, what: str) -> None:
+    """A server address flag whose default an environment variable can set (containers, scripts)."""
     import os
 
-    p.add_argument(
-        "--url",
-        default=os.environ.get("LITTLEBIG_URL", "localhost:8001"),
-        help="the server's gRPC address (default localhost:8001, or $LITTLEBIG_URL)",
-    )
+    p.add_argument(flag, default=os.environ.get(env, default), help=f"{what} (default {default}, or ${env})")
+
+
+def _add_client_options(p: argparse.ArgumentParser, model: bool = True) -> None:
+    _add_address(p, "--url", "LITTLEBIG_URL", "localhost:8001", "the server's gRPC address")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
     if model:
         p.add_argument("--model", default="littlebig", help="littlebig (the cascade), or little / big directly")
@@ -638,16 +640,15 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_classify(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "classify",
-        help="classify image files or folders through the server",
-        epilog="examples:\n  littlebig classify shirt.png boots.jpg\n"
-        "  littlebig classify photos/ --top-k 3 --json --threshold 0.9\n"
-        "  littlebig classify photo.jpg --send pixels   (decode and resize here, send raw pixels)\n"
-        "exit codes: 0 answered, 1 server unreachable or failed, 2 bad input (file, threshold)",
-    )
+@command(
+    _client_errors(_cmd_classify),
+    help="classify image files or folders through the server",
+    epilog="examples:\n  littlebig classify shirt.png boots.jpg\n"
+    "  littlebig classify photos/ --top-k 3 --json --threshold 0.9\n"
+    "  littlebig classify photo.jpg --send pixels   (decode and resize here, send raw pixels)\n"
+    "exit codes: 0 answered, 1 server unreachable or failed, 2 bad input (file, threshold)",
+)
+def _add_classify(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="PNG/JPEG files or folders (walked recursively)")
     p.add_argument("--json", action="store_true", help="one JSON record per image")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
@@ -665,7 +666,6 @@ def _add_classify(sub: argparse._SubParsersAction) -> None:
         help="time you will wait: rows big cannot answer within it come back from little (REASON deadline)",
     )
     _add_client_options(p)
-    p.set_defaults(func=_client_errors(_cmd_classify))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -690,16 +690,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0 if summary.get("matches_offline", True) else 1
 
 
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "eval",
-        help="a labelled split through the server: accuracy, escalation, MACs, speed",
-        epilog="examples:\n  littlebig eval\n  littlebig eval --model big --json\n"
-        "  littlebig eval --data-dir my_images/ --split test\n"
-        "exit codes: 0 done (and equal to the offline report where comparable), "
-        "1 server failed or served accuracy differs from the offline report, 2 bad input",
-    )
+@command(
+    _client_errors(_cmd_eval),
+    help="a labelled split through the server: accuracy, escalation, MACs, speed",
+    epilog="examples:\n  littlebig eval\n  littlebig eval --model big --json\n"
+    "  littlebig eval --data-dir my_images/ --split test\n"
+    "exit codes: 0 done (and equal to the offline report where comparable), "
+    "1 server failed or served accuracy differs from the offline report, 2 bad input",
+)
+def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder, or an image folder with SPLIT/")
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--batch-size", type=int, default=32)
@@ -708,7 +707,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--build", type=Path, default=BUILD, help="where export.json / report.json are")
     _add_client_options(p)
-    p.set_defaults(func=_client_errors(_cmd_eval))
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -724,25 +722,17 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return 0 if all(e is None for e in report.values()) else 1
 
 
-def _add_health(sub: argparse._SubParsersAction) -> None:
-    import os
-
-    p = _subparser(
-        sub,
-        "health",
-        help="readiness: a real inference through little, big and littlebig (DEGRADED fails); --live: cheap",
-        epilog="examples:\n  littlebig health --http-url localhost:8000\n  littlebig health --live\n"
-        "the same check as the supervisor, compose and Kubernetes (model_repository/health.py)\n"
-        "exit codes: 0 healthy, 1 any model failed or answered DEGRADED (readiness alone misses a dead stub)",
-    )
-    p.add_argument(
-        "--http-url",
-        default=os.environ.get("LITTLEBIG_HTTP_URL", "localhost:8000"),
-        help="the server's HTTP address (default localhost:8000, or $LITTLEBIG_HTTP_URL)",
-    )
+@command(
+    _cmd_health,
+    help="readiness: a real inference through little, big and littlebig (DEGRADED fails); --live: cheap",
+    epilog="examples:\n  littlebig health --http-url localhost:8000\n  littlebig health --live\n"
+    "the same check as the supervisor, compose and Kubernetes (model_repository/health.py)\n"
+    "exit codes: 0 healthy, 1 any model failed or answered DEGRADED (readiness alone misses a dead stub)",
+)
+def _add_health(p: argparse.ArgumentParser) -> None:
+    _add_address(p, "--http-url", "LITTLEBIG_HTTP_URL", "localhost:8000", "the server's HTTP address")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP call")
     p.add_argument("--live", action="store_true", help="liveness only: /v2/health/live, no inference")
-    p.set_defaults(func=_cmd_health)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -751,18 +741,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if run_demo(args.build, args.batch_size, args.concurrency)["ok"] else 1
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = _subparser(
-        sub,
-        "demo",
-        help="serve the exported pair and run the test split through it (make demo)",
-        epilog="example: littlebig demo   (after export, calibrate, report; make demo does all)\n"
-        "exit codes: 0 every served accuracy equals the offline report, 1 otherwise",
-    )
+@command(
+    _client_errors(_cmd_demo),
+    help="serve the exported pair and run the test split through it (make demo)",
+    epilog="example: littlebig demo   (after export, calibrate, report; make demo does all)\n"
+    "exit codes: 0 every served accuracy equals the offline report, 1 otherwise",
+)
+def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build", type=Path, default=BUILD)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
-    p.set_defaults(func=_client_errors(_cmd_demo))
 
 
 def _cmd_monitor(args: argparse.Namespace) -> int:
@@ -771,46 +759,23 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     return run(args.metrics_url, interval=args.interval, window=args.window, once=args.once, as_json=args.json)
 
 
-def _add_monitor(sub: argparse._SubParsersAction) -> None:
-    import os
-
-    p = _subparser(
-        sub,
-        "monitor",
-        help="live traffic, drift and shadow-loss figures from the server's metrics port (no Prometheus needed)",
-        epilog="examples:\n  littlebig monitor --metrics-url http://127.0.0.1:8002/metrics\n"
-        "  littlebig monitor --once --json --interval 10   # one frame over 10 s, for scripts\n"
-        "the statistics and thresholds of deploy/prometheus/littlebig.rules.yml, over the monitor's own window\n"
-        "exit codes: 0 done (Ctrl-C too), 2 the metrics URL cannot be read",
-    )
-    p.add_argument(
-        "--metrics-url",
-        default=os.environ.get("LITTLEBIG_METRICS_URL", "http://127.0.0.1:8002/metrics"),
-        help="Triton's metrics endpoint (default http://127.0.0.1:8002/metrics, or $LITTLEBIG_METRICS_URL)",
-    )
+@command(
+    _cmd_monitor,
+    help="live traffic, drift and shadow-loss figures from the server's metrics port (no Prometheus needed)",
+    epilog="examples:\n  littlebig monitor --metrics-url http://127.0.0.1:8002/metrics\n"
+    "  littlebig monitor --once --json --interval 10   # one frame over 10 s, for scripts\n"
+    "the statistics and thresholds of deploy/prometheus/littlebig.rules.yml, over the monitor's own window\n"
+    "exit codes: 0 done (Ctrl-C too), 2 the metrics URL cannot be read",
+)
+def _add_monitor(p: argparse.ArgumentParser) -> None:
+    _add_address(p, "--metrics-url", "LITTLEBIG_METRICS_URL", "http://127.0.0.1:8002/metrics",
+                 "Triton's metrics endpoint")  # fmt: skip
     p.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (and frames)")
     p.add_argument(
         "--window", type=float, default=1800.0, help="seconds of scrapes the figures cover (rates, drift, loss)"
     )
     p.add_argument("--once", action="store_true", help="one frame from two scrapes --interval apart, then exit")
     p.add_argument("--json", action="store_true", help="the figures as JSON (one object per frame) instead of text")
-    p.set_defaults(func=_cmd_monitor)
-
-
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train,
-    _add_export,
-    _add_calibrate,
-    _add_recalibrate,
-    _add_report,
-    _add_repo,
-    _add_serve,
-    _add_classify,
-    _add_eval,
-    _add_health,
-    _add_demo,
-    _add_monitor,
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -818,8 +783,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="littlebig", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for name, (texts, arguments, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **texts)
+        arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 
