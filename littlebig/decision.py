@@ -6,6 +6,8 @@ generator copies it beside the BLS model.py), so it depends on numpy alone. Neve
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 #: The served cascade (the BLS model) and the two models it calls: the names the generator, the bench, the GPU
@@ -108,3 +110,32 @@ def cascade_stages(logits: list[np.ndarray], thresholds: float | list) -> dict[s
 def cascade(little_logits: np.ndarray, big_logits: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """The two-model cascade (``cascade_stages`` of little and big)."""
     return cascade_stages([little_logits, big_logits], [threshold])
+
+
+class Route(NamedTuple):
+    """One served transition (stage k -> k + 1) for the rows still deciding, as masks over those rows."""
+
+    goes_on: np.ndarray  # escalated, with time left for the next stage: sent to it
+    late: np.ndarray  # escalated, but the next stage cannot answer before the row's deadline: answered here
+    load: np.ndarray  # kept here only because the T in force (the governor's) is below the calibrated one
+    below_calibrated: np.ndarray  # escalated at the calibrated T: what val would have escalated
+
+
+def route(
+    conf: np.ndarray,
+    own: np.ndarray,
+    in_force: float,
+    calibrated: float,
+    time_left_s: np.ndarray | float = np.inf,
+    latency_s: float = 0.0,
+) -> Route:
+    """Where each row goes at one transition of the served cascade: ``escalate`` at the row's own threshold
+    (``own``; NaN where the request gave none: the T in force), then escalated rows whose deadline is nearer than
+    the next stage's predicted latency stay here. With ``in_force == calibrated``, no own thresholds and no
+    deadlines, ``goes_on`` is exactly ``escalate(conf, calibrated)``: the offline rule (``answering_stage``)."""
+    conf, own = np.asarray(conf), np.asarray(own, dtype=np.float64)
+    governed = np.isnan(own)
+    escalated = escalate(conf, np.where(governed, in_force, own))
+    below_calibrated = escalate(conf, calibrated)
+    late = escalated & (np.asarray(time_left_s) < latency_s)
+    return Route(escalated & ~late, late, ~escalated & governed & below_calibrated, below_calibrated)

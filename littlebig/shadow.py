@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
@@ -133,3 +134,33 @@ def read_records(directory: str) -> dict[str, np.ndarray]:
         "answer": np.array([r["answer"] for r in rows], dtype=np.int64),
         "big": np.array([r["big"] for r in rows], dtype=np.int64),
     }
+
+
+class Seen:
+    """One execute's drawn rows for the guard: fed to it once every shadow call of the execute is back, or never
+    if any drawn row's big answer stays unknown (``void``)."""
+
+    def __init__(self, feed: Callable[[np.ndarray, np.ndarray], None], conf: list, mismatch: list) -> None:
+        self.feed, self.conf, self.mismatch = feed, list(conf), list(mismatch)
+        self.pending, self.closed, self.voided = 0, False, False
+
+    def add(self, conf, mismatch):
+        self.conf.append(conf)
+        self.mismatch.append(mismatch)
+
+    def void(self):
+        self.voided = True
+
+    def done(self):
+        self.pending -= 1
+        self._maybe_feed()
+
+    def close(self):
+        """No more calls will be added."""
+        self.closed = True
+        self._maybe_feed()
+
+    def _maybe_feed(self):
+        if self.closed and self.pending == 0 and not self.voided:
+            self.voided = True  # fed once
+            self.feed(np.concatenate(self.conf), np.concatenate(self.mismatch))

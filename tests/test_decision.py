@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
-from littlebig.decision import cascade, check_threshold, confidence, escalate, softmax
+from littlebig.decision import answering_stage, cascade, check_threshold, confidence, escalate, route, softmax
 
 
 def test_softmax_is_stable_and_normalised():
@@ -41,3 +44,47 @@ def test_cascade_takes_big_only_where_escalated():
     assert out["escalated"].tolist() == [False, True]
     assert out["label"].tolist() == [0, 1]
     assert np.allclose(out["probs"][1], softmax(big)[1])
+
+
+unit = st.floats(0.0, 1.0, width=32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(conf=arrays(np.float32, st.integers(0, 40), elements=unit), t=unit)
+def test_served_route_without_load_or_deadlines_is_the_offline_rule(conf, t):
+    """The BLS's transition at the calibrated T, no request thresholds, no deadlines: exactly the rows the offline
+    reference escalates (answering_stage), none late, none kept for load."""
+    step = route(conf, np.full(len(conf), np.nan), t, t)
+    assert np.array_equal(step.goes_on, answering_stage([conf], [t]) == 1)
+    assert not step.late.any() and not step.load.any()
+    assert np.array_equal(step.below_calibrated, step.goes_on)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    conf=arrays(np.float32, 30, elements=unit),
+    own=arrays(np.float64, 30, elements=st.one_of(st.just(np.nan), st.floats(0.0, 1.0))),
+    in_force=unit, calibrated=unit,
+    left=arrays(np.float64, 30, elements=st.floats(0.0, 2.0)), latency=st.floats(0.0, 2.0),
+)  # fmt: skip
+def test_served_route_under_load_deadlines_and_own_thresholds(conf, own, in_force, calibrated, left, latency):
+    """Each row goes on, stays late, or stays; an own threshold wins over the T in force; only escalated rows are
+    late, exactly those whose time left is under the latency; load marks governed rows the lowered T kept."""
+    step = route(conf, own, in_force, calibrated, left, latency)
+    governed = np.isnan(own)
+    escalated = escalate(conf, np.where(governed, in_force, own))
+    assert np.array_equal(step.goes_on | step.late, escalated) and not (step.goes_on & step.late).any()
+    assert np.array_equal(step.late, escalated & (left < latency))
+    assert np.array_equal(step.load, governed & ~escalate(conf, in_force) & escalate(conf, calibrated))
+    assert not (step.load & (step.goes_on | step.late)).any()
+    assert np.array_equal(step.below_calibrated, escalate(conf, calibrated))
+
+
+def test_served_route_examples():
+    conf = np.array([0.5, 0.7, 0.95, 0.6, 0.6], dtype=np.float32)
+    own = np.array([np.nan, np.nan, np.nan, 0.9, np.nan])
+    left = np.array([9.0, 9.0, 9.0, 9.0, 0.01])
+    step = route(conf, own, in_force=0.65, calibrated=0.8, time_left_s=left, latency_s=0.05)
+    assert step.goes_on.tolist() == [True, False, False, True, False]  # 0.6 < own 0.9 goes on despite the load T
+    assert step.load.tolist() == [False, True, False, False, False]  # 0.7: escalated at 0.8, kept at 0.65
+    assert step.late.tolist() == [False, False, False, False, True]  # escalated, 10 ms left, 50 ms to answer

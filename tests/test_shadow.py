@@ -97,3 +97,26 @@ def test_recalibration_keeps_its_promise_on_live_traffic():
     assert broken <= 4
     # and the rule is not trivially careful: T = 1 would keep the promise but send everything to big
     assert t < 0.95
+
+
+def test_seen_feeds_the_guard_once_when_every_call_is_back_and_never_when_voided():
+    """The guard's observation of one execute: all its drawn rows once its shadow calls are all back, or none."""
+    from littlebig.shadow import Seen
+
+    fed = []
+    seen = Seen(lambda conf, mismatch: fed.append((conf.tolist(), mismatch.tolist())), [np.array([0.9])],
+                [np.array([False])])  # fmt: skip
+    seen.pending = 2
+    seen.add(np.array([0.99, 0.97]), np.array([True, False]))
+    seen.close()
+    seen.done()
+    assert fed == []  # one call still out
+    seen.done()
+    assert fed == [([0.9, 0.99, 0.97], [False, True, False])]
+    seen.done()
+    seen.close()
+    assert len(fed) == 1  # fed once
+    voided = Seen(lambda *a: fed.append(a), [np.array([0.5])], [np.array([True])])
+    voided.void()
+    voided.close()
+    assert len(fed) == 1  # a row whose big answer is unknown: the execute tells the guard nothing

@@ -49,9 +49,9 @@ from typing import NamedTuple
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, Guard, check_deadline
-from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, escalate, softmax, stage_names
+from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
 from decision import REASONS as REASON_NAMES
-from shadow import DROP_REASONS, RecordWriter, Sampler
+from shadow import DROP_REASONS, RecordWriter, Sampler, Seen
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
 #: failed with an input byte size mismatch).
@@ -199,36 +199,6 @@ class Parameters(dict):
         raise pb_utils.TritonModelException(
             f"littlebig's config.pbtxt has no parameter {key!r}: generate the repository with `littlebig repo`"
         )
-
-
-class Seen:
-    """One execute's drawn rows for the guard: fed to it once every shadow call of the execute is back, or never
-    if any drawn row's big answer stays unknown (``void``)."""
-
-    def __init__(self, feed, conf, mismatch):
-        self.feed, self.conf, self.mismatch = feed, list(conf), list(mismatch)
-        self.pending, self.closed, self.voided = 0, False, False
-
-    def add(self, conf, mismatch):
-        self.conf.append(conf)
-        self.mismatch.append(mismatch)
-
-    def void(self):
-        self.voided = True
-
-    def done(self):
-        self.pending -= 1
-        self._maybe_feed()
-
-    def close(self):
-        """No more calls will be added."""
-        self.closed = True
-        self._maybe_feed()
-
-    def _maybe_feed(self):
-        if self.closed and self.pending == 0 and not self.voided:
-            self.voided = True  # fed once
-            self.feed(np.concatenate(self.conf), np.concatenate(self.mismatch))
 
 
 class Rows(NamedTuple):
@@ -498,11 +468,12 @@ class TritonPythonModel:
     async def _cascade(self, images, rows, spans, responses, requests):
         """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows).
 
-        One loop over the stages: stage k runs only on the rows every earlier stage escalated (``escalate``, the
-        shared rule, with T_k), chunked to its own max_batch_size; each row keeps the probabilities of the last
-        stage that answered it. The governor moves only the last T; a request's own threshold is used for every T.
-        Before each later stage, the requests whose rows would go on are asked whether their client cancelled
-        (``is_cancelled``, one call per such request): a cancelled request's rows go no further.
+        One loop over the stages: stage k runs only on the rows every earlier stage escalated (``route``: the
+        shared rule at T_k, less the rows whose deadline is too near), chunked to its own max_batch_size; each row
+        keeps the probabilities of the last stage that answered it. The governor moves only the last T; a request's
+        own threshold is used for every T. Before each later stage, the requests whose rows would go on are asked
+        whether their client cancelled (``is_cancelled``, one call per such request): a cancelled request's rows go
+        no further.
         """
         cancelled: set[int] = set()
         owner = np.repeat(list(spans), [s.stop - s.start for s in spans.values()])  # row -> request
@@ -517,7 +488,6 @@ class TritonPythonModel:
                 probs[a:b] = softmax(logits)
         roles = list(self.models)
         last = len(roles) - 1
-        governed = np.isnan(rows.own)  # rows the governor decides; a request's own threshold wins
         stage = np.zeros(len(images), dtype=np.int64)  # the stage whose answer each row holds
         reason = np.full(len(images), CONFIDENT, dtype=np.uint8)
         sent_to_big = np.zeros(len(images), dtype=bool)
@@ -527,19 +497,17 @@ class TritonPythonModel:
         active = np.flatnonzero(~failed)  # rows still deciding whether to go on
         held = probs  # each row's probabilities before big ran (the shadow records' "answer"; copied at k == last)
         for k, role in enumerate(roles[1:], start=1):
-            here = confidence(probs[active])
             calibrated = self.thresholds[k - 1]
-            in_force = self._in_force() if k == last else calibrated
-            esc = escalate(here, np.where(governed[active], in_force, rows.own[active]))
-            if k == last:  # rows at the last transition below the calibrated T: what val would have escalated
-                below_calibrated[active] = escalate(here, calibrated)
-                kept = active[~esc]
-                reason[kept[governed[kept] & below_calibrated[kept]]] = LOAD
-            going = active[esc]
             now = time.monotonic()
-            late = going[rows.deadline[going] - now < self.breakers[role].predicted_latency_s(now)]
-            reason[late] = DEADLINE
-            going = np.setdiff1d(going, late, assume_unique=True)
+            step = route(
+                confidence(probs[active]), rows.own[active], self._in_force() if k == last else calibrated,
+                calibrated, rows.deadline[active] - now, self.breakers[role].predicted_latency_s(now),
+            )  # fmt: skip
+            if k == last:  # the drift signal and the governor's rows are about the transition in front of big
+                below_calibrated[active] = step.below_calibrated
+                reason[active[step.load]] = LOAD
+            reason[active[step.late]] = DEADLINE
+            going = active[step.goes_on]
             gone = [i for i in np.unique(owner[going]).tolist() if requests[i].is_cancelled()]
             if gone:
                 cancelled.update(gone)
