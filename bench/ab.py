@@ -5,13 +5,18 @@ Usage: python -m bench.ab --build build --variant '{"big_instances": 2}' --varia
 
 Each round measures every variant in turn (load, screen points, composing little/big at c1 b1, unload), so
 background load hits them alike; the medians over rounds are printed and written to --out.
+
+``--code REV`` adds the first variant once more with the BLS model's code (model.py and the modules installed
+beside it) of git revision REV: the served cascade before and after a code change, side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,13 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-ms", type=int, default=1000)
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("build/bench-ab.json"))
+    ap.add_argument("--code", action="append", default=[], metavar="REV",
+                    help="also the first variant with the BLS code of git revision REV")  # fmt: skip
     args = ap.parse_args(argv)
+    revs = {rev: bls_code(rev) for rev in args.code}  # read first: a bad REV fails before any work
 
     work = args.out.parent / f"{args.out.stem}-work"
     work.mkdir(parents=True, exist_ok=True)
     build = snapshot(args.build, work / "build")
     _, images, input_data = load_test_images(build, work, args.images)
     cands = [S.candidate(S.BLS, "ab", **json.loads(v)) for v in args.variant]
+    at_rev = {rev: dataclasses.replace(cands[0], variant=f"at_{rev}") for rev in revs}
     points = parse_points(args.points)
     repo, scratch = work / "model_repository", work / "generated"
     for d in (repo, scratch):
@@ -63,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             url=f"127.0.0.1:{server.ports.grpc}", input_data=input_data, work=work,
             warm=lambda model, b: warm_up(client, images, model, b),
         )  # fmt: skip
+        for rev, cand in at_rev.items():  # installed by hand, so load() finds it and keeps REV's code
+            search.summaries[cand.name] = S.install(build, repo, cand, scratch)
+            search.installed[cand.name] = cand
+            for name, text in revs[rev].items():
+                (repo / cand.name / "1" / name).write_text(text)
+        cands += list(at_rev.values())
         plan = [(r, c) for r in range(args.rounds) for c in cands]
         for rnd, cand in tqdm(plan, desc="A/B", unit="variant"):
             search.load(cand, (1, 8))
@@ -73,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             search.unload(cand)
         client.close()
 
-    result = {"variants": [c.opts() for c in cands], "points": args.points, "rows": rows, "summary": []}
+    result = {"variants": [c.opts() for c in cands], "code": {c.name: rev for rev, c in at_rev.items()},
+              "points": args.points, "rows": rows, "summary": []}  # fmt: skip
     for cand in cands:
         mine = [r for r in rows if r["candidate"] == cand.name]
         little, big = cand.composing()
@@ -91,10 +107,24 @@ def main(argv: list[str] | None = None) -> int:
         b1c1 = med.get("b1c1_mean_ms", float("nan"))
         med["bls_overhead_mean_ms"] = bls_overhead(b1c1, mean_ms(little), mean_ms(big), p)
         med["p"] = p
-        result["summary"].append({"variant": cand.opts(), **med})
-        print(json.dumps({"variant": cand.opts(), **{k: round(v, 3) for k, v in med.items()}}))
+        code = next((rev for rev, c in at_rev.items() if c is cand), "working tree")
+        result["summary"].append({"variant": cand.opts(), "code": code, **med})
+        print(json.dumps({"variant": cand.opts(), "code": code, **{k: round(v, 3) for k, v in med.items()}}))
     args.out.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def bls_code(rev: str) -> dict[str, str]:
+    """The files of the BLS model's folder at git revision ``rev``: model.py and the modules installed beside it."""
+    from littlebig.model_repository.generate import BLS_MODULES
+
+    sources = {"model.py": "model_repository/littlebig/model.py"}
+    sources.update({f"{m}.py": f"littlebig/{m}.py" for m in BLS_MODULES})
+    try:
+        return {name: subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True,
+                                     text=True).stdout for name, path in sources.items()}  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"bench.ab: --code {rev}: {exc.stderr.strip()}") from None
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ Sources each GPU setting rests on (Triton 24.10 = 2.51; read in the r24.10 branc
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from collections.abc import Callable
@@ -53,7 +54,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from littlebig import control, decision, shadow
+from littlebig import decision
 from littlebig.atomic import replacing_dir
 from littlebig.export.pipeline import (
     ROLES,
@@ -68,6 +69,8 @@ from littlebig.export.pipeline import (
 
 SOURCES = Path(__file__).resolve().parent
 BLS_NAME = decision.CASCADE
+#: The littlebig modules the BLS model.py imports, installed beside it (numpy and the standard library only).
+BLS_MODULES = ("control", "decision", "shadow")
 #: The encoded-image entry point (an ensemble: DECODE_NAME, then the BLS model) and its decoder.
 ENCODED_NAME = "littlebig_encoded"
 DECODE_NAME = "decode"
@@ -856,9 +859,8 @@ def _write_repository(build: Path, out: Path, profile: str, opts: ServeOptions, 
     write_config(bls_config(exported, thresholds, rule, opts, governor, preferred, eps), bls_dir)
     (bls_dir / "1").mkdir(parents=True, exist_ok=True)
     shutil.copy2(SOURCES / "littlebig" / "model.py", bls_dir / "1" / "model.py")
-    shutil.copy2(Path(control.__file__), bls_dir / "1" / "control.py")
-    shutil.copy2(Path(decision.__file__), bls_dir / "1" / "decision.py")
-    shutil.copy2(Path(shadow.__file__), bls_dir / "1" / "shadow.py")
+    for module in BLS_MODULES:
+        shutil.copy2(Path(importlib.import_module(f"littlebig.{module}").__file__), bls_dir / "1" / f"{module}.py")
     if opts.little_in_process:
         shutil.copy2(export_dir(build) / exported["little"]["onnx"], bls_dir / "1" / "little.onnx")
     (bls_dir / LABELS_FILE).write_text("\n".join(exported["class_names"]) + "\n")
