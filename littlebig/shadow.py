@@ -136,6 +136,30 @@ def read_records(directory: str) -> dict[str, np.ndarray]:
     }
 
 
+def plan_shadow(
+    rows: np.ndarray,
+    time_left_s: np.ndarray,
+    latency_s: float,
+    max_batch: int,
+    room: int,
+    under_load: bool,
+    breaker_open: bool,
+) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Which drawn confident ``rows`` go to big as shadow calls, and which are dropped and why (``DROP_REASONS``).
+
+    Shadow work is dropped first: all of it under the governor's load levels or while big's breaker is open; the
+    rows whose time left (``time_left_s``, per row) is under big's predicted latency; then every chunk of at most
+    ``max_batch`` rows beyond ``room`` calls (``busy``). Returns (the calls' row chunks, reason -> rows dropped)."""
+    if under_load:
+        return [], {"load": rows}
+    if breaker_open:
+        return [], {"breaker": rows}
+    tight = np.asarray(time_left_s) < latency_s
+    kept = rows[~tight]
+    chunks = [kept[a : a + max_batch] for a in range(0, len(kept), max_batch)]
+    return chunks[:room], {"deadline": rows[tight], "busy": np.concatenate([rows[:0], *chunks[room:]])}
+
+
 class Seen:
     """One execute's drawn rows for the guard: fed to it once every shadow call of the execute is back, or never
     if any drawn row's big answer stays unknown (``void``)."""

@@ -120,3 +120,24 @@ def test_seen_feeds_the_guard_once_when_every_call_is_back_and_never_when_voided
     voided.void()
     voided.close()
     assert len(fed) == 1  # a row whose big answer is unknown: the execute tells the guard nothing
+
+
+def test_shadow_plan_drops_first_and_says_why():
+    """Shadow work never competes with traffic: all of it is dropped under load or with big's breaker open; then
+    rows too close to their deadline; then every chunk beyond the room for calls. Every drawn row is either in a
+    call or dropped with its reason, once."""
+    from littlebig.shadow import DROP_REASONS, plan_shadow
+
+    rows = np.arange(10, 20)
+    left = np.full(10, 5.0)
+    assert plan_shadow(rows, left, 0.1, 4, 4, True, False) == ([], {"load": rows})
+    assert plan_shadow(rows, left, 0.1, 4, 4, False, True) == ([], {"breaker": rows})
+    left[[1, 6]] = 0.05  # 50 ms left, big answers in 100 ms
+    chunks, dropped = plan_shadow(rows, left, 0.1, 3, 2, False, False)
+    assert [c.tolist() for c in chunks] == [[10, 12, 13], [14, 15, 17]]
+    assert dropped["deadline"].tolist() == [11, 16] and dropped["busy"].tolist() == [18, 19]
+    assert set(dropped) <= set(DROP_REASONS)
+    placed = np.concatenate([*chunks, *dropped.values()])
+    assert sorted(placed.tolist()) == rows.tolist()
+    chunks, dropped = plan_shadow(rows, left, 0.1, 3, 0, False, False)
+    assert chunks == [] and len(dropped["busy"]) == 8

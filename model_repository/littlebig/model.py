@@ -51,7 +51,7 @@ import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, Guard, check_deadline
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
 from decision import REASONS as REASON_NAMES
-from shadow import DROP_REASONS, RecordWriter, Sampler, Seen
+from shadow import DROP_REASONS, RecordWriter, Sampler, Seen, plan_shadow
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
 #: failed with an input byte size mismatch).
@@ -592,27 +592,18 @@ class TritonPythonModel:
             return
         now = time.monotonic()
         big = self.breakers["big"]
-        if self.governor.level > 0:
-            dropped = {"load": rows}
-        elif big.refusal(now) is not None:
-            dropped = {"breaker": rows}
-        else:
-            tight = deadlines[rows] - now < big.predicted_latency_s(now)
-            dropped = {"deadline": rows[tight]}
-            rows = rows[~tight]
-            max_batch = self.max_batch["big"]
-            chunks = [rows[a:a + max_batch] for a in range(0, len(rows), max_batch)]
-            room = max(SHADOW_MAX_CALLS - len(self.shadow_in_flight), 0)
-            dropped["busy"] = np.concatenate([rows[:0], *chunks[room:]])
-            for chunk in chunks[:room]:
-                call = self._call("big", images[chunk])
-                self.shadow_in_flight.add(call)
-                bins = np.searchsorted(CONFIDENCE_BINS, little_conf[chunk])
-                if seen is not None:
-                    seen.pending += 1
-                call.add_done_callback(
-                    lambda done, held=held[chunk], bins=bins: self._shadow_done(done, held, bins, seen)
-                )
+        chunks, dropped = plan_shadow(
+            rows, deadlines[rows] - now, big.predicted_latency_s(now), self.max_batch["big"],
+            max(SHADOW_MAX_CALLS - len(self.shadow_in_flight), 0), self.governor.level > 0,
+            big.refusal(now) is not None,
+        )  # fmt: skip
+        for chunk in chunks:
+            call = self._call("big", images[chunk])
+            self.shadow_in_flight.add(call)
+            bins = np.searchsorted(CONFIDENCE_BINS, little_conf[chunk])
+            if seen is not None:
+                seen.pending += 1
+            call.add_done_callback(lambda done, held=held[chunk], bins=bins: self._shadow_done(done, held, bins, seen))
         for why, dropped_rows in dropped.items():
             self._drop(why, held[dropped_rows])
             if seen is not None and len(dropped_rows):
