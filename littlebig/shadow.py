@@ -27,11 +27,18 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+try:  # in the served repository: the generator's copy beside model.py
+    from decision import CONFIDENCE_BINS, confidence
+except ImportError:  # tests and tools
+    from littlebig.decision import CONFIDENCE_BINS, confidence
 
 #: z of the alert's one-sided bound: P(N(0, 1) > 3.719) = 1e-4 (deploy/prometheus/littlebig.rules.yml says why).
 Z_ALERT = 3.719
@@ -158,6 +165,87 @@ def plan_shadow(
     kept = rows[~tight]
     chunks = [kept[a : a + max_batch] for a in range(0, len(kept), max_batch)]
     return chunks[:room], {"deadline": rows[tight], "busy": np.concatenate([rows[:0], *chunks[room:]])}
+
+
+class ShadowTraffic:
+    """One BLS instance's shadow work: drawn rows' records, and drawn confident rows sent to big without waiting,
+    counted per confidence bin and recorded when big answers.
+
+    ``send(images)`` starts one call to big and returns its future (``add_done_callback``, ``cancelled``,
+    ``exception``, ``result``); ``read(result)`` is big's logits (raising when they cannot be read); ``metrics``
+    holds the served metrics ``shadow_dropped`` (one per ``DROP_REASONS``), ``shadow_rows`` and
+    ``shadow_disagreements`` (one per ``CONFIDENCE_BINS``), each with ``increment(n)``."""
+
+    def __init__(
+        self, records: RecordWriter, metrics: dict[str, list[Any]], send: Callable[[np.ndarray], Any],
+        read: Callable[[Any], np.ndarray], max_batch: int, max_calls: int,
+    ) -> None:  # fmt: skip
+        self.records, self.metrics, self.send, self.read = records, metrics, send, read
+        self.max_batch, self.max_calls = max_batch, max_calls
+        self.in_flight: set[Any] = set()
+
+    def record(self, kind: str, held: np.ndarray, big: np.ndarray) -> None:
+        """Records of drawn rows: the answer before big (confidence, label) and big's label (-1 unknown)."""
+        if len(held):
+            self.records.write(kind, confidence(held), held.argmax(axis=-1), np.asarray(big), time.time())
+
+    def drop(self, why: str, held: np.ndarray) -> None:
+        """Drawn rows whose big answer will not be known: counted by reason, recorded as unknown."""
+        if len(held):
+            self.metrics["shadow_dropped"][DROP_REASONS.index(why)].increment(len(held))
+            self.record("unknown", held, np.full(len(held), -1))
+
+    def start(
+        self, images: np.ndarray, rows: np.ndarray, held: np.ndarray, little_conf: np.ndarray,
+        time_left_s: np.ndarray, latency_s: float, under_load: bool, breaker_open: bool, seen: Seen | None = None,
+    ) -> None:  # fmt: skip
+        """Send the drawn confident ``rows`` to big as ``plan_shadow`` says (``time_left_s``: per row of ``rows``),
+        never waiting; the rest are dropped. ``seen`` (the guard's observation of the execute) gets each answer,
+        and any drop voids it."""
+        room = max(self.max_calls - len(self.in_flight), 0)
+        chunks, dropped = plan_shadow(rows, time_left_s, latency_s, self.max_batch, room, under_load, breaker_open)
+        for chunk in chunks:
+            call = self.send(images[chunk])
+            self.in_flight.add(call)
+            bins = np.searchsorted(CONFIDENCE_BINS, little_conf[chunk])
+            if seen is not None:
+                seen.pending += 1
+            call.add_done_callback(lambda done, held=held[chunk], bins=bins: self._done(done, held, bins, seen))
+        for why, dropped_rows in dropped.items():
+            self.drop(why, held[dropped_rows])
+            if seen is not None and len(dropped_rows):
+                seen.void()
+        if seen is not None:
+            seen.close()
+
+    def _done(self, call: Any, held: np.ndarray, bins: np.ndarray, seen: Seen | None) -> None:
+        """A shadow call's completion (on the stub's event loop, after the response went): count and record."""
+        self.in_flight.discard(call)
+        try:
+            if call.cancelled():
+                raise RuntimeError("cancelled")
+            if call.exception() is not None:
+                raise RuntimeError(str(call.exception()))
+            big = self.read(call.result()).argmax(axis=-1)
+        except Exception:
+            self.drop("failed", held)
+            if seen is not None:
+                seen.void()
+                seen.done()
+            return
+        disagree = big != held.argmax(axis=-1)
+        if seen is not None:
+            seen.add(confidence(held), disagree)
+            seen.done()
+        per_bin = {
+            "shadow_rows": np.bincount(bins, minlength=len(CONFIDENCE_BINS)),
+            "shadow_disagreements": np.bincount(bins, weights=disagree, minlength=len(CONFIDENCE_BINS)),
+        }
+        for key, counts in per_bin.items():
+            for metric, count in zip(self.metrics[key], counts):
+                if count:
+                    metric.increment(int(count))
+        self.record("shadow", held, big)
 
 
 class Seen:

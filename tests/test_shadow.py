@@ -141,3 +141,57 @@ def test_shadow_plan_drops_first_and_says_why():
     assert sorted(placed.tolist()) == rows.tolist()
     chunks, dropped = plan_shadow(rows, left, 0.1, 3, 0, False, False)
     assert chunks == [] and len(dropped["busy"]) == 8
+
+
+class Counter:
+    """Stands in for a Triton metric (pb_utils exists only inside the server): counts what is added."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def increment(self, n: int) -> None:
+        self.value += n
+
+
+def test_shadow_traffic_counts_records_and_feeds_the_guard_when_big_answers(tmp_path):
+    """The BLS instance's shadow work outside the server: calls are plain futures, big's answers come back out of
+    order; each answer is counted in its confidence bin, a failed call is dropped as failed, and every drawn row
+    ends up in the (real) record files exactly once."""
+    from concurrent.futures import Future
+
+    from littlebig.decision import CONFIDENCE_BINS
+    from littlebig.shadow import DROP_REASONS, Seen, ShadowTraffic
+
+    metrics = {"shadow_dropped": [Counter() for _ in DROP_REASONS],
+               "shadow_rows": [Counter() for _ in CONFIDENCE_BINS],
+               "shadow_disagreements": [Counter() for _ in CONFIDENCE_BINS]}  # fmt: skip
+    sent = []
+
+    def send(images):
+        sent.append((images, Future()))
+        return sent[-1][1]
+
+    writer = RecordWriter(str(tmp_path), "i0")
+    shadow = ShadowTraffic(writer, metrics, send, lambda logits: logits, max_batch=2, max_calls=2)
+    held = np.array([[0.97, 0.03], [0.02, 0.98], [0.96, 0.04], [0.99, 0.01], [0.95, 0.05]], dtype=np.float32)
+    images = np.arange(5).reshape(5, 1)
+    fed = []
+    seen = Seen(lambda conf, mismatch: fed.append(mismatch.tolist()), [], [])
+    shadow.start(images, np.arange(5), held, held.max(-1), np.full(5, 9.0), 0.1, False, False, seen)
+    assert [img.ravel().tolist() for img, _ in sent] == [[0, 1], [2, 3]] and len(shadow.in_flight) == 2
+    assert metrics["shadow_dropped"][DROP_REASONS.index("busy")].value == 1  # row 4: no room for a third call
+    assert fed == []  # a drop voids the guard's observation of this execute: it is never fed
+    sent[1][1].set_result(np.array([[0.0, 1.0], [1.0, 0.0]]))  # big: row 2 -> 1 (disagrees), row 3 -> 0
+    sent[0][1].set_exception(RuntimeError("big is down"))
+    assert not shadow.in_flight
+    assert sum(c.value for c in metrics["shadow_rows"]) == 2
+    assert sum(c.value for c in metrics["shadow_disagreements"]) == 1
+    assert metrics["shadow_dropped"][DROP_REASONS.index("failed")].value == 2
+    writer.close()
+    records = read_records(str(tmp_path))
+    assert sorted(records["kind"].tolist()) == ["shadow", "shadow", "unknown", "unknown", "unknown"]
+    assert sorted(records["big"].tolist()) == [-1, -1, -1, 0, 1]
+    fed_only = Seen(lambda conf, mismatch: fed.append(mismatch.tolist()), [], [])
+    shadow.start(images, np.arange(2), held, held.max(-1), np.full(2, 9.0), 0.1, False, False, fed_only)
+    sent[2][1].set_result(np.array([[1.0, 0.0], [1.0, 0.0]]))  # row 0 agrees, row 1 (answered 1) disagrees
+    assert fed == [[False, True]]

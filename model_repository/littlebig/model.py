@@ -28,8 +28,8 @@ left. ``REASON`` says, per row, who answered and why.
 
 Shadow sampling (``shadow_rate`` R > 0; littlebig/shadow.py): each traffic row is drawn with probability
 R; drawn rows answered confidently before big also go to big once the responses are built, in calls that are never
-awaited (``_shadow``; ``_shadow_done`` counts big's disagreement per confidence bin and records the row when the call
-ends), so no answer waits for one. Shadow work is dropped first, and counted: under the governor's load levels,
+awaited (``_shadow``; ``ShadowTraffic`` counts big's disagreement per confidence bin and records the row when the
+call ends), so no answer waits for one. Shadow work is dropped first, and counted: under the governor's load levels,
 while big's breaker is open, for rows whose deadline is near, beyond ``SHADOW_MAX_CALLS`` calls in flight. Every
 drawn row is recorded (big's answer, or unknown), so the records are a uniform R-draw of traffic.
 
@@ -51,7 +51,7 @@ import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, Guard, check_deadline
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
 from decision import REASONS as REASON_NAMES
-from shadow import DROP_REASONS, RecordWriter, Sampler, Seen, plan_shadow
+from shadow import DROP_REASONS, RecordWriter, Sampler, Seen, ShadowTraffic
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
 #: failed with an input byte size mismatch).
@@ -260,7 +260,6 @@ class TritonPythonModel:
         # Shadow sampling: a seeded draw per row; records beside the repository (``logs/``) unless told.
         instance = args.get("model_instance_name", "")
         self.sampler = Sampler(float(params["shadow_rate"]), int(params["shadow_seed"]), instance)
-        self.shadow_in_flight = set()
         self.records = None
         if self.sampler.rate > 0:
             root = os.path.dirname(os.path.dirname(os.path.abspath(args["model_repository"])))
@@ -313,6 +312,10 @@ class TritonPythonModel:
             self.metrics["guard_eps"][0].set(self.guard.eps)
         self._show_threshold()
         self.metrics["calibrated_eps"][0].set(float(params["calibrated_eps"]))
+        self.shadow = None if self.records is None else ShadowTraffic(
+            self.records, self.metrics, lambda images: self._call("big", images),
+            lambda response: self._logits("big", response), self.max_batch["big"], SHADOW_MAX_CALLS,
+        )  # fmt: skip
 
     def finalize(self):
         """Unload: stop the executor's threads (a call still running past its timeout is not waited for)."""
@@ -514,7 +517,7 @@ class TritonPythonModel:
                 going = going[~np.isin(owner[going], gone)]
             if k == last:
                 sent_to_big[going] = True
-                if self.records is not None:  # shadow sampling on: keep the answers before big for the records
+                if self.shadow is not None:  # shadow sampling on: keep the answers before big for the records
                     held = probs.copy()
             answered = np.zeros(len(going), dtype=bool)
             if len(going):
@@ -564,7 +567,7 @@ class TritonPythonModel:
         drawn = self.sampler.select(len(images)) & traffic
         if drawn.any():
             by_big = drawn & sent_to_big & (stage == last)  # big answered these anyway: recorded, no call
-            self._record("escalated", held[by_big], labels[by_big, 0])
+            self.shadow.record("escalated", held[by_big], labels[by_big, 0])
             unknown = drawn & ~by_big & ~confident  # load, deadline, failure: big's answer is not known
             # The guard's observation of this execute: every drawn row, or none (an unknown one would bias it)
             seen = None
@@ -572,78 +575,22 @@ class TritonPythonModel:
                 mismatch = held[by_big].argmax(-1) != labels[by_big, 0]
                 seen = Seen(self._guard_observe, [confidence(held[by_big])], [mismatch])
             self._shadow(images, np.flatnonzero(drawn & confident), held, conf, rows.deadline, seen)
-            self._record("unknown", held[unknown], np.full(int(unknown.sum()), -1))
-
-    def _record(self, kind, held, big):
-        """Shadow records of rows drawn: the answer before big (confidence, label) and big's label (-1 unknown)."""
-        if self.records is not None and len(held):
-            self.records.write(kind, confidence(held), held.argmax(axis=-1), np.asarray(big), time.time())
+            self.shadow.record("unknown", held[unknown], np.full(int(unknown.sum()), -1))
 
     def _shadow(self, images, rows, held, little_conf, deadlines, seen=None):
-        """Send drawn confident ``rows`` to big without waiting: ``_shadow_done`` counts and records the answers
-        (and adds them to ``seen``, the guard's observation of the execute, which any drop voids).
-
-        Dropped first (counted by reason, recorded as unknown): under the governor's load levels, while big's
-        breaker is open, for rows whose deadline is closer than big's predicted latency, and beyond
-        ``SHADOW_MAX_CALLS`` calls in flight."""
+        """Send drawn confident ``rows`` to big without waiting (``ShadowTraffic``), or drop them first: under the
+        governor's load levels, while big's breaker is open, for rows whose deadline is closer than big's predicted
+        latency, and beyond ``SHADOW_MAX_CALLS`` calls in flight (``plan_shadow``)."""
         if not len(rows):
             if seen is not None:
                 seen.close()
             return
         now = time.monotonic()
         big = self.breakers["big"]
-        chunks, dropped = plan_shadow(
-            rows, deadlines[rows] - now, big.predicted_latency_s(now), self.max_batch["big"],
-            max(SHADOW_MAX_CALLS - len(self.shadow_in_flight), 0), self.governor.level > 0,
-            big.refusal(now) is not None,
+        self.shadow.start(
+            images, rows, held, little_conf, deadlines[rows] - now, big.predicted_latency_s(now),
+            self.governor.level > 0, big.refusal(now) is not None, seen,
         )  # fmt: skip
-        for chunk in chunks:
-            call = self._call("big", images[chunk])
-            self.shadow_in_flight.add(call)
-            bins = np.searchsorted(CONFIDENCE_BINS, little_conf[chunk])
-            if seen is not None:
-                seen.pending += 1
-            call.add_done_callback(lambda done, held=held[chunk], bins=bins: self._shadow_done(done, held, bins, seen))
-        for why, dropped_rows in dropped.items():
-            self._drop(why, held[dropped_rows])
-            if seen is not None and len(dropped_rows):
-                seen.void()
-        if seen is not None:
-            seen.close()
-
-    def _drop(self, why, held):
-        if len(held):
-            self.metrics["shadow_dropped"][DROP_REASONS.index(why)].increment(len(held))
-            self._record("unknown", held, np.full(len(held), -1))
-
-    def _shadow_done(self, call, held, bins, seen=None):
-        """A shadow call's completion (on the stub's event loop, after the response went): count and record."""
-        self.shadow_in_flight.discard(call)
-        try:
-            if call.cancelled():
-                raise RuntimeError("cancelled")
-            if call.exception() is not None:
-                raise RuntimeError(str(call.exception()))
-            big = self._logits("big", call.result()).argmax(axis=-1)
-        except Exception:
-            self._drop("failed", held)
-            if seen is not None:
-                seen.void()
-                seen.done()
-            return
-        disagree = big != held.argmax(axis=-1)
-        if seen is not None:
-            seen.add(confidence(held), disagree)
-            seen.done()
-        per_bin = {
-            "shadow_rows": np.bincount(bins, minlength=len(CONFIDENCE_BINS)),
-            "shadow_disagreements": np.bincount(bins, weights=disagree, minlength=len(CONFIDENCE_BINS)),
-        }
-        for key, counts in per_bin.items():
-            for metric, count in zip(self.metrics[key], counts):
-                if count:
-                    metric.increment(int(count))
-        self._record("shadow", held, big)
 
     def _in_force(self):
         """The last T for rows without their own: the guard's once it has raised T (accuracy first), else the
