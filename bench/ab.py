@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             at = [r for r in mine if r["model"] == cand.name and r["batch"] == b and r["concurrency"] == c]
             med[f"b{b}c{c}_img_s"] = statistics.median(r["throughput"] for r in at)
             med[f"b{b}c{c}_mean_ms"] = statistics.median(r["avg_us"] / 1e3 for r in at)
+            # the BLS model's own time per execute (exec less the waits on its stages: bench.search.bls_own)
+            med[f"b{b}c{c}_bls_own_ms"] = statistics.median(r["bls"]["own_ms"] for r in at)
 
         def mean_ms(model, mine=mine):
             return statistics.median(r["avg_us"] / 1e3 for r in mine if r["model"] == model)

@@ -385,6 +385,8 @@ def bls_config(
             max_queue_delay_microseconds=opts.queue_delay_us,
         ),
         instance_group=[mc.ModelInstanceGroup(count=opts.bls_instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
+        # What model.py reads, plus the config's own account of where its T came from (rule, t_min,
+        # max_accuracy_drop): the BLS does not read those, an operator does (`GET /v2/models/littlebig/config`).
         parameters=_params(
             {
                 "threshold": repr(thresholds[-1]),
