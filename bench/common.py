@@ -237,3 +237,15 @@ def concurrency_axis(ax: Any, batch: int, concurrencies: list[int], legend_fonts
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=legend_fontsize)
+
+
+def trailing_share(hits: Any, rows: Any, window: int = 50) -> tuple[int, np.ndarray]:
+    """sum(hits) / sum(rows) over each run of ``window`` consecutive batches (a run shorter than the window uses
+    all its batches: numpy's "valid" convolution would otherwise swap its arguments), with the window used; the
+    i-th share ends at batch i + window - 1."""
+    hits, rows = np.asarray(hits, dtype=float), np.asarray(rows, dtype=float)
+    window = max(1, min(window, len(rows)))
+    if not len(rows):
+        return window, np.zeros(0)
+    ones = np.ones(window)
+    return window, np.convolve(hits, ones, "valid") / np.convolve(rows, ones, "valid")

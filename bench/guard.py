@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import save_figure, shade_phases
+from bench.common import save_figure, shade_phases, trailing_share
 from bench.shift import SHIFTS, Replay, add_shift_arguments, shifted_logits
 from littlebig.metrics_text import fetch
 
@@ -98,8 +98,7 @@ def summary(result: dict[str, Any], eps: float) -> dict[str, Any]:
         firing = next((r["t"] - start for r in seen if r.get("firings", 0) > (seen[0].get("firings", 0))), None)
         d = np.array([b["disagree"] for b in rows], dtype=float)
         k = np.array([b["rows"] for b in rows], dtype=float)
-        window = 50
-        rolling = np.convolve(d, np.ones(window), "valid") / np.convolve(k, np.ones(window), "valid")
+        window, rolling = trailing_share(d, k)
         over = np.flatnonzero(rolling > eps)
         within_from = None
         if len(rolling) and (not len(over) or over[-1] < len(rolling) - 1):
@@ -127,9 +126,8 @@ def plot(results: dict[str, dict[str, Any]], eps: float, path: Path) -> None:
         b = result["batches"]
         t = np.array([x["t"] for x in b])
         for ax, key in ((axes[0], "disagree"), (axes[2], "escalated")):
-            hits = np.convolve([x[key] for x in b], np.ones(window), "valid")
-            rows = np.convolve([x["rows"] for x in b], np.ones(window), "valid")
-            ax.plot(t[window - 1 :], 100 * hits / rows, label=f"guard {name}")
+            window, share = trailing_share([x[key] for x in b], [x["rows"] for x in b])
+            ax.plot(t[window - 1 :], 100 * share, label=f"guard {name}")
         tl = result["timeline"]
         axes[1].step([r["t"] for r in tl], [r["t_served"] for r in tl], where="post", label=f"T in force, guard {name}")
     axes[0].axhline(100 * eps, color="red", ls="--", label="eps")
@@ -157,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase-rows", type=int, default=8000)
     ap.add_argument("--clean-rows", type=int, default=30000, help="the long clean run (guard on): false firings")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="JSON (default BUILD/guard.json; the PNG and the work folder beside it)")
     args = ap.parse_args(argv)
-    build, work = args.build, args.build / "guard-work"
+    build, out_json = args.build, args.out or args.build / "guard.json"
+    work = out_json.parent / f"{out_json.stem}-work"
     if work.exists():  # a guard resumes from its saved state: every run here starts from the calibrated T
         shutil.rmtree(work)
     exported = read_export(build)
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                default=0), **summary(long, args.eps)["clean"]},
         "runs": results,
     }  # fmt: skip
-    (build / "guard.json").write_text(json.dumps(out, indent=1))
-    plot(results, args.eps, build / "guard.png")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(out, indent=1))
+    plot(results, args.eps, out_json.with_suffix(".png"))
     print(f"\neps {args.eps}, alpha {args.alpha}, shadow rate {args.shadow_rate}, {args.pace:g} rows/s, "
           f"{args.phase_rows} rows per phase")  # fmt: skip
     print("| guard | phase | served disagreement with big | last half | escalated | T at end | fired after | "
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     lc = out["long_clean"]
     print(f"long clean run, guard on: {lc['rows']} rows, {lc['firings']:.0f} firings, served disagreement "
           f"{lc['disagreement']:.2%}, T at end {lc['t_end']:.4f}")
-    print(f"wrote {build / 'guard.json'}, {build / 'guard.png'}")
+    print(f"wrote {out_json}, {out_json.with_suffix('.png')}")
     return 0
 
 

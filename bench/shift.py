@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from bench.common import save_figure, shade_phases
+from bench.common import save_figure, shade_phases, trailing_share
 from littlebig.decision import CASCADE as BLS
 from littlebig.model_repository.server import Ports, TritonServer, free_port
 
@@ -275,9 +275,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bt = np.array([b["t"] for b in batches])
     k = 50
     for key, label in (("served_correct", "served (littlebig)"), ("big_correct", "big on the same rows")):
-        hits = np.array([b[key] for b in batches], dtype=float)
-        rows = np.array([b["rows"] for b in batches], dtype=float)
-        acc = np.convolve(hits, np.ones(k), "valid") / np.convolve(rows, np.ones(k), "valid")
+        k, acc = trailing_share([b[key] for b in batches], [b["rows"] for b in batches])
         ax.plot(bt[k - 1 :], acc * 100, label=label)
     ax.set_ylabel(f"accuracy, last {k} batches (%)")
     ax = axes[3]

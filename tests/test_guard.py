@@ -194,3 +194,34 @@ def test_guard_flags_are_checked_before_anything_is_written(build_dir, tmp_path)
     with pytest.raises(ValueError, match=r"guard_alpha \(--guard-alpha\)"):
         generate(build_dir, out, "cpu", ServeOptions(guard=True, shadow_rate=0.1, guard_alpha=0.0))
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_quick_make_guard_run_writes_consistent_figures(build_dir, tmp_path):
+    """``make guard`` at a small size (bench/guard.py: guard off and on through clean -> shift -> clean, then a
+    clean run): every phase's rows are all replayed and compared with big; guard off, T never moves; guard on, T
+    is never below the calibrated one; the record and its plot are written where --out says, not in the build."""
+    import json
+
+    from bench.guard import PHASES, main
+
+    out = tmp_path / "guard.json"
+    args = ["--build", str(build_dir), "--phase-rows", "300", "--clean-rows", "400", "--pace", "400", "--out", str(out)]
+    assert main(args) == 0
+    png = out.with_suffix(".png")
+    assert png.exists() and png.stat().st_size > 10_000
+    r = json.loads(out.read_text())
+    assert set(r["summary"]) == {"off", "on"} and r["long_clean"]["rows"] == 400
+    calibrated = None
+    for name, phases in r["summary"].items():
+        assert list(phases) == list(PHASES)
+        for s in phases.values():
+            assert s["rows"] == 300 and 0.0 <= s["disagreement"] <= 1.0 and 0.0 <= s["escalation_rate"] <= 1.0
+        served = [t["t_served"] for t in r["runs"][name]["timeline"] if "t_served" in t]
+        assert served, "the metrics port was never read"
+        if name == "off":
+            calibrated = served[0]
+            assert set(served) == {calibrated}
+        else:
+            assert min(served) >= calibrated
+    assert not (build_dir / "guard.json").exists() or (build_dir / "guard.json").stat().st_mtime < out.stat().st_mtime
