@@ -150,6 +150,7 @@ def search_parser(prog: str, doc: str, out_name: str, budget_env: str, budget_s:
                       "real test images to send")  # fmt: skip
     add_search_arguments(ap, budget_env, budget_s)
     add_serve_options(ap, build=False)
+    ap.set_defaults(out_name=out_name)  # --out's default, BUILD/out_name, once --build is known
     return ap
 
 
@@ -172,30 +173,28 @@ class SearchStart:
 def start_search(
     ap: argparse.ArgumentParser,
     argv: list[str] | None,
-    out_name: str,
     check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
 ) -> SearchStart:
-    """Parse and check the arguments (``check``: the entry point's own, before anything is written), then make the
-    work folder beside the output and find perf_analyzer."""
+    """Parse and check the arguments of a ``search_parser`` (``check``: the entry point's own, before anything is
+    written), then make the work folder beside the output and find perf_analyzer."""
     from littlebig.cli import given_serve_options
 
     args = ap.parse_args(argv)
     started = time.monotonic()
-    headline = headline_batch(ap, args)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    headline = headline_batch(ap, args, batches)
     if check is not None:
         check(ap, args)
-    out = args.out or args.build / out_name
+    out = args.out or args.build / args.out_name
     pa = PerfAnalyzer(args.perf_venv)
     return SearchStart(
-        args, started, tuple(int(b) for b in args.batches.split(",")),
-        tuple(int(c) for c in args.concurrency.split(",")), headline, out, work_dir(out), given_serve_options(args),
-        pa, pa.version(),
+        args, started, batches, tuple(int(c) for c in args.concurrency.split(",")), headline, out, work_dir(out),
+        given_serve_options(args), pa, pa.version(),
     )  # fmt: skip
 
 
-def headline_batch(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def headline_batch(ap: argparse.ArgumentParser, args: argparse.Namespace, batches: tuple[int, ...]) -> int:
     """The batch of the headline figures: --headline-batch, which must be one of --batches, or the largest."""
-    batches = tuple(int(b) for b in args.batches.split(","))
     headline = args.headline_batch or max(batches)
     if headline not in batches:
         ap.error(f"--headline-batch {headline} is not among --batches {args.batches}")

@@ -121,7 +121,6 @@ def plot(results: dict[str, dict[str, Any]], eps: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
-    window = 50
     for name, result in results.items():
         b = result["batches"]
         t = np.array([x["t"] for x in b])

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = search_parser("python -m bench.run", __doc__, "bench.json", "BENCH_BUDGET_S", 900)
     ap.add_argument("--offline-seconds", type=float, default=1.5)
-    run = start_search(ap, argv, "bench.json")
+    run = start_search(ap, argv)
     args, base = run.args, run.base
 
     args.build = snapshot(args.build, run.work / "build")

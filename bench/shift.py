@@ -273,7 +273,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax = axes[2]
     batches = sorted(result["batches"], key=lambda b: b["t"])
     bt = np.array([b["t"] for b in batches])
-    k = 50
     for key, label in (("served_correct", "served (littlebig)"), ("big_correct", "big on the same rows")):
         k, acc = trailing_share([b[key] for b in batches], [b["rows"] for b in batches])
         ax.plot(bt[k - 1 :], acc * 100, label=label)

@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"{b} exports a cascade of {got} models: this bench compares 2 ({args.build}) with 3 "
                          f"({args.build_three})")  # fmt: skip
 
-    run = start_search(ap, argv, "bench-stages.json", check)
+    run = start_search(ap, argv, check)
     args, base, work, build_three = run.args, run.base, run.work, run.args.build_three
 
     two, three = snapshot(args.build, work / "build-two"), snapshot(build_three, work / "build-three")

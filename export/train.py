@@ -136,6 +136,11 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Full batches per epoch (at least one): what the schedule is sized for and what ``Resumable.epochs`` runs."""
+    return max(1, rows // batch_size)
+
+
 class Resumable:
     """The full state of one training run after each epoch: the weights under ``weights_key``, optimiser,
     schedule, numpy and torch RNGs, history and seconds spent, so a stopped run continues from its last epoch
@@ -147,7 +152,6 @@ class Resumable:
         self.module, self.opt, self.sched, self.rng = module, opt, sched, rng
         self.history: list[dict[str, float]] = []
         self.seconds, self.began = 0.0, 0.0
-        self.bar: tqdm | None = None  # the running epoch's progress bar
 
     def resume(self, label: str, epochs: int) -> None:
         """Load the saved state if there is one; ValueError if it belongs to another run."""
@@ -164,17 +168,19 @@ class Resumable:
         self.history, self.seconds = state["history"], state["seconds"]
         tqdm.write(f"resuming {label} after epoch {len(self.history)}/{epochs} from {self.path}")
 
-    def epochs(self, label: str, epochs: int, rows: int, batch_size: int) -> Iterator[Iterator[np.ndarray]]:
-        """The epochs still to run, each an iterator over its shuffled batches of row indices (drawn from the run's
-        own RNG, with a tqdm bar); the module is put in train mode at the start of each."""
+    def epochs(
+        self, label: str, epochs: int, rows: int, batch_size: int
+    ) -> Iterator[tuple[tqdm, Iterator[np.ndarray]]]:
+        """The epochs still to run, each its tqdm bar and an iterator over its shuffled batches of row indices
+        (``steps_per_epoch`` of them, drawn from the run's own RNG); the module is put in train mode at the start
+        of each."""
         for epoch in range(len(self.history), epochs):
             self.began = time.time()
             self.module.train()
             order = self.rng.permutation(rows)
-            steps = max(1, rows // batch_size)
-            bar = tqdm(range(steps), desc=f"{label} epoch {epoch + 1}/{epochs}", unit="batch")
-            self.bar = bar
-            yield (order[step * batch_size : (step + 1) * batch_size] for step in bar)
+            bar = tqdm(range(steps_per_epoch(rows, batch_size)), desc=f"{label} epoch {epoch + 1}/{epochs}",
+                       unit="batch")  # fmt: skip
+            yield bar, (order[step * batch_size : (step + 1) * batch_size] for step in bar)
 
     def epoch_done(self, label: str, val_acc: float) -> None:
         """Count the epoch just run in the history and say its accuracy."""
@@ -224,16 +230,16 @@ def train(
         model.load_state_dict(source.state_dict())
     net = Preprocessed(model, train_set.images.shape[1:]).to(dev, memory_format=torch.channels_last)
     soft = torch.from_numpy(teacher_logits(teacher, train_set.images, dev, state_dir)) if teacher else None
-    steps_per_epoch = len(train_set) // recipe.batch_size
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=epochs * steps_per_epoch)
+    total_steps = epochs * steps_per_epoch(len(train_set), recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total_steps)
     rng = np.random.default_rng(seed)
     run = {"recipe": recipe.model, "input_size": list(recipe.input_size), "epochs": epochs, "seed": seed,
            "init": str(init) if init else None, "teacher": str(teacher) if teacher else None}
     state = Resumable(state_dir / f"{out.stem}.state.pt", run, "net", net, opt, sched, rng)
     state.resume(out.name, epochs)
     summary: dict[str, Any] = {}
-    for batches in state.epochs(recipe.model, epochs, len(train_set), recipe.batch_size):
+    for bar, batches in state.epochs(recipe.model, epochs, len(train_set), recipe.batch_size):
         for step, idx in enumerate(batches):
             x = torch.from_numpy(augment(train_set.images[idx], rng)).to(dev)
             y = torch.from_numpy(train_set.labels[idx]).to(dev)
@@ -248,7 +254,7 @@ def train(
             opt.step()
             sched.step()
             if step % 20 == 0:
-                state.bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         val_acc = accuracy(net, val_set, dev)
         state.epoch_done(recipe.model, val_acc)
         summary = {**run, "epochs_done": len(state.history), "train_seconds": round(state.seconds, 1),
@@ -370,9 +376,9 @@ def train_on_folder(
         input_size=tuple(cfg["input_size"]), is_training=True, scale=TRAIN_SCALE, hflip=hflip,
         interpolation=cfg["interpolation"], mean=tuple(mean), std=tuple(std),
     )
-    steps_per_epoch = max(1, len(labels) // batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    total_steps = epochs * steps_per_epoch(len(labels), batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps)
     rng = np.random.default_rng(seed)
     kd = RECIPES["little"]
     state = Resumable(state_dir / f"{out.stem}.state.pt", run, "model", model, opt, sched, rng)
@@ -381,7 +387,7 @@ def train_on_folder(
                   "teacher_form": loaded.form}
     summary: dict[str, Any] = {}
     pil = [_pil(img) for img in images]
-    for batches in state.epochs(name, epochs, len(labels), batch_size):
+    for bar, batches in state.epochs(name, epochs, len(labels), batch_size):
         for idx in batches:
             x = torch.stack([transform(pil[i]) for i in idx]).to(dev)
             y = torch.from_numpy(labels[idx]).to(dev)
@@ -392,7 +398,7 @@ def train_on_folder(
             loss.backward()
             opt.step()
             sched.step()
-            state.bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         val_acc = accuracy(net, val, dev)
         state.epoch_done(name, val_acc)
         summary = {**run, **extra_base, "epochs_done": len(state.history), "train_seconds": round(state.seconds, 1),
