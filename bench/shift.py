@@ -391,7 +391,10 @@ def main(argv: list[str] | None = None) -> int:
 def check_eps(build: Path) -> float:
     from littlebig.export.pipeline import read_calibration
 
-    return float(read_calibration(build)["eps"])
+    eps = read_calibration(build).eps
+    if eps is None:
+        raise ValueError(f"{build}/calibration.json records no eps: rerun `littlebig calibrate`")
+    return eps
 
 
 if __name__ == "__main__":

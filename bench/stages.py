@@ -74,7 +74,7 @@ def offline(build: Path, images: np.ndarray, thresholds: list[float], rule: str)
     stage = cascade_stages(logits, thresholds)["stage"]
     answered = [float((stage == k).mean()) for k in range(len(stages))]
     macs = [float(exported[s]["macs"]) for s in stages]
-    record = calibration["rules"].get(rule, {})
+    record = calibration.rules[rule].figures if rule in calibration.rules else {}
     val_answered = record.get("stage_shares")
     return {
         "stages": list(stages),
@@ -92,7 +92,7 @@ def offline(build: Path, images: np.ndarray, thresholds: list[float], rule: str)
             "reach": reaching(val_answered) if val_answered else None,
             "expected_macs": record.get("expected_macs"),
             "accuracy": record.get("accuracy"),
-            "rows": calibration.get("rows"),
+            "rows": calibration.rows,
         },
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from littlebig.data import load_split
 from littlebig.decision import ROLES, stage_names
 
 REFERENCE_BATCH = 256
+#: What ``littlebig calibrate`` writes into the build folder (``Calibration``).
+CALIBRATION_FILE = "calibration.json"
 PARITY_IMAGES = 64
 
 
@@ -357,7 +360,92 @@ def check_serve_rule(rules: tuple[str, ...], serve_rule: str) -> None:
         raise ValueError(f"--serve-rule {serve_rule!r} must be one of the calibrated rules {list(rules)}")
 
 
-def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RuleCalibration:
+    """One rule's calibration: the Ts it serves (one in front of each later stage) and what they gave on val."""
+
+    thresholds: tuple[float, ...]
+    #: The share of val rows that reach the last stage (big): it sizes big's typical batch.
+    escalation_rate: float
+    #: The lowest T in front of the last stage the load governor may serve (None where not recorded).
+    t_min: float | None
+    #: The rule's record as written: accuracy, stage shares, expected MACs and the rule's own figures.
+    figures: dict[str, Any]
+
+    @property
+    def threshold(self) -> float:
+        """T in front of the last stage: the one the governor and the guard move."""
+        return self.thresholds[-1]
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RuleCalibration:
+        thresholds = tuple(float(t) for t in record.get("thresholds", [record["threshold"]]))
+        t_min = record.get("t_min")
+        return cls(thresholds, float(record["escalation_rate"]), None if t_min is None else float(t_min), record)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``calibration.json`` read by name: what ``littlebig calibrate`` chose and measured on the val split.
+
+    Written once (``calibrate_step``) and read through ``read_calibration``; the file keeps its JSON keys, so
+    earlier files (two models, before eps or the drift reference were recorded) read with the defaults below.
+    """
+
+    split: str
+    rows: int
+    serve_rule: str
+    little_acc: float
+    big_acc: float
+    stages: tuple[str, ...]
+    stage_acc: tuple[float, ...]
+    rules: dict[str, RuleCalibration]
+    #: The bounded and guaranteed rules' promise: accuracy loss vs big <= eps with probability >= 1 - delta.
+    eps: float | None = None
+    delta: float | None = None
+    #: The governor's default budget: how far below big's val accuracy a lowered T may go.
+    max_accuracy_drop: float | None = None
+    #: The drift reference: little's val confidence shares per bin (the served shares are compared with them).
+    confidence_bins: tuple[float, ...] = ()
+    confidence_shares: tuple[float, ...] = ()
+
+    def rule(self, name: str | None = None) -> RuleCalibration:
+        """The named rule's calibration (None: the served rule's); ValueError naming the calibrated ones."""
+        name = name or self.serve_rule
+        if name not in self.rules:
+            raise ValueError(f"rule {name!r} was not calibrated; calibrated: {sorted(self.rules)}")
+        return self.rules[name]
+
+    def with_rules(self, rules: dict[str, dict[str, Any]]) -> Calibration:
+        """The same calibration with other rule records: those of the TensorRT plans, or of live shadow rows."""
+        return replace(self, rules={k: RuleCalibration.from_record(r) for k, r in rules.items()})
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form: the keys ``calibration.json`` has always had, in its order."""
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        record["rules"] = {k: r.figures for k, r in self.rules.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Calibration:
+        stages = tuple(record.get("stages", ROLES))
+        tuples = {k: tuple(record[k]) for k in ("confidence_bins", "confidence_shares") if k in record}
+        optional = {k: record[k] for k in ("eps", "delta", "max_accuracy_drop") if k in record}
+        return cls(
+            split=record["split"],
+            rows=int(record["rows"]),
+            serve_rule=record["serve_rule"],
+            little_acc=float(record["little_acc"]),
+            big_acc=float(record["big_acc"]),
+            stages=stages,
+            stage_acc=tuple(record.get("stage_acc", (record["little_acc"], record["big_acc"]))),
+            rules={k: RuleCalibration.from_record(r) for k, r in record["rules"].items()},
+            **optional,
+            **tuples,
+        )
+
+
+def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> Calibration:
     """Thresholds from the val split only; ``serve_rule`` names the one the server uses by default."""
     from littlebig.decision import CONFIDENCE_BINS
     from littlebig.export.calibrate import DELTA, EPS, MAX_ACCURACY_DROP, calibrate_stages, confidence_shares
@@ -365,23 +453,23 @@ def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> dict
     check_serve_rule(rules, serve_rule)
     staged = stage_outputs(build, "val")
     val = staged.pair()
-    record = {
-        "split": "val",
-        "rows": int(len(val.labels)),
-        "serve_rule": serve_rule,
-        "little_acc": float(val.little_correct.mean()),
-        "big_acc": float(val.big_correct.mean()),
-        "stages": list(stages_of(read_export(build))),
-        "stage_acc": [float((p == staged.labels).mean()) for p in staged.predictions],
-        "rules": calibrate_stages(staged, rules),
-        "eps": EPS,  # what bounded and guaranteed promise: loss vs big <= eps with probability >= 1 - delta
-        "delta": DELTA,
-        "max_accuracy_drop": MAX_ACCURACY_DROP,
-        "confidence_bins": list(CONFIDENCE_BINS),
-        "confidence_shares": confidence_shares(val),
-    }
-    write_json(build / "calibration.json", record)
-    return record
+    calibration = Calibration(
+        split="val",
+        rows=int(len(val.labels)),
+        serve_rule=serve_rule,
+        little_acc=float(val.little_correct.mean()),
+        big_acc=float(val.big_correct.mean()),
+        stages=stages_of(read_export(build)),
+        stage_acc=tuple(float((p == staged.labels).mean()) for p in staged.predictions),
+        rules={k: RuleCalibration.from_record(r) for k, r in calibrate_stages(staged, rules).items()},
+        eps=EPS,
+        delta=DELTA,
+        max_accuracy_drop=MAX_ACCURACY_DROP,
+        confidence_bins=tuple(CONFIDENCE_BINS),
+        confidence_shares=tuple(confidence_shares(val)),
+    )
+    write_json(build / CALIBRATION_FILE, calibration.to_record())
+    return calibration
 
 
 #: The rule name of a T recalibrated from live shadow records (``littlebig recalibrate --from-shadow``), and its file.
@@ -397,7 +485,7 @@ def shadow_calibration_step(build: Path, records_dir: Path, since: float | None 
     from littlebig.shadow import read_records
 
     calibration = read_calibration(build)
-    if len(calibration.get("stages", ROLES)) != 2:
+    if len(calibration.stages) != 2:
         raise ValueError(
             "recalibration from shadow records covers two-model cascades: a record holds the answer before big, "
             "not every stage's, so the earlier thresholds of a longer cascade cannot be re-tested"
@@ -409,20 +497,22 @@ def shadow_calibration_step(build: Path, records_dir: Path, since: float | None 
     kind = records["kind"][keep]
     unknown = kind == "unknown"
     at_risk = unknown | (records["answer"][keep] != records["big"][keep])
-    result = calibrate_from_shadow(records["conf"][keep], at_risk, calibration["eps"], calibration["delta"])
+    if calibration.eps is None or calibration.delta is None:
+        raise ValueError(f"{build / CALIBRATION_FILE} records no eps and delta: rerun `littlebig calibrate`")
+    result = calibrate_from_shadow(records["conf"][keep], at_risk, calibration.eps, calibration.delta)
     record = {
         **result,
         "rule": SHADOW_RULE,
         "promise": "guaranteed (disagreement with big, counting unknown rows as losses) on live rows",
-        "eps": calibration["eps"],
-        "delta": calibration["delta"],
+        "eps": calibration.eps,
+        "delta": calibration.delta,
         "records_dir": str(records_dir),
         "since": since,
         "first": float(records["t"][keep].min()),
         "last": float(records["t"][keep].max()),
         "kinds": {k: int((kind == k).sum()) for k in ("shadow", "escalated", "unknown")},
-        "calibrated_threshold": calibration["rules"][calibration["serve_rule"]]["threshold"],
-        "calibrated_rule": calibration["serve_rule"],
+        "calibrated_threshold": calibration.rule().threshold,
+        "calibrated_rule": calibration.serve_rule,
     }
     write_json(build / SHADOW_CALIBRATION, record)
     return record
@@ -435,8 +525,9 @@ def read_tensorrt(build: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def read_calibration(build: Path) -> dict[str, Any]:
-    path = build / "calibration.json"
+def read_calibration(build: Path) -> Calibration:
+    """``calibration.json``, typed; FileNotFoundError saying how to make it."""
+    path = build / CALIBRATION_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `littlebig calibrate` (or `make calibrate`) first")
-    return json.loads(path.read_text())
+    return Calibration.from_record(json.loads(path.read_text()))

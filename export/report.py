@@ -23,7 +23,7 @@ from littlebig.export.calibrate import (
     threshold_spread,
 )
 from littlebig.export.macs import cascade_macs, macs_saved
-from littlebig.export.pipeline import ROLES, read_calibration, read_export, stage_outputs, stages_of
+from littlebig.export.pipeline import ROLES, Calibration, read_calibration, read_export, stage_outputs, stages_of
 
 MACS_SAVED_TARGET = 0.80
 CI_LEVEL = 0.95
@@ -69,18 +69,23 @@ def build_report(build: Path) -> dict[str, Any]:
     stages = stages_of(exported)
     # The two-model cascade (little -> big) is always reported; a longer one is calibrated for it here, from the
     # same val logits, so the two sit side by side (``stages`` below).
-    pair_rules = calibration["rules"] if len(stages) == 2 else calibrate(val, tuple(calibration["rules"]))
+    pair_rules = (
+        {rule: r.figures for rule, r in calibration.rules.items()}
+        if len(stages) == 2
+        else calibrate(val, tuple(calibration.rules))
+    )
     macs = {r: exported[r]["macs"] for r in ROLES}
     report: dict[str, Any] = {
         "service_size": exported["service_size"],
-        "rows": {"val": calibration["rows"], "test": int(len(test.labels))},
-        "serve_rule": calibration["serve_rule"],
+        "rows": {"val": calibration.rows, "test": int(len(test.labels))},
+        "serve_rule": calibration.serve_rule,
         # which images: an ImageNet folder's test half, or a --max-images sample of it
         "data": {"data_dir": exported.get("data_dir"), "max_images": exported.get("max_images")},
         "parity": {f"{r}_{k}": exported[r]["parity"][k] for r in ROLES for k in ("max_abs", "argmax_agreement")},
         "rules": {},
     }
     accs = {"little": float(test.little_correct.mean()), "big": float(test.big_correct.mean())}
+    val_accs = {"little": calibration.little_acc, "big": calibration.big_acc}
     for role in ROLES:
         report[role] = {
             "name": exported[role]["name"],
@@ -88,7 +93,7 @@ def build_report(build: Path) -> dict[str, Any]:
             "macs": macs[role],
             "input_size": exported[role]["data_config"]["input_size"],
             "test_acc": accs[role],
-            "val_acc": calibration[f"{role}_acc"],
+            "val_acc": val_accs[role],
         }
     for rule, calibrated in pair_rules.items():
         fig = evaluate(test, calibrated["threshold"])
@@ -130,7 +135,7 @@ def build_report(build: Path) -> dict[str, Any]:
     return report
 
 
-def stages_section(exported: dict[str, Any], calibration: dict[str, Any], test: StageOutputs) -> dict[str, Any]:
+def stages_section(exported: dict[str, Any], calibration: Calibration, test: StageOutputs) -> dict[str, Any]:
     """The K-stage cascade on test, rule by rule, with its thresholds calibrated jointly on val."""
     stages = stages_of(exported)
     big_correct = test.predictions[-1] == test.labels
@@ -143,9 +148,9 @@ def stages_section(exported: dict[str, Any], calibration: dict[str, Any], test: 
     }
     for s in stages:
         section["models"][s]["input_size"] = exported[s]["data_config"]["input_size"]
-    for rule, calibrated in calibration["rules"].items():
-        fig = test.evaluate(calibrated["thresholds"])
-        correct = test.answer(test.stage(calibrated["thresholds"])) == test.labels
+    for rule, calibrated in calibration.rules.items():
+        fig = test.evaluate(list(calibrated.thresholds))
+        correct = test.answer(test.stage(list(calibrated.thresholds))) == test.labels
         ci = paired_difference_ci(correct, big_correct)
         section["rules"][rule] = {
             **fig,
@@ -154,8 +159,8 @@ def stages_section(exported: dict[str, Any], calibration: dict[str, Any], test: 
             "acc_diff_vs_big": fig["accuracy"] - float(big_correct.mean()),
             "acc_diff_vs_big_ci95": [float(ci[0]), float(ci[1])],
             "no_loss_verdict": verdict(ci),
-            "val_acc": calibrated["accuracy"],
-            "val_stage_shares": calibrated["stage_shares"],
+            "val_acc": calibrated.figures["accuracy"],
+            "val_stage_shares": calibrated.figures["stage_shares"],
         }
     return section
 

@@ -448,11 +448,11 @@ def calibrate_on_plans(build: Path, rules: tuple[str, ...] | None = None) -> dic
     serve when it does not.
     """
     from littlebig.export.calibrate import Outputs, calibrate, evaluate
-    from littlebig.export.pipeline import read_calibration
+    from littlebig.export.pipeline import CALIBRATION_FILE, read_calibration
 
     splits = {s: plan_split_logits(build, s) for s in ("val", "test")}
     outs = {s: Outputs(z["little"], z["big"], z["labels"]) for s, z in splits.items()}
-    onnx_rules = read_calibration(build)["rules"] if (build / "calibration.json").exists() else {}
+    onnx_rules = read_calibration(build).rules if (build / CALIBRATION_FILE).exists() else {}
     rules = rules or tuple(onnx_rules) or ("paper", "guaranteed")
     record: dict[str, Any] = {
         "split": "val",
@@ -465,7 +465,7 @@ def calibrate_on_plans(build: Path, rules: tuple[str, ...] | None = None) -> dic
     for rule, r in record["rules"].items():
         ts = {"plan_threshold": r["threshold"]}
         if rule in onnx_rules:
-            ts["onnx_threshold"] = onnx_rules[rule]["threshold"]
+            ts["onnx_threshold"] = onnx_rules[rule].threshold
         record["on_plan_logits"][rule] = {k: {s: evaluate(o, t) for s, o in outs.items()} for k, t in ts.items()}
     return record
 
@@ -478,9 +478,8 @@ def plan_batches(build: Path, max_batch_size: int, big_max_batch_size: int | Non
     check_args("fp32", big_max)
     maxima = {"little": max_batch_size, "big": big_max}
     try:  # p of the served rule sets big's typical batch; without a calibration assume every row escalates
-        calibration = read_calibration(build)
-        p = float(calibration["rules"][calibration["serve_rule"]]["escalation_rate"])
-    except (FileNotFoundError, KeyError):
+        p = read_calibration(build).rule().escalation_rate
+    except (FileNotFoundError, KeyError, ValueError):
         p = 1.0
     typical = typical_batches(maxima["little"], maxima["big"], p)
     return {role: (typical[role], maxima[role]) for role in ROLES}

@@ -349,15 +349,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_serve_rule(tuple(args.rules), args.serve_rule)
     _logits(args, "val")
-    record = calibrate_step(args.build, tuple(args.rules), args.serve_rule)
-    print(f"val: little {record['little_acc']:.4f}, big {record['big_acc']:.4f} ({record['rows']} images)")
-    if len(record["stages"]) > 2:
-        print(f"stages {' -> '.join(record['stages'])}: val acc " + ", ".join(f"{a:.4f}" for a in record["stage_acc"]))
-    for rule, r in record["rules"].items():
-        ts = "/".join(f"{t:.6f}" for t in r["thresholds"])
-        shares = " / ".join(f"{x:.1%}" for x in r["stage_shares"])
-        rows = "" if len(r["thresholds"]) == 1 else f"  rows per stage {shares}"
-        print(f"{rule:10s} T={ts}  val acc {r['accuracy']:.4f}  escalated {r['escalation_rate']:.1%}{rows}")
+    calibration = calibrate_step(args.build, tuple(args.rules), args.serve_rule)
+    print(f"val: little {calibration.little_acc:.4f}, big {calibration.big_acc:.4f} ({calibration.rows} images)")
+    if len(calibration.stages) > 2:
+        accs = ", ".join(f"{a:.4f}" for a in calibration.stage_acc)
+        print(f"stages {' -> '.join(calibration.stages)}: val acc {accs}")
+    for rule, r in calibration.rules.items():
+        ts = "/".join(f"{t:.6f}" for t in r.thresholds)
+        shares = " / ".join(f"{x:.1%}" for x in r.figures["stage_shares"])
+        rows = "" if len(r.thresholds) == 1 else f"  rows per stage {shares}"
+        print(f"{rule:10s} T={ts}  val acc {r.figures['accuracy']:.4f}  escalated {r.escalation_rate:.1%}{rows}")
     return 0
 
 

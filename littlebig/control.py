@@ -24,6 +24,69 @@ except ImportError:  # tests and tools
     from littlebig.shadow import wilson_cc
 
 
+#: How a parameter's string is written (by the generator) and read (by the BLS model), by kind.
+PARAMETER_KINDS = {
+    "float": (str, float),
+    "int": (str, int),
+    "str": (str, str),
+    "bool": (lambda value: str(bool(value)).lower(), lambda text: text == "true"),
+    "json": (json.dumps, json.loads),
+}
+
+#: The BLS model's config.pbtxt parameters and their kinds: the generator writes exactly these
+#: (``encode_parameters``) and the BLS model reads them by name (``read_parameters``), so the two cannot disagree
+#: on a name or a format. ``rule``, ``t_min``, ``max_accuracy_drop`` and ``class_names`` are for the config's
+#: readers (operators, clients); the BLS model does not use them.
+BLS_PARAMETERS = {
+    "threshold": "float",
+    "thresholds": "json",
+    "rule": "str",
+    "stage_models": "json",
+    "stage_max_batch_sizes": "json",
+    "bls_timeout_ms": "float",
+    "on_big_failure": "str",
+    "class_names": "json",
+    "little_in_process": "bool",
+    "intra_op_threads": "int",
+    "inter_op_threads": "int",
+    "slo_p99_ms": "float",
+    "max_accuracy_drop": "float",
+    "t_min": "float",
+    "governor_thresholds": "json",
+    "calibration_rows": "int",
+    "calibrated_escalation_rate": "float",
+    "calibrated_confidence_shares": "json",
+    "calibrated_eps": "float",
+    "shadow_rate": "float",
+    "shadow_seed": "int",
+    "shadow_log_dir": "str",
+    "guard": "bool",
+    "guard_eps": "float",
+    "guard_alpha": "float",
+}
+
+
+def encode_parameters(values: dict[str, object]) -> dict[str, str]:
+    """Every BLS parameter as its config string; ValueError where ``values`` misses one or has another."""
+    if set(values) != set(BLS_PARAMETERS):
+        missing, extra = sorted(set(BLS_PARAMETERS) - set(values)), sorted(set(values) - set(BLS_PARAMETERS))
+        raise ValueError(f"BLS parameters: missing {missing}, unknown {extra}")
+    return {name: PARAMETER_KINDS[BLS_PARAMETERS[name]][0](values[name]) for name in BLS_PARAMETERS}
+
+
+def read_parameters(texts: dict[str, str]) -> dict[str, object]:
+    """The BLS parameters present in a config, each read by its kind (others are left out); ValueError names
+    the parameter whose text its kind cannot read."""
+    values = {}
+    for name, kind in BLS_PARAMETERS.items():
+        if name in texts:
+            try:
+                values[name] = PARAMETER_KINDS[kind][1](texts[name])
+            except ValueError:
+                raise ValueError(f"parameter {name!r} must be {kind}, got {texts[name]!r}") from None
+    return values
+
+
 def check_deadline(value: object) -> float:
     """A request's ``deadline_ms`` (a number or numeric string, > 0) in seconds; ValueError names the problem."""
     try:

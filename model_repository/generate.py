@@ -56,6 +56,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from littlebig import decision
 from littlebig.atomic import replacing_dir
+from littlebig.control import encode_parameters
 from littlebig.export.pipeline import (
     ROLES,
     SHADOW_CALIBRATION,
@@ -385,36 +386,36 @@ def bls_config(
             max_queue_delay_microseconds=opts.queue_delay_us,
         ),
         instance_group=[mc.ModelInstanceGroup(count=opts.bls_instances, kind=mc.ModelInstanceGroup.KIND_CPU)],
-        # What model.py reads, plus the config's own account of where its T came from (rule, t_min,
-        # max_accuracy_drop): the BLS does not read those, an operator does (`GET /v2/models/littlebig/config`).
         parameters=_params(
-            {
-                "threshold": repr(thresholds[-1]),
-                "thresholds": json.dumps(thresholds),
-                "rule": rule,
-                "stage_models": json.dumps(list(stages)),
-                "stage_max_batch_sizes": json.dumps([opts.role_max_batch(s) for s in stages]),
-                "bls_timeout_ms": opts.bls_timeout_ms,
-                "on_big_failure": opts.on_big_failure,
-                "class_names": json.dumps(exported["class_names"]),
-                "little_in_process": str(opts.little_in_process).lower(),
-                "intra_op_threads": opts.intra_op_threads,
-                "inter_op_threads": opts.inter_op_threads,
-                "slo_p99_ms": opts.slo_p99_ms or 0,
-                "max_accuracy_drop": opts.max_accuracy_drop,
-                "t_min": repr(governor["t_min"]),
-                "governor_thresholds": json.dumps(governor["levels"]),
-                "calibration_rows": reference["rows"],
-                "calibrated_escalation_rate": reference["escalation_rate"],
-                "calibrated_confidence_shares": json.dumps(reference["confidence_shares"]),
-                "calibrated_eps": eps,
-                "shadow_rate": repr(opts.shadow_rate),
-                "shadow_seed": opts.shadow_seed,
-                "shadow_log_dir": opts.shadow_log_dir or "",
-                "guard": str(opts.guard).lower(),
-                "guard_eps": repr(opts.guard_eps if opts.guard_eps is not None else eps),
-                "guard_alpha": repr(opts.guard_alpha),
-            }
+            encode_parameters(
+                {
+                    "threshold": thresholds[-1],
+                    "thresholds": thresholds,
+                    "rule": rule,
+                    "stage_models": list(stages),
+                    "stage_max_batch_sizes": [opts.role_max_batch(s) for s in stages],
+                    "bls_timeout_ms": opts.bls_timeout_ms,
+                    "on_big_failure": opts.on_big_failure,
+                    "class_names": exported["class_names"],
+                    "little_in_process": opts.little_in_process,
+                    "intra_op_threads": opts.intra_op_threads,
+                    "inter_op_threads": opts.inter_op_threads,
+                    "slo_p99_ms": opts.slo_p99_ms or 0,
+                    "max_accuracy_drop": opts.max_accuracy_drop,
+                    "t_min": governor["t_min"],
+                    "governor_thresholds": governor["levels"],
+                    "calibration_rows": reference["rows"],
+                    "calibrated_escalation_rate": reference["escalation_rate"],
+                    "calibrated_confidence_shares": reference["confidence_shares"],
+                    "calibrated_eps": eps,
+                    "shadow_rate": opts.shadow_rate,
+                    "shadow_seed": opts.shadow_seed,
+                    "shadow_log_dir": opts.shadow_log_dir or "",
+                    "guard": opts.guard,
+                    "guard_eps": opts.guard_eps if opts.guard_eps is not None else eps,
+                    "guard_alpha": opts.guard_alpha,
+                }
+            )
         ),
     )
 
@@ -534,8 +535,7 @@ def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
 def _served_escalation_rate(build: Path, opts: ServeOptions) -> float:
     """p of the served rule on val (big's typical batch follows from it)."""
     calibration = read_calibration(build)
-    rule = opts.rule if opts.rule in calibration["rules"] else calibration["serve_rule"]
-    return float(calibration["rules"][rule]["escalation_rate"])
+    return calibration.rule(opts.rule if opts.rule in calibration.rules else None).escalation_rate
 
 
 def _warm_sizes(opt: int, max_batch: int) -> list[int]:
@@ -695,7 +695,7 @@ def served_thresholds(build: Path, opts: ServeOptions, plans: bool = False) -> t
     an FP16 plan's confidences differ from the FP32 ONNX ones the default calibration saw.
     """
     calibration = read_calibration(build)
-    stages = len(calibration.get("stages", ROLES))
+    stages = len(calibration.stages)
     if plans:
         record = read_tensorrt(build)
         if record is None:
@@ -703,19 +703,16 @@ def served_thresholds(build: Path, opts: ServeOptions, plans: bool = False) -> t
                 f"{export_dir(build) / 'tensorrt.json'} not found: plans without their calibration; rerun "
                 "`littlebig export --tensorrt` or pass use_plans=False"
             )
-        calibration = {**calibration, "rules": record["calibration"]["rules"]}
-    rule = opts.rule or calibration["serve_rule"]
+        calibration = calibration.with_rules(record["calibration"]["rules"])
+    rule = opts.rule or calibration.serve_rule
     if opts.threshold is not None:
         return [decision.check_threshold(opts.threshold)] * (stages - 1), "override"
     if rule == SHADOW_RULE:  # recalibrated on live shadow records (littlebig recalibrate --from-shadow)
         path = build / SHADOW_CALIBRATION
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `littlebig recalibrate --from-shadow DIR` first")
-        calibration = {**calibration, "rules": {SHADOW_RULE: json.loads(path.read_text())}}
-    if rule not in calibration["rules"]:
-        raise ValueError(f"rule {rule!r} was not calibrated; calibrated: {sorted(calibration['rules'])}")
-    record = calibration["rules"][rule]
-    return [decision.check_threshold(t) for t in record.get("thresholds", [record["threshold"]])], rule
+        calibration = calibration.with_rules({SHADOW_RULE: json.loads(path.read_text())})
+    return [decision.check_threshold(t) for t in calibration.rule(rule).thresholds], rule
 
 
 def served_threshold(build: Path, opts: ServeOptions, plans: bool = False) -> tuple[float, str]:
@@ -826,7 +823,8 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator)
     # T_min, the governor's steps and the drift reference from the same outputs as T: the precision served
     governor = governor_settings(build, thresholds, opts, rule, tensorrt=plans or fp16_accelerator)
-    eps = float(read_calibration(build).get("eps", -1.0))
+    eps = read_calibration(build).eps
+    eps = -1.0 if eps is None else eps  # -1: unknown (the shadow loss alert stays blind)
     if opts.guard and opts.guard_eps is None and not 0.0 < eps < 1.0:
         raise ValueError(f"{_flag('guard')}: this calibration records no eps; give {_flag('guard_eps')}")
     served = Served(exported, thresholds, rule, governor, eps, plans, extra_summary)

@@ -182,3 +182,50 @@ def test_the_spread_of_t_shrinks_with_more_val_rows():
         assert q["p5"] <= q["p50"] <= q["p95"] and q["width"] == pytest.approx(q["p95"] - q["p5"])
     assert b["threshold"]["width"] < a["threshold"]["width"]
     assert b["escalation_rate"]["width"] < a["escalation_rate"]["width"]
+
+
+# --- the calibration record (export/pipeline.py: Calibration) --------------------------------------------------
+
+
+def test_the_calibration_record_is_written_once_and_read_by_name(build_dir, tmp_path):
+    """calibrate_step's typed record is what it writes: the file reads back equal, with its JSON keys in their
+    order, and each rule's Ts, escalation rate and T_min are the ones its record holds."""
+    import json
+    import shutil
+
+    from littlebig.export.pipeline import CALIBRATION_FILE, calibrate_step, read_calibration
+
+    build = tmp_path / "build"
+    shutil.copytree(build_dir / "export", build / "export", ignore=shutil.ignore_patterns("*.plan", "*-plan-*"))
+    written = calibrate_step(build, ("paper", "guaranteed"), "guaranteed")
+    raw = json.loads((build / CALIBRATION_FILE).read_text())
+    assert read_calibration(build) == written and written.to_record() == raw
+    assert list(raw) == [
+        "split", "rows", "serve_rule", "little_acc", "big_acc", "stages", "stage_acc", "rules", "eps", "delta",
+        "max_accuracy_drop", "confidence_bins", "confidence_shares",
+    ]  # fmt: skip
+    assert list(written.rules) == ["paper", "guaranteed"] and written.rule() is written.rules["guaranteed"]
+    for name, rule in written.rules.items():
+        record = raw["rules"][name]
+        assert rule.thresholds == tuple(record["thresholds"]) and rule.threshold == rule.thresholds[-1]
+        assert rule.escalation_rate == record["escalation_rate"] and rule.t_min == record["t_min"]
+    assert written.rows == raw["rows"] > 0 and written.eps == raw["eps"]
+    assert len(written.confidence_shares) == len(written.confidence_bins)
+    with pytest.raises(ValueError, match=r"rule 'bounded' was not calibrated; calibrated: \['guaranteed', 'paper'\]"):
+        written.rule("bounded")
+
+
+def test_an_earlier_calibration_file_reads_with_its_defaults():
+    """A two-model file from before cascades, eps and the drift reference were recorded, and a rule record with
+    one T and no T_min (a shadow recalibration's shape), as ``with_rules`` takes them."""
+    from littlebig.export.pipeline import Calibration
+
+    rule = {"threshold": 0.9, "accuracy": 0.93, "escalation_rate": 0.2}
+    old = Calibration.from_record(
+        {"split": "val", "rows": 10, "serve_rule": "paper", "little_acc": 0.8, "big_acc": 0.9, "rules": {"paper": rule}}
+    )
+    assert old.stages == ("little", "big") and old.stage_acc == (0.8, 0.9)
+    assert old.eps is None and old.delta is None and old.confidence_shares == ()
+    assert old.rule().thresholds == (0.9,) and old.rule().t_min is None and old.rule().figures == rule
+    shadow = old.with_rules({"shadow": {"threshold": 0.7, "thresholds": [0.7], "rows": 5, "escalation_rate": 0.1}})
+    assert list(shadow.rules) == ["shadow"] and shadow.rule("shadow").threshold == 0.7 and old.rules["paper"]

@@ -133,3 +133,25 @@ def test_threshold_comes_from_calibration_unless_overridden(build_dir, tmp_path)
 def test_bad_options_are_rejected(build_dir, tmp_path, profile, opts, message):
     with pytest.raises(ValueError, match=message):
         generate(build_dir, tmp_path / "r", profile, opts)
+
+
+def test_the_bls_parameters_are_one_table_written_and_read_by_the_same_kinds(repository, build_dir):
+    """The generated config holds exactly the table's parameters, and each reads back (by its kind, as the BLS
+    model reads it) to the value the generator was given; a text its kind cannot read, or a table entry the
+    generator leaves out, is refused by name."""
+    from littlebig.control import BLS_PARAMETERS, encode_parameters, read_parameters
+
+    cfg = read_config(repository / "littlebig")
+    texts = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert set(texts) == set(BLS_PARAMETERS)
+    values = read_parameters(texts)
+    calibration = json.loads((build_dir / "calibration.json").read_text())
+    assert values["thresholds"] == [values["threshold"]] == [calibration["rules"][values["rule"]]["threshold"]]
+    assert values["stage_models"] == ["little", "big"] and values["little_in_process"] is True
+    assert values["guard"] is False and values["calibration_rows"] == calibration["rows"]
+    assert values["calibrated_confidence_shares"] == calibration["confidence_shares"]
+    assert read_parameters(encode_parameters(values)) == values  # written and read by the same table
+    with pytest.raises(ValueError, match=r"parameter 'shadow_seed' must be int, got '1.5'"):
+        read_parameters({**texts, "shadow_seed": "1.5"})
+    with pytest.raises(ValueError, match=r"missing \['guard_alpha'\], unknown \['guard_beta'\]"):
+        encode_parameters({**{k: v for k, v in values.items() if k != "guard_alpha"}, "guard_beta": 0.1})

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from control import Breaker, Governor, Guard, check_deadline
+from control import Breaker, Governor, Guard, check_deadline, read_parameters
 from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
 from decision import REASONS as REASON_NAMES
 from shadow import DROP_REASONS, RecordWriter, Sampler, Seen, ShadowTraffic
@@ -219,29 +219,33 @@ class TritonPythonModel:
                 "Install 'numpy<2' where the stub runs (or point EXECUTION_ENV_PATH at an environment that has it)."
             )
         config = json.loads(args["model_config"])
-        params = Parameters({k: v["string_value"] for k, v in config.get("parameters", {}).items()})
+        try:
+            texts = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+            params = Parameters(read_parameters(texts))
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(f"littlebig's config.pbtxt: {exc}") from None
         # The stages, cheapest first (little, [middle...,] big) and T_1..T_{K-1}, calibrated jointly; the governor
         # moves the last one (the T in front of big), so ``self.threshold`` is that one.
-        models = json.loads(params["stage_models"])
+        models = params["stage_models"]
         self.models = dict(zip(stage_names(len(models)), models))
-        self.max_batch = dict(zip(self.models, (int(b) for b in json.loads(params["stage_max_batch_sizes"]))))
-        self.thresholds = [check_threshold(t) for t in json.loads(params["thresholds"])]
+        self.max_batch = dict(zip(self.models, (int(b) for b in params["stage_max_batch_sizes"])))
+        self.thresholds = [check_threshold(t) for t in params["thresholds"]]
         if len(self.thresholds) != len(models) - 1:
             raise pb_utils.TritonModelException(f"{len(models)} stages need {len(models) - 1} thresholds")
         self.threshold = self.thresholds[-1]
-        levels = [check_threshold(t) for t in json.loads(params["governor_thresholds"])]
-        self.governor = Governor(levels or [self.threshold], float(params["slo_p99_ms"]) / 1000)
-        self.timeout_us = int(float(params["bls_timeout_ms"]) * 1000)
+        levels = [check_threshold(t) for t in params["governor_thresholds"]]
+        self.governor = Governor(levels or [self.threshold], params["slo_p99_ms"] / 1000)
+        self.timeout_us = int(params["bls_timeout_ms"] * 1000)
         self.fall_back_to_little = params["on_big_failure"] == "little"
         self.classes = next(o["dims"][0] for o in config["output"] if o["name"] == "PROBS")
         self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
         self.little_session = None  # little_in_process (cpu profile): little's ONNX beside this file
-        if params["little_in_process"] == "true":
+        if params["little_in_process"]:
             import onnxruntime as ort  # only here: the default BLS model needs no onnxruntime
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = int(params["intra_op_threads"])
-            options.inter_op_num_threads = int(params["inter_op_threads"])
+            options.intra_op_num_threads = params["intra_op_threads"]
+            options.inter_op_num_threads = params["inter_op_threads"]
             path = f"{args['model_repository']}/{args['model_version']}/little.onnx"
             self.little_session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
             # Warm-up, as Triton's model_warmup does for little and big: the first request pays no arena growth.
@@ -259,7 +263,7 @@ class TritonPythonModel:
         )
         # Shadow sampling: a seeded draw per row; records beside the repository (``logs/``) unless told.
         instance = args.get("model_instance_name", "")
-        self.sampler = Sampler(float(params["shadow_rate"]), int(params["shadow_seed"]), instance)
+        self.sampler = Sampler(params["shadow_rate"], params["shadow_seed"], instance)
         self.records = None
         if self.sampler.rate > 0:
             root = os.path.dirname(os.path.dirname(os.path.abspath(args["model_repository"])))
@@ -272,10 +276,10 @@ class TritonPythonModel:
                     "--shadow-log-dir, or serve with --shadow-rate 0"
                 ) from exc
         self.guard, self.guard_path, self.guard_unsaved = None, None, 0
-        if params["guard"] == "true":
+        if params["guard"]:
             if self.records is None:
                 raise pb_utils.TritonModelException("littlebig: the accuracy guard needs shadow_rate > 0")
-            self.guard = Guard(self.threshold, float(params["guard_eps"]), float(params["guard_alpha"]))
+            self.guard = Guard(self.threshold, params["guard_eps"], params["guard_alpha"])
             # Its T and evidence survive a restart: the state is saved beside the instance's shadow records.
             self.guard_path = os.path.join(os.path.dirname(self.records.path), f"guard-{instance or '0'}.json")
             if self.guard.load(self.guard_path):
@@ -302,16 +306,15 @@ class TritonPythonModel:
             for key, (_, _, _, per) in wanted.items()
         }
         self.gpu_output_logged = False
-        shares = json.loads(params["calibrated_confidence_shares"])
-        for metric, share in zip(self.metrics["calibrated_confidence_share"], shares):
+        for metric, share in zip(self.metrics["calibrated_confidence_share"], params["calibrated_confidence_shares"]):
             metric.set(share)
-        self.metrics["calibrated_escalation_rate"][0].set(float(params["calibrated_escalation_rate"]))
+        self.metrics["calibrated_escalation_rate"][0].set(params["calibrated_escalation_rate"])
         self.metrics["calibration_rows"][0].set(float(params["calibration_rows"]))
         self.metrics["shadow_rate"][0].set(self.sampler.rate)
         if self.guard is not None:
             self.metrics["guard_eps"][0].set(self.guard.eps)
         self._show_threshold()
-        self.metrics["calibrated_eps"][0].set(float(params["calibrated_eps"]))
+        self.metrics["calibrated_eps"][0].set(params["calibrated_eps"])
         self.shadow = None if self.records is None else ShadowTraffic(
             self.records, self.metrics, lambda images: self._call("big", images),
             lambda response: self._logits("big", response), self.max_batch["big"], SHADOW_MAX_CALLS,
