@@ -113,10 +113,11 @@ class ServeOptions:
     # littlebig and little
     max_batch_size: int = field(default=64, metadata=flag("littlebig's and little's max_batch_size"))
     big_max_batch_size: int = field(default=32, metadata=flag("big's max_batch_size (the BLS model chunks to it)"))
-    # 500 -> 100: same throughput, -7.5% latency at concurrency 1 (BENCHMARKS.md)
+    # 100 us: make bench's best; 500 us batches no more rows and adds latency at concurrency 1, 0 us loses
+    # throughput (BENCHMARKS.md, "Design alternatives")
     queue_delay_us: int = field(default=100, metadata=flag("dynamic batching max queue delay"))
     little_instances: int = field(default=1, metadata=flag("little's instance count"))
-    # 1 -> 2: make bench's best littlebig deployment (BENCHMARKS.md, the search table)
+    # 2: make bench's best littlebig deployment; 1 loses a quarter of the throughput (BENCHMARKS.md, the search table)
     big_instances: int = field(default=2, metadata=flag("big's instance count"))
     bls_instances: int = field(default=2, metadata=flag("littlebig's (BLS) instance count"))
     intra_op_threads: int = field(default=1, metadata=flag("onnxruntime threads per cpu-profile instance"))
@@ -131,7 +132,7 @@ class ServeOptions:
     )
     #: cpu profile: the BLS model runs little's ONNX itself (onnxruntime, intra/inter_op_threads) instead of a
     #: BLS call, saving one Python-backend hop per execute; little stays a Triton model for its own clients.
-    #: None: yes on the cpu profile (make bench 2026-11-26 14:11: 1.02-1.28x at every point of the sweep,
+    #: None: yes on the cpu profile (make bench's best; calling the little model instead screens 0.75-0.85x,
     #: BENCHMARKS.md), no on the GPU profiles, where little runs on the GPU.
     little_in_process: bool | None = field(
         default=None,
