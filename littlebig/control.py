@@ -75,15 +75,17 @@ def encode_parameters(values: dict[str, object]) -> dict[str, str]:
 
 
 def read_parameters(texts: dict[str, str]) -> dict[str, object]:
-    """The BLS parameters present in a config, each read by its kind (others are left out); ValueError names
-    the parameter whose text its kind cannot read."""
+    """Every BLS parameter of a config, read by its kind (others are ignored). ValueError names the missing ones
+    (a hand-edited or foreign config: the generator writes them all) or one whose text its kind cannot read."""
+    missing = [name for name in BLS_PARAMETERS if name not in texts]
+    if missing:
+        raise ValueError(f"no parameter {', '.join(missing)}: generate the repository with `littlebig repo`")
     values = {}
     for name, kind in BLS_PARAMETERS.items():
-        if name in texts:
-            try:
-                values[name] = PARAMETER_KINDS[kind][1](texts[name])
-            except ValueError:
-                raise ValueError(f"parameter {name!r} must be {kind}, got {texts[name]!r}") from None
+        try:
+            values[name] = PARAMETER_KINDS[kind][1](texts[name])
+        except ValueError:
+            raise ValueError(f"parameter {name!r} must be {kind}, got {texts[name]!r}") from None
     return values
 
 

@@ -151,6 +151,8 @@ def test_the_bls_parameters_are_one_table_written_and_read_by_the_same_kinds(rep
     assert values["guard"] is False and values["calibration_rows"] == calibration["rows"]
     assert values["calibrated_confidence_shares"] == calibration["confidence_shares"]
     assert read_parameters(encode_parameters(values)) == values  # written and read by the same table
+    with pytest.raises(ValueError, match=r"no parameter guard, guard_alpha: generate the repository"):
+        read_parameters({k: v for k, v in texts.items() if not k.startswith("guard")} | {"guard_eps": "0.1"})
     with pytest.raises(ValueError, match=r"parameter 'shadow_seed' must be int, got '1.5'"):
         read_parameters({**texts, "shadow_seed": "1.5"})
     with pytest.raises(ValueError, match=r"missing \['guard_alpha'\], unknown \['guard_beta'\]"):

@@ -191,16 +191,6 @@ def as_numpy(tensor, on_gpu=None) -> np.ndarray:
     return from_dlpack(tensor.to_dlpack()).cpu().numpy()
 
 
-class Parameters(dict):
-    """The config's parameters. Every one is written by the generator (``ServeOptions`` holds the defaults, in
-    one place), so a missing one is a hand-edited or foreign config: say which, instead of a bare KeyError."""
-
-    def __missing__(self, key):
-        raise pb_utils.TritonModelException(
-            f"littlebig's config.pbtxt has no parameter {key!r}: generate the repository with `littlebig repo`"
-        )
-
-
 class Rows(NamedTuple):
     """Per-row request settings of one execute: own threshold (NaN: the governor's T), deadline (monotonic s)
     and whether the row is a health probe's (kept out of the traffic metrics)."""
@@ -221,7 +211,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         try:
             texts = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-            params = Parameters(read_parameters(texts))
+            params = read_parameters(texts)
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"littlebig's config.pbtxt: {exc}") from None
         # The stages, cheapest first (little, [middle...,] big) and T_1..T_{K-1}, calibrated jointly; the governor
