@@ -1,8 +1,9 @@
 """The BLS model's control loop, apart from Triton: when to stop calling a model (``Breaker``), which T
-is in force under load (``Governor``) and for accuracy (``Guard``), and a request's deadline. Stdlib, numpy and
-the sibling ``decision`` and ``shadow`` only, so the tests exercise the same code the server runs: the generator
-copies this file beside the BLS model.py, as it does ``decision.py``; both live in ``littlebig/`` so that tests
-and tools import them as ``littlebig.control``.
+is in force under load (``Governor``) and for accuracy (``Guard``), a request's deadline, and the table of the
+BLS model's config parameters (``BLS_PARAMETERS``), which the generator writes and the BLS model reads. Stdlib,
+numpy and the sibling ``decision`` and ``shadow`` only, so the tests exercise the same code the server runs: the
+generator copies this file beside the BLS model.py, as it does ``decision.py``; both live in ``littlebig/`` so
+that tests and tools import them as ``littlebig.control``.
 """
 
 from __future__ import annotations

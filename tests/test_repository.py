@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 
 import numpy as np
@@ -157,3 +158,21 @@ def test_the_bls_parameters_are_one_table_written_and_read_by_the_same_kinds(rep
         read_parameters({**texts, "shadow_seed": "1.5"})
     with pytest.raises(ValueError, match=r"missing \['guard_alpha'\], unknown \['guard_beta'\]"):
         encode_parameters({**{k: v for k, v in values.items() if k != "guard_alpha"}, "guard_beta": 0.1})
+
+
+def test_a_hand_edited_bls_parameter_fails_the_load_naming_it(build_dir, tmp_path):
+    """On the real server: a littlebig config whose shadow_seed is not an int stops littlebig from loading, and
+    the server log says which parameter and why; no process is left behind (``own_server``)."""
+    from littlebig.model_repository.server import ServerError
+    from tests.helpers import own_server
+
+    def bad_seed(repo):
+        config = repo / "littlebig" / "config.pbtxt"
+        edited, n = re.subn(r'(key: "shadow_seed"\s*value \{\s*string_value: )"[^"]*"', r'\1"1.5"', config.read_text())
+        assert n == 1
+        config.write_text(edited)
+
+    with pytest.raises(ServerError), own_server(build_dir, tmp_path, edit=bad_seed):
+        pass
+    log = (tmp_path / "tritonserver.log").read_text()
+    assert "littlebig's config.pbtxt: parameter 'shadow_seed' must be int, got '1.5'" in log, log[-2000:]
