@@ -365,8 +365,9 @@ class RuleCalibration:
     """One rule's calibration: the Ts it serves (one in front of each later stage) and what they gave on val."""
 
     thresholds: tuple[float, ...]
-    #: The share of val rows that reach the last stage (big): it sizes big's typical batch.
-    escalation_rate: float
+    #: The share of val rows that reach the last stage (big): it sizes big's typical batch (None where a record
+    #: holds only its Ts, as a hand-written or older tensorrt.json may).
+    escalation_rate: float | None
     #: The lowest T in front of the last stage the load governor may serve (None where not recorded).
     t_min: float | None
     #: The rule's record as written: accuracy, stage shares, expected MACs and the rule's own figures.
@@ -380,8 +381,8 @@ class RuleCalibration:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RuleCalibration:
         thresholds = tuple(float(t) for t in record.get("thresholds", [record["threshold"]]))
-        t_min = record.get("t_min")
-        return cls(thresholds, float(record["escalation_rate"]), None if t_min is None else float(t_min), record)
+        rate, t_min = record.get("escalation_rate"), record.get("t_min")
+        return cls(thresholds, None if rate is None else float(rate), None if t_min is None else float(t_min), record)
 
 
 @dataclass(frozen=True)

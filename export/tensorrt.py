@@ -480,7 +480,8 @@ def plan_batches(build: Path, max_batch_size: int, big_max_batch_size: int | Non
     try:  # p of the served rule sets big's typical batch; without a calibration assume every row escalates
         p = read_calibration(build).rule().escalation_rate
     except (FileNotFoundError, KeyError, ValueError):
-        p = 1.0
+        p = None
+    p = 1.0 if p is None else p
     typical = typical_batches(maxima["little"], maxima["big"], p)
     return {role: (typical[role], maxima[role]) for role in ROLES}
 

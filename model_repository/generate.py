@@ -536,7 +536,10 @@ def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
 def _served_escalation_rate(build: Path, opts: ServeOptions) -> float:
     """p of the served rule on val (big's typical batch follows from it)."""
     calibration = read_calibration(build)
-    return calibration.rule(opts.rule if opts.rule in calibration.rules else None).escalation_rate
+    rate = calibration.rule(opts.rule if opts.rule in calibration.rules else None).escalation_rate
+    if rate is None:
+        raise ValueError(f"{build / 'calibration.json'} records no escalation rate: rerun `littlebig calibrate`")
+    return rate
 
 
 def _warm_sizes(opt: int, max_batch: int) -> list[int]:

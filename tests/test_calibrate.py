@@ -229,3 +229,5 @@ def test_an_earlier_calibration_file_reads_with_its_defaults():
     assert old.rule().thresholds == (0.9,) and old.rule().t_min is None and old.rule().figures == rule
     shadow = old.with_rules({"shadow": {"threshold": 0.7, "thresholds": [0.7], "rows": 5, "escalation_rate": 0.1}})
     assert list(shadow.rules) == ["shadow"] and shadow.rule("shadow").threshold == 0.7 and old.rules["paper"]
+    plans = old.with_rules({"paper": {"threshold": 0.61}})  # a tensorrt.json rule may hold only its T
+    assert plans.rule().thresholds == (0.61,) and plans.rule().escalation_rate is None
