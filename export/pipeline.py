@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -389,18 +389,19 @@ class RuleCalibration:
 class Calibration:
     """``calibration.json`` read by name: what ``littlebig calibrate`` chose and measured on the val split.
 
-    Written once (``calibrate_step``) and read through ``read_calibration``; the file keeps its JSON keys, so
-    earlier files (two models, before eps or the drift reference were recorded) read with the defaults below.
+    Written once (``calibrate_step``) and read through ``read_calibration``; the file keeps its JSON keys. Only
+    the served rule and the rules are required: an earlier or hand-written file (two models, before eps or the
+    drift reference were recorded) reads with the defaults below, and what needs a missing figure says so.
     """
 
-    split: str
-    rows: int
     serve_rule: str
-    little_acc: float
-    big_acc: float
-    stages: tuple[str, ...]
-    stage_acc: tuple[float, ...]
     rules: dict[str, RuleCalibration]
+    split: str = "val"
+    rows: int | None = None
+    little_acc: float | None = None
+    big_acc: float | None = None
+    stages: tuple[str, ...] = ROLES
+    stage_acc: tuple[float, ...] = ()
     #: The bounded and guaranteed rules' promise: accuracy loss vs big <= eps with probability >= 1 - delta.
     eps: float | None = None
     delta: float | None = None
@@ -409,6 +410,12 @@ class Calibration:
     #: The drift reference: little's val confidence shares per bin (the served shares are compared with them).
     confidence_bins: tuple[float, ...] = ()
     confidence_shares: tuple[float, ...] = ()
+
+    #: calibration.json's keys in the order it has always written them.
+    KEYS = (
+        "split", "rows", "serve_rule", "little_acc", "big_acc", "stages", "stage_acc", "rules", "eps", "delta",
+        "max_accuracy_drop", "confidence_bins", "confidence_shares",
+    )  # fmt: skip
 
     def rule(self, name: str | None = None) -> RuleCalibration:
         """The named rule's calibration (None: the served rule's); ValueError naming the calibrated ones."""
@@ -422,28 +429,18 @@ class Calibration:
         return replace(self, rules={k: RuleCalibration.from_record(r) for k, r in rules.items()})
 
     def to_record(self) -> dict[str, Any]:
-        """The JSON form: the keys ``calibration.json`` has always had, in its order."""
-        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        """The JSON form, in the file's key order; a figure that was not recorded stays out."""
+        record = {k: getattr(self, k) for k in self.KEYS}
         record["rules"] = {k: r.figures for k, r in self.rules.items()}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in record.items() if v is not None}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Calibration:
-        stages = tuple(record.get("stages", ROLES))
-        tuples = {k: tuple(record[k]) for k in ("confidence_bins", "confidence_shares") if k in record}
-        optional = {k: record[k] for k in ("eps", "delta", "max_accuracy_drop") if k in record}
-        return cls(
-            split=record["split"],
-            rows=int(record["rows"]),
-            serve_rule=record["serve_rule"],
-            little_acc=float(record["little_acc"]),
-            big_acc=float(record["big_acc"]),
-            stages=stages,
-            stage_acc=tuple(record.get("stage_acc", (record["little_acc"], record["big_acc"]))),
-            rules={k: RuleCalibration.from_record(r) for k, r in record["rules"].items()},
-            **optional,
-            **tuples,
-        )
+        known = {k: record[k] for k in cls.KEYS if k in record and k not in ("serve_rule", "rules")}
+        numbers = {"rows": int, "little_acc": float, "big_acc": float}
+        typed = {k: tuple(v) if isinstance(v, list) else numbers.get(k, lambda x: x)(v) for k, v in known.items()}
+        rules = {k: RuleCalibration.from_record(r) for k, r in record["rules"].items()}
+        return cls(serve_rule=record["serve_rule"], rules=rules, **typed)
 
 
 def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> Calibration:

@@ -224,10 +224,15 @@ def test_an_earlier_calibration_file_reads_with_its_defaults():
     old = Calibration.from_record(
         {"split": "val", "rows": 10, "serve_rule": "paper", "little_acc": 0.8, "big_acc": 0.9, "rules": {"paper": rule}}
     )
-    assert old.stages == ("little", "big") and old.stage_acc == (0.8, 0.9)
+    assert old.stages == ("little", "big") and old.little_acc == 0.8 and old.rows == 10
     assert old.eps is None and old.delta is None and old.confidence_shares == ()
     assert old.rule().thresholds == (0.9,) and old.rule().t_min is None and old.rule().figures == rule
     shadow = old.with_rules({"shadow": {"threshold": 0.7, "thresholds": [0.7], "rows": 5, "escalation_rate": 0.1}})
     assert list(shadow.rules) == ["shadow"] and shadow.rule("shadow").threshold == 0.7 and old.rules["paper"]
     plans = old.with_rules({"paper": {"threshold": 0.61}})  # a tensorrt.json rule may hold only its T
     assert plans.rule().thresholds == (0.61,) and plans.rule().escalation_rate is None
+    minimal = Calibration.from_record({"serve_rule": "paper", "rules": {"paper": {"threshold": 0.5}}})
+    assert minimal.rows is None and minimal.to_record() == {
+        "split": "val", "stages": ["little", "big"], "stage_acc": [], "serve_rule": "paper",
+        "rules": {"paper": {"threshold": 0.5}}, "confidence_bins": [], "confidence_shares": [],
+    }  # fmt: skip
