@@ -117,17 +117,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def bls_code(rev: str) -> dict[str, str]:
-    """The files of the BLS model's folder at git revision ``rev``: model.py and the modules installed beside it."""
-    from littlebig.model_repository.generate import BLS_MODULES
+    """The files of the BLS model's folder at git revision ``rev``: its model.py and the littlebig modules it imports,
+    directly or through each other (the ones the generator of that revision installed beside it)."""
+    import ast
 
-    sources = {"model.py": "model_repository/littlebig/model.py"}
-    sources.update({f"{m}.py": f"littlebig/{m}.py" for m in BLS_MODULES})
-    try:
-        return {name: subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True,
-                                     text=True).stdout for name, path in sources.items()}  # fmt: skip
-    except subprocess.CalledProcessError as exc:
-        raise SystemExit(f"bench.ab: --code {rev}: {exc.stderr.strip()}") from None
+    def show(path: str) -> str:
+        try:
+            return subprocess.run(["git", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(f"bench.ab: --code {rev}: {exc.stderr.strip()}") from None
 
+    def imported(source: str) -> set[str]:
+        nodes = list(ast.walk(ast.parse(source)))
+        names = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+
+    listed = subprocess.run(["git", "ls-tree", "--name-only", rev, "littlebig/"], capture_output=True, text=True)
+    modules = {Path(p).stem for p in listed.stdout.split() if p.endswith(".py")}
+    files, todo = {}, [("model.py", "model_repository/littlebig/model.py")]
+    while todo:
+        name, path = todo.pop()
+        files[name] = show(path)
+        todo += [(f"{m}.py", f"littlebig/{m}.py") for m in imported(files[name]) & modules if f"{m}.py" not in files]
+    return files
 
 if __name__ == "__main__":
     sys.exit(main())

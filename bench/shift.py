@@ -389,11 +389,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_eps(build: Path) -> float:
-    from littlebig.export.pipeline import read_calibration
+    from littlebig.export.pipeline import CALIBRATION_FILE, read_calibration
 
     eps = read_calibration(build).eps
     if eps is None:
-        raise ValueError(f"{build}/calibration.json records no eps: rerun `littlebig calibrate`")
+        raise ValueError(f"{build / CALIBRATION_FILE} records no eps: rerun `littlebig calibrate`")
     return eps
 
 

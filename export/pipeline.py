@@ -362,27 +362,40 @@ def check_serve_rule(rules: tuple[str, ...], serve_rule: str) -> None:
 
 @dataclass(frozen=True)
 class RuleCalibration:
-    """One rule's calibration: the Ts it serves (one in front of each later stage) and what they gave on val."""
+    """One rule's calibration: the Ts it serves (one in front of each later stage) and what they gave on val.
 
-    thresholds: tuple[float, ...]
-    #: The share of val rows that reach the last stage (big): it sizes big's typical batch (None where a record
-    #: holds only its Ts, as a hand-written or older tensorrt.json may).
-    escalation_rate: float | None
-    #: The lowest T in front of the last stage the load governor may serve (None where not recorded).
-    t_min: float | None
-    #: The rule's record as written: accuracy, stage shares, expected MACs and the rule's own figures.
+    ``figures`` is the rule's record as written (its Ts, accuracy, stage shares, expected MACs and the rule's own
+    figures); the named figures below are read from it, so the record stays their one source.
+    """
+
     figures: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        _ = (self.thresholds, self.escalation_rate, self.t_min)  # a record whose figures cannot be read: refused now
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        return tuple(float(t) for t in self.figures.get("thresholds", [self.figures["threshold"]]))
 
     @property
     def threshold(self) -> float:
         """T in front of the last stage: the one the governor and the guard move."""
         return self.thresholds[-1]
 
-    @classmethod
-    def from_record(cls, record: dict[str, Any]) -> RuleCalibration:
-        thresholds = tuple(float(t) for t in record.get("thresholds", [record["threshold"]]))
-        rate, t_min = record.get("escalation_rate"), record.get("t_min")
-        return cls(thresholds, None if rate is None else float(rate), None if t_min is None else float(t_min), record)
+    @property
+    def escalation_rate(self) -> float | None:
+        """The share of val rows that reach the last stage (big): it sizes big's typical batch (None where a record
+        holds only its Ts, as a hand-written or older tensorrt.json may)."""
+        return _optional_float(self.figures.get("escalation_rate"))
+
+    @property
+    def t_min(self) -> float | None:
+        """The lowest T in front of the last stage the load governor may serve (None where not recorded)."""
+        return _optional_float(self.figures.get("t_min"))
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 @dataclass(frozen=True)
@@ -426,7 +439,7 @@ class Calibration:
 
     def with_rules(self, rules: dict[str, dict[str, Any]]) -> Calibration:
         """The same calibration with other rule records: those of the TensorRT plans, or of live shadow rows."""
-        return replace(self, rules={k: RuleCalibration.from_record(r) for k, r in rules.items()})
+        return replace(self, rules={k: RuleCalibration(r) for k, r in rules.items()})
 
     def to_record(self) -> dict[str, Any]:
         """The JSON form, in the file's key order; a figure that was not recorded stays out."""
@@ -439,7 +452,7 @@ class Calibration:
         known = {k: record[k] for k in cls.KEYS if k in record and k not in ("serve_rule", "rules")}
         numbers = {"rows": int, "little_acc": float, "big_acc": float}
         typed = {k: tuple(v) if isinstance(v, list) else numbers.get(k, lambda x: x)(v) for k, v in known.items()}
-        rules = {k: RuleCalibration.from_record(r) for k, r in record["rules"].items()}
+        rules = {k: RuleCalibration(r) for k, r in record["rules"].items()}
         return cls(serve_rule=record["serve_rule"], rules=rules, **typed)
 
 
@@ -459,7 +472,7 @@ def calibrate_step(build: Path, rules: tuple[str, ...], serve_rule: str) -> Cali
         big_acc=float(val.big_correct.mean()),
         stages=stages_of(read_export(build)),
         stage_acc=tuple(float((p == staged.labels).mean()) for p in staged.predictions),
-        rules={k: RuleCalibration.from_record(r) for k, r in calibrate_stages(staged, rules).items()},
+        rules={k: RuleCalibration(r) for k, r in calibrate_stages(staged, rules).items()},
         eps=EPS,
         delta=DELTA,
         max_accuracy_drop=MAX_ACCURACY_DROP,

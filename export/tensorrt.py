@@ -477,11 +477,11 @@ def plan_batches(build: Path, max_batch_size: int, big_max_batch_size: int | Non
     big_max = min(max_batch_size, DEFAULT_BIG_MAX_BATCH) if big_max_batch_size is None else big_max_batch_size
     check_args("fp32", big_max)
     maxima = {"little": max_batch_size, "big": big_max}
-    try:  # p of the served rule sets big's typical batch; without a calibration assume every row escalates
-        p = read_calibration(build).rule().escalation_rate
+    try:  # p of the served rule sets big's typical batch; without a calibration or its rate, every row escalates
+        recorded = read_calibration(build).rule().escalation_rate
     except (FileNotFoundError, KeyError, ValueError):
-        p = None
-    p = 1.0 if p is None else p
+        recorded = None
+    p = 1.0 if recorded is None else recorded
     typical = typical_batches(maxima["little"], maxima["big"], p)
     return {role: (typical[role], maxima[role]) for role in ROLES}
 

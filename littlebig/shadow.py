@@ -17,7 +17,8 @@ answer big gave anyway, a row whose big answer is unknown (dropped shadow work, 
 ``unknown``. So the records are a uniform R-sample of traffic, and ``recalibrate --from-shadow`` can run the
 calibration's exact test on them, counting an unknown row as a loss (conservative, never biased in its favour).
 
-This file is copied beside the BLS model.py (as ``decision.py`` and ``control.py`` are): stdlib and numpy only.
+This file is installed beside the BLS model.py (as ``decision.py``, ``control.py`` and ``metrics.py`` are): stdlib and
+numpy only.
 """
 
 from __future__ import annotations

@@ -58,9 +58,11 @@ from littlebig import decision
 from littlebig.atomic import replacing_dir
 from littlebig.control import encode_parameters
 from littlebig.export.pipeline import (
+    CALIBRATION_FILE,
     ROLES,
     SHADOW_CALIBRATION,
     SHADOW_RULE,
+    Calibration,
     export_dir,
     read_calibration,
     read_export,
@@ -71,7 +73,7 @@ from littlebig.export.pipeline import (
 SOURCES = Path(__file__).resolve().parent
 BLS_NAME = decision.CASCADE
 #: The littlebig modules the BLS model.py imports, installed beside it (numpy and the standard library only).
-BLS_MODULES = ("control", "decision", "shadow")
+BLS_MODULES = ("control", "decision", "metrics", "shadow")
 #: The encoded-image entry point (an ensemble: DECODE_NAME, then the BLS model) and its decoder.
 ENCODED_NAME = "littlebig_encoded"
 DECODE_NAME = "decode"
@@ -517,8 +519,9 @@ def _install_onnx(src: Path, model_dir: Path) -> None:
     shutil.copy2(src, model_dir / "1" / "model.onnx")
 
 
-def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, opts: ServeOptions) -> None:
+def cpu_classifier(role: str, served: Served, build: Path, out: Path, opts: ServeOptions) -> None:
     """Python-backend onnxruntime model (the embedded Triton has no onnxruntime backend)."""
+    exported = served.exported
     config = classifier_config(role, exported, opts, mc.ModelInstanceGroup.KIND_CPU, preferred=True)
     config.backend = "python"
     for key, value in _params(
@@ -533,12 +536,11 @@ def cpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
     write_config(config, model_dir)
 
 
-def _served_escalation_rate(build: Path, opts: ServeOptions) -> float:
+def served_escalation_rate(build: Path, calibration: Calibration, opts: ServeOptions) -> float:
     """p of the served rule on val (big's typical batch follows from it)."""
-    calibration = read_calibration(build)
     rate = calibration.rule(opts.rule if opts.rule in calibration.rules else None).escalation_rate
     if rate is None:
-        raise ValueError(f"{build / 'calibration.json'} records no escalation rate: rerun `littlebig calibrate`")
+        raise ValueError(f"{build / CALIBRATION_FILE} records no escalation rate: rerun `littlebig calibrate`")
     return rate
 
 
@@ -546,8 +548,9 @@ def _warm_sizes(opt: int, max_batch: int) -> list[int]:
     return sorted({1, opt, max_batch})
 
 
-def gpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, opts: ServeOptions) -> None:
+def gpu_classifier(role: str, served: Served, build: Path, out: Path, opts: ServeOptions) -> None:
     """Triton's TensorRT backend where a plan exists, else its onnxruntime backend, on KIND_GPU."""
+    exported = served.exported
     from littlebig.export import tensorrt as lbtrt
 
     config = classifier_config(role, exported, opts, mc.ModelInstanceGroup.KIND_GPU, preferred=False)
@@ -567,7 +570,7 @@ def gpu_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, 
     config.parameters["cudnn_conv_algo_search"].CopyFrom(
         mc.ModelParameter(string_value=str(opts.cudnn_conv_algo_search))
     )
-    p = _served_escalation_rate(build, opts)
+    p = served_escalation_rate(build, served.calibration, opts)
     opt = lbtrt.typical_batches(opts.max_batch_size, opts.big_max_batch_size, p)[role]
     if opts.trt_accelerator:
         # TensorRT needs a Cast right after the uint8 input: serve the Cast-first graph, proven identical.
@@ -602,13 +605,14 @@ def standin_buckets(opts: ServeOptions, role: str) -> list[int]:
     return sorted({b for b in opts.standin_buckets if 1 <= b < max_batch} | {max_batch})
 
 
-def standin_classifier(role: str, exported: dict[str, Any], build: Path, out: Path, opts: ServeOptions) -> None:
+def standin_classifier(role: str, served: Served, build: Path, out: Path, opts: ServeOptions) -> None:
     """STAND-IN for Triton's onnxruntime/TensorRT backends (not on PyPI): torch on the checkpoint, on a device.
 
     A Python-backend model on KIND_GPU (KIND_CPU when the device is cpu, for tests) whose LOGITS stay in
     the device's memory (``pb_utils.Tensor.from_dlpack``), as those backends leave them. It pads each batch
     to a bucket and warms every bucket up at load (torch eager plans cuDNN kernels per new shape).
     """
+    exported = served.exported
     weights = Path(str(exported[role]["weights"]))
     if not weights.is_file():
         raise ValueError(f"gpu-standin serves littlebig checkpoints; {role}'s weights are {weights}, not a file")
@@ -634,7 +638,7 @@ def standin_classifier(role: str, exported: dict[str, Any], build: Path, out: Pa
 
 
 #: profile -> how little and big are served; the BLS model is the same everywhere.
-PROFILES: dict[str, Callable[[str, dict[str, Any], Path, Path, ServeOptions], None]] = {
+PROFILES: dict[str, Callable[[str, Served, Path, Path, ServeOptions], None]] = {
     "cpu": cpu_classifier,
     "gpu": gpu_classifier,
     "gpu-standin": standin_classifier,
@@ -691,14 +695,16 @@ def serves_plans(build: Path, opts: ServeOptions) -> bool:
     return opts.use_plans and all((export_dir(build) / f"{role}.plan").exists() for role in ROLES)
 
 
-def served_thresholds(build: Path, opts: ServeOptions, plans: bool = False) -> tuple[list[float], str]:
+def served_thresholds(
+    build: Path, opts: ServeOptions, plans: bool = False, calibration: Calibration | None = None
+) -> tuple[list[float], str]:
     """T_1..T_{K-1} of the chosen rule (or the override, one value for every transition), validated by the
-    shared rule. Two models: [T].
+    shared rule. Two models: [T]. ``calibration``: the build's, where the caller has read it already.
 
     Served plans get the T calibrated on the plans' own val outputs (``littlebig export --tensorrt``):
     an FP16 plan's confidences differ from the FP32 ONNX ones the default calibration saw.
     """
-    calibration = read_calibration(build)
+    calibration = calibration or read_calibration(build)
     stages = len(calibration.stages)
     if plans:
         record = read_tensorrt(build)
@@ -808,7 +814,7 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     A repository a running tritonserver serves is never rewritten under it (``check_not_served``).
     """
     opts = (opts or ServeOptions()).validate(profile)
-    exported = read_export(build)
+    exported, calibration = read_export(build), read_calibration(build)  # read once: one calibration throughout
     stages = stages_of(exported)
     if len(stages) > 2 and profile != "cpu":
         raise ValueError(
@@ -824,14 +830,15 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     fp16_accelerator = profile == "gpu" and not plans and opts.trt_accelerator and opts.trt_precision == "fp16"
     if fp16_accelerator:
         check_fp16_calibration(build)
-    thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator)
+    thresholds, rule = served_thresholds(build, opts, plans or fp16_accelerator, calibration)
     # T_min, the governor's steps and the drift reference from the same outputs as T: the precision served
     governor = governor_settings(build, thresholds, opts, rule, tensorrt=plans or fp16_accelerator)
-    eps = read_calibration(build).eps
-    eps = -1.0 if eps is None else eps  # -1: unknown (the shadow loss alert stays blind)
+    eps = -1.0 if calibration.eps is None else calibration.eps  # -1: unknown (the shadow loss alert stays blind)
     if opts.guard and opts.guard_eps is None and not 0.0 < eps < 1.0:
         raise ValueError(f"{_flag('guard')}: this calibration records no eps; give {_flag('guard_eps')}")
-    served = Served(exported, thresholds, rule, governor, eps, plans, extra_summary)
+    if profile == "gpu" and not plans:
+        served_escalation_rate(build, calibration, opts)  # onnxruntime's batch profile needs it: refuse before writing
+    served = Served(exported, calibration, thresholds, rule, governor, eps, plans, extra_summary)
     check_not_served(out)
     with replacing_dir(out) as tmp:
         return _write_repository(build, tmp, profile, opts, served)
@@ -842,6 +849,7 @@ class Served:
     """What ``generate`` read and checked before writing: the export, the served Ts and the governor's inputs."""
 
     exported: dict[str, Any]
+    calibration: Calibration
     thresholds: list[float]
     rule: str
     governor: dict[str, Any]
@@ -857,7 +865,7 @@ def _write_repository(build: Path, out: Path, profile: str, opts: ServeOptions, 
     )  # fmt: skip
     stages = stages_of(exported)
     for role in stages:
-        PROFILES[profile](role, exported, build, out, opts)
+        PROFILES[profile](role, served, build, out, opts)
     bls_dir = out / BLS_NAME
     preferred = profile in PREFERRED_BATCH_PROFILES
     write_config(bls_config(exported, thresholds, rule, opts, governor, preferred, eps), bls_dir)

@@ -282,3 +282,34 @@ def test_stages_summary_compares_best_against_best():
     assert s["per_batch"]["8"]["ideal"]["two"]["ideal_throughput"] == pytest.approx(1 / (1 / 1000 + 0.2 / 150))
     assert s["served_shares"]["lb3"]["answered"] == pytest.approx([0.6, 0.3, 0.1])
     assert s["expected_macs"]["three"]["served"] == pytest.approx(1.0 + 0.4 * 4.0 + 0.1 * 10.0)
+
+
+def test_bench_ab_code_of_a_revision_is_its_model_and_the_modules_it_imports(tmp_path, monkeypatch):
+    """``bench.ab --code REV`` serves REV's BLS folder: model.py and the littlebig modules it imports, directly or
+    through each other, as they were at REV (a module added later is not asked of an earlier revision)."""
+    import subprocess
+
+    from bench.ab import bls_code
+
+    def commit(files: dict[str, str]) -> str:
+        for path, text in files.items():
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_text(text)
+        subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+        subprocess.run(["git", "commit", "-qm", "c"], cwd=tmp_path, check=True)
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    for key, value in (("user.email", "t@example.com"), ("user.name", "t")):
+        subprocess.run(["git", "config", key, value], cwd=tmp_path, check=True)
+    model = "model_repository/littlebig/model.py"
+    before = commit(
+        {model: "import numpy\nfrom control import Breaker\n", "littlebig/control.py": "from decision import x\n",
+         "littlebig/decision.py": "import numpy\n", "littlebig/cli.py": "import argparse\n"}
+    )  # fmt: skip
+    after = commit({model: "from control import Breaker\nfrom metrics import Metrics\n", "littlebig/metrics.py": ""})
+    monkeypatch.chdir(tmp_path)
+    assert set(bls_code(before)) == {"model.py", "control.py", "decision.py"}
+    assert set(bls_code(after)) == {"model.py", "control.py", "decision.py", "metrics.py"}
+    assert bls_code(before)["model.py"].startswith("import numpy")

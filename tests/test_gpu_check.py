@@ -211,7 +211,7 @@ class TritonPythonModel:
 
 
 def bls_module(tmp_path, build_dir, monkeypatch):
-    """The served BLS model.py imported outside Triton (its repository folder: control.py, decision.py)."""
+    """The served BLS model.py imported outside Triton (its repository folder: the modules installed beside it)."""
     import importlib.util
 
     from littlebig.model_repository.generate import generate

@@ -44,7 +44,7 @@ def exposition(
     shadow_rate: float | None = 0.05,
     eps: float = 0.01,
 ) -> str:
-    """Triton's metrics text as the BLS model writes it (model_repository/littlebig/model.py, METRICS): counters per
+    """Triton's metrics text as the BLS model writes it (littlebig/metrics.py, METRICS): counters per
     model/version (and per bin/stage/reason), the threshold per BLS instance, calibration gauges. The shadow counts
     are split over two bins, as the model exports them per bin."""
     bins = bins if bins is not None else tuple(rows / len(UPPERS) for _ in UPPERS)

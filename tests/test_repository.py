@@ -27,7 +27,7 @@ def check_cascade_contract(repo, service_size, classes):
     assert 0.0 <= float(cfg.parameters["threshold"].string_value) <= 1.0
     assert {"stage_models", "stage_max_batch_sizes", "thresholds"} <= set(cfg.parameters)
     assert json.loads(cfg.parameters["stage_models"].string_value) == ["little", "big"]
-    for f in ("model.py", "decision.py", "control.py", "shadow.py"):  # the BLS model, the rule, control, shadow
+    for f in ("model.py", "decision.py", "control.py", "metrics.py", "shadow.py"):  # the BLS model and its modules
         assert (repo / "littlebig" / "1" / f).exists()
     # Runs on a stock NGC image: the standard library, numpy, the backend utils and the decision rule at
     # module level; torch (the copy of a GPU tensor) and onnxruntime (little in process) only where used.
@@ -35,7 +35,7 @@ def check_cascade_contract(repo, service_size, classes):
     top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
     stdlib = {"asyncio", "json", "os", "time", "traceback", "concurrent", "typing"}
-    assert top <= stdlib | {"numpy", "triton_python_backend_utils", "decision", "control", "shadow"}, top
+    assert top <= stdlib | {"numpy", "triton_python_backend_utils", "decision", "control", "metrics", "shadow"}, top
     anywhere = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     anywhere |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert anywhere - top <= {"torch", "onnxruntime"}, anywhere - top

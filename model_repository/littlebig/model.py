@@ -33,9 +33,13 @@ call ends), so no answer waits for one. Shadow work is dropped first, and counte
 while big's breaker is open, for rows whose deadline is near, beyond ``SHADOW_MAX_CALLS`` calls in flight. Every
 drawn row is recorded (big's answer, or unknown), so the records are a uniform R-draw of traffic.
 
-At load it imports numpy, triton_python_backend_utils, decision, control and shadow only, so it runs on a stock NGC
-image; onnxruntime is imported only with ``little_in_process`` (cpu profile), and torch only to copy an
-output that arrives in GPU memory (counted; never expected).
+Its metrics (``metrics.py``: the families' table and their counting) are summed per execute: each metric call is an
+IPC round trip to the server.
+
+At load it imports numpy, triton_python_backend_utils and the littlebig modules installed beside it (decision,
+control, metrics, shadow) only, so it runs on a stock NGC image; onnxruntime is imported only with
+``little_in_process`` (cpu profile), and torch only to copy an output that arrives in GPU memory (counted; never
+expected).
 """
 
 import asyncio
@@ -49,9 +53,10 @@ from typing import NamedTuple
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from control import Breaker, Governor, Guard, check_deadline, read_parameters
-from decision import CONFIDENCE_BINS, check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
 from decision import REASONS as REASON_NAMES
-from shadow import DROP_REASONS, RecordWriter, Sampler, Seen, ShadowTraffic
+from decision import check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
+from metrics import Metrics
+from shadow import RecordWriter, Sampler, Seen, ShadowTraffic
 
 #: The 2.51 Python backend builds zero-byte tensors from numpy>=2 arrays (seen on a GPU server: every BLS call
 #: failed with an input byte size mismatch).
@@ -65,108 +70,6 @@ GUARD_SAVE_ROWS = 200
 #: never piles up in front of big.
 SHADOW_MAX_CALLS = 4
 
-
-#: The model's metrics, one row per family: key -> (name, kind, help, label each metric adds: None for one
-#: metric, "upper" one per confidence bin, "role" / "stage" one per model of the cascade, "bls_instance" one per BLS
-#: instance, "drop" one per reason shadow work was dropped).
-METRICS = {
-    "rows": ("littlebig_rows_total", "counter", "Rows (images) answered by the cascade", None),
-    "escalated": ("littlebig_escalated_rows_total", "counter", "Rows sent to the big (last) model", None),
-    "stage_rows": (
-        "littlebig_stage_rows_total", "counter", "Rows answered by each stage of the cascade (little ... big)", "stage"
-    ),
-    "degraded": (
-        "littlebig_degraded_rows_total", "counter", "Escalated rows answered by little because big failed", None
-    ),
-    "failed": (
-        "littlebig_failed_requests_total", "counter",
-        "Requests answered with an error (Triton counts them as successes)", None,
-    ),
-    "cancelled": (
-        "littlebig_cancelled_requests_total", "counter",
-        "Requests their client cancelled before a later stage was called for them (none of their rows went on)", None,
-    ),
-    "load": (
-        "littlebig_load_rows_total", "counter",
-        "Rows answered by little because the governor lowered T under load (REASON load)", None,
-    ),
-    "deadline": (
-        "littlebig_deadline_rows_total", "counter",
-        "Rows answered by little because big could not answer within the request's deadline_ms", None,
-    ),
-    "calibration_escalations": (
-        "littlebig_calibration_escalations_total", "counter",
-        "Rows whose confidence is below the calibrated T, whatever T was in force (the drift signal)", None,
-    ),
-    "confidence": (
-        "littlebig_little_confidence_rows_total", "counter",
-        "Rows by little's top softmax probability, per bin (lower, upper]; bins sum to rows_total", "upper",
-    ),
-    "confident": (
-        "littlebig_confident_rows_total", "counter",
-        "Rows answered before big because the stage was confident (REASON confident): what shadow sampling draws from",
-        None,
-    ),
-    "shadow_rows": (
-        "littlebig_shadow_rows_total", "counter",
-        "Confident rows also answered by big in the shadow (after their response), per little confidence bin",
-        "upper",
-    ),
-    "shadow_disagreements": (
-        "littlebig_shadow_disagreements_total", "counter",
-        "Shadow rows whose big answer differs from the served one, per little confidence bin", "upper",
-    ),
-    "shadow_dropped": (
-        "littlebig_shadow_dropped_rows_total", "counter",
-        "Confident rows drawn for the shadow whose big call was not made (load, breaker, deadline, busy) or failed",
-        "drop",
-    ),
-    "shadow_rate": ("littlebig_shadow_rate", "gauge", "Share of rows drawn for shadow sampling (R)", None),
-    "calibrated_eps": (
-        "littlebig_calibrated_eps", "gauge", "Accuracy-loss budget eps of the calibration (the loss alert's)", None
-    ),
-    "threshold": ("littlebig_threshold", "gauge", "T in force for rows without their own threshold", "bls_instance"),
-    # The accuracy guard's (registered only with ``guard`` on)
-    "guard_threshold": (
-        "littlebig_guard_threshold", "gauge", "The accuracy guard's T (the calibrated T until its test fires)",
-        "bls_instance",
-    ),
-    "guard_log_evalue": (
-        "littlebig_guard_log_evalue", "gauge",
-        "Log wealth of the guard's test of disagreement with big > eps at its T; it fires at log(1/alpha)",
-        "bls_instance",
-    ),
-    "guard_binding": (
-        "littlebig_guard_binding", "gauge",
-        "1 while the guard's raised T is in force (it wins over the governor's), 0 while the governor's is",
-        "bls_instance",
-    ),
-    "guard_cannot_meet": (
-        "littlebig_guard_cannot_meet_eps", "gauge",
-        "1 while no T short of sending every row to big is shown within the guard's eps", "bls_instance",
-    ),
-    "guard_eps": ("littlebig_guard_eps", "gauge", "The accuracy guard's disagreement budget", None),
-    "guard_firings": ("littlebig_guard_firings_total", "counter", "Times the guard's test fired and raised T", None),
-    "guard_lowerings": (
-        "littlebig_guard_lowerings_total", "counter", "Times the guard lowered T on evidence within eps", None
-    ),
-    "guard_rows": ("littlebig_guard_rows_total", "counter", "Drawn rows the guard's tests have observed", None),
-    "calibrated_escalation_rate": (
-        "littlebig_calibrated_escalation_rate", "gauge",
-        "Val escalation rate at the calibrated T (drift alerts' reference)", None,
-    ),
-    "calibration_rows": ("littlebig_calibration_rows", "gauge", "Val rows the calibration was measured on", None),
-    "calibrated_confidence_share": (
-        "littlebig_calibrated_confidence_share", "gauge", "Val share of each confidence bin (drift alerts' reference)",
-        "upper",
-    ),
-    # Not traffic: a defect detector (probes' calls count too). CPU memory is asked for; make gpu-check asserts
-    # this stays 0, which it cannot see from the answers (they are copied when torch is there).
-    "gpu_outputs": (
-        "littlebig_gpu_memory_outputs_total", "counter",
-        "BLS outputs of little/big that arrived in GPU memory although CPU memory was asked for", "role",
-    ),
-}
 
 #: Request parameter that marks a health probe (model_repository/health.py sends it): its rows are answered
 #: as any others but kept out of every traffic metric, so probes never look like drift.
@@ -209,8 +112,8 @@ class TritonPythonModel:
                 "Install 'numpy<2' where the stub runs (or point EXECUTION_ENV_PATH at an environment that has it)."
             )
         config = json.loads(args["model_config"])
+        texts = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         try:
-            texts = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
             params = read_parameters(texts)
         except ValueError as exc:
             raise pb_utils.TritonModelException(f"littlebig's config.pbtxt: {exc}") from None
@@ -276,35 +179,16 @@ class TritonPythonModel:
                 pb_utils.Logger.log_info(f"littlebig: accuracy guard resumed at T {self.guard.threshold:.6g}")
         self.executor_installed = False
         labels = {"model": args["model_name"], "version": args["model_version"]}
-        per_label = {
-            None: [{}],
-            "upper": [{"upper": repr(edge)} for edge in CONFIDENCE_BINS],
-            "role": [{"role": role} for role in self.models],
-            "stage": [{"stage": role} for role in self.models],
-            # one T gauge per instance: each BLS instance (a process) governs its own T
-            "bls_instance": [{"bls_instance": instance}],
-            "drop": [{"reason": reason} for reason in DROP_REASONS],
-        }
-        kinds = {"counter": pb_utils.MetricFamily.COUNTER, "gauge": pb_utils.MetricFamily.GAUGE}
-        # Keep the families referenced: a metric whose family is collected stops updating.
-        wanted = {k: v for k, v in METRICS.items() if self.guard is not None or not k.startswith("guard_")}
-        self.families = {
-            key: pb_utils.MetricFamily(name, text, kinds[kind]) for key, (name, kind, text, _) in wanted.items()
-        }
-        self.metrics = {
-            key: [self.families[key].Metric(labels={**labels, **extra}) for extra in per_label[per]]
-            for key, (_, _, _, per) in wanted.items()
-        }
+        self.metrics = Metrics(pb_utils.MetricFamily, labels, list(self.models), instance, self.guard is not None)
         self.gpu_output_logged = False
-        for metric, share in zip(self.metrics["calibrated_confidence_share"], params["calibrated_confidence_shares"]):
-            metric.set(share)
-        self.metrics["calibrated_escalation_rate"][0].set(params["calibrated_escalation_rate"])
-        self.metrics["calibration_rows"][0].set(float(params["calibration_rows"]))
-        self.metrics["shadow_rate"][0].set(self.sampler.rate)
+        self.metrics.set("calibrated_confidence_share", *params["calibrated_confidence_shares"])
+        self.metrics.set("calibrated_escalation_rate", params["calibrated_escalation_rate"])
+        self.metrics.set("calibration_rows", params["calibration_rows"])
+        self.metrics.set("shadow_rate", self.sampler.rate)
         if self.guard is not None:
-            self.metrics["guard_eps"][0].set(self.guard.eps)
+            self.metrics.set("guard_eps", self.guard.eps)
         self._show_threshold()
-        self.metrics["calibrated_eps"][0].set(params["calibrated_eps"])
+        self.metrics.set("calibrated_eps", params["calibrated_eps"])
         self.shadow = None if self.records is None else ShadowTraffic(
             self.records, self.metrics, lambda images: self._call("big", images),
             lambda response: self._logits("big", response), self.max_batch["big"], SHADOW_MAX_CALLS,
@@ -427,8 +311,7 @@ class TritonPythonModel:
             message = f"littlebig internal error ({type(exc).__name__}: {exc}); see the server log"
             responses = [self._error(message, pb_utils.TritonError.INTERNAL) if r is None else r for r in responses]
         failed = sum(1 for r, probe in zip(responses, probes) if r.has_error() and not probe)
-        if failed:
-            self.metrics["failed"][0].increment(failed)
+        self.metrics.count({"failed": failed})
         return responses
 
     async def _execute(self, requests, responses, probes):
@@ -548,8 +431,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("STAGE", stage_names_out[s].reshape(-1, 1)),
                 ]
             )
-        if cancelled:
-            self.metrics["cancelled"][0].increment(len(cancelled))
+        self.metrics.count({"cancelled": len(cancelled)})
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
         confident = (reason == CONFIDENT) & (stage < last)  # answered before big, confidently: shadow candidates
         self._observe(
@@ -593,26 +475,28 @@ class TritonPythonModel:
         return self.governor.threshold
 
     def _show_threshold(self):
-        self.metrics["threshold"][0].set(self._in_force())
+        self.metrics.set("threshold", self._in_force())
         if self.guard is not None:
-            self.metrics["guard_threshold"][0].set(self.guard.threshold)
-            self.metrics["guard_log_evalue"][0].set(self.guard.raise_test.log_wealth)
-            self.metrics["guard_binding"][0].set(float(self.guard.raised))
-            self.metrics["guard_cannot_meet"][0].set(float(self.guard.cannot_meet))
+            self.metrics.set("guard_threshold", self.guard.threshold)
+            self.metrics.set("guard_log_evalue", self.guard.raise_test.log_wealth)
+            self.metrics.set("guard_binding", self.guard.raised)
+            self.metrics.set("guard_cannot_meet", self.guard.cannot_meet)
 
     def _guard_observe(self, conf, mismatch):
         """One execute's drawn rows, all known: test, move T if the guard says so, keep the state durable."""
         firings, lowerings = self.guard.firings, self.guard.lowerings
         changed = self.guard.observe(conf, mismatch)
-        self.metrics["guard_rows"][0].increment(len(conf))
-        if self.guard.firings > firings:
-            self.metrics["guard_firings"][0].increment(1)
-        if self.guard.lowerings > lowerings:
-            self.metrics["guard_lowerings"][0].increment(1)
+        self.metrics.count(
+            {
+                "guard_rows": len(conf),
+                "guard_firings": int(self.guard.firings > firings),
+                "guard_lowerings": int(self.guard.lowerings > lowerings),
+            }
+        )
         if changed:  # T, binding and cannot-meet move only with T; the test's wealth moves with every observation
             self._show_threshold()
         else:
-            self.metrics["guard_log_evalue"][0].set(self.guard.raise_test.log_wealth)
+            self.metrics.set("guard_log_evalue", self.guard.raise_test.log_wealth)
         self.guard_unsaved += len(conf)
         if changed or self.guard_unsaved >= GUARD_SAVE_ROWS:
             try:
@@ -627,25 +511,20 @@ class TritonPythonModel:
             )
 
     def _observe(self, conf, esc, reason, below_calibrated, stage, confident):
-        """Traffic metrics once per execute: each call is an IPC round trip to the server, so none per row."""
-        counts = {
-            "rows": len(conf),
-            "confident": confident,
-            "escalated": int(esc.sum()),
-            "degraded": int((reason == BIG_FAILED).sum()),
-            "load": int((reason == LOAD).sum()),
-            "deadline": int((reason == DEADLINE).sum()),
-            "calibration_escalations": int(below_calibrated.sum()),
-        }
-        for name, count in counts.items():
-            if count:
-                self.metrics[name][0].increment(count)
-        for metric, count in zip(self.metrics["confidence"], confidence_bin_counts(conf)):
-            if count:
-                metric.increment(int(count))
-        for metric, count in zip(self.metrics["stage_rows"], np.bincount(stage, minlength=len(self.models))):
-            if count:
-                metric.increment(int(count))
+        """Traffic metrics once per execute (``Metrics`` sends no zero counts)."""
+        self.metrics.count(
+            {
+                "rows": len(conf),
+                "confident": confident,
+                "escalated": int(esc.sum()),
+                "degraded": int((reason == BIG_FAILED).sum()),
+                "load": int((reason == LOAD).sum()),
+                "deadline": int((reason == DEADLINE).sum()),
+                "calibration_escalations": int(below_calibrated.sum()),
+            }
+        )
+        self.metrics.count_each("confidence", confidence_bin_counts(conf))
+        self.metrics.count_each("stage_rows", np.bincount(stage, minlength=len(self.models)))
 
     def _error(self, message, code):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
