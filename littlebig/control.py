@@ -1,9 +1,10 @@
 """The BLS model's control loop, apart from Triton: when to stop calling a model (``Breaker``), which T
-is in force under load (``Governor``) and for accuracy (``Guard``), a request's deadline, and the table of the
-BLS model's config parameters (``BLS_PARAMETERS``), which the generator writes and the BLS model reads. Stdlib,
-numpy and the sibling ``decision`` and ``shadow`` only, so the tests exercise the same code the server runs: the
-generator copies this file beside the BLS model.py, as it does ``decision.py``; both live in ``littlebig/`` so
-that tests and tools import them as ``littlebig.control``.
+is in force under load (``Governor``) and for accuracy (``Guard``), what a request asks for (``request_settings``:
+its own threshold, its deadline, the health probe's mark), and the table of the BLS model's config parameters
+(``BLS_PARAMETERS``), which the generator writes and the BLS model reads. Stdlib, numpy and the sibling
+``decision`` and ``shadow`` only, so the tests exercise the same code the server runs: the generator installs this
+file beside the BLS model.py, as it does ``decision.py``; both live in ``littlebig/`` so that tests and tools
+import them as ``littlebig.control``.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 try:  # in the served repository: the generator's copies beside model.py
-    from decision import ALWAYS_BIG, escalate
+    from decision import ALWAYS_BIG, check_threshold, escalate
     from shadow import wilson_cc
 except ImportError:  # tests and tools
-    from littlebig.decision import ALWAYS_BIG, escalate
+    from littlebig.decision import ALWAYS_BIG, check_threshold, escalate
     from littlebig.shadow import wilson_cc
 
 
@@ -99,6 +101,41 @@ def check_deadline(value: object) -> float:
     if not np.isfinite(ms) or ms <= 0:
         raise ValueError(f"deadline_ms must be a number of milliseconds > 0, got {value!r}")
     return ms / 1000
+
+
+#: Request parameter that marks a health probe (model_repository/health.py sends it): its rows are answered
+#: as any others but kept out of every traffic metric, so probes never look like drift.
+PROBE_PARAMETER = "littlebig_probe"
+
+
+class RequestSettings(NamedTuple):
+    """One request's own settings: its ``threshold`` (``own``; None: the T in force), its ``deadline_ms`` in
+    seconds (inf: none), whether it is a health probe's, and what is wrong with its parameters (None: nothing; else
+    the request alone is answered INVALID_ARGUMENT with this message)."""
+
+    own: float | None
+    deadline_s: float
+    probe: bool
+    error: str | None = None
+
+
+def request_settings(parameters: str | None) -> RequestSettings:
+    """A request's settings from its parameters' JSON (``InferenceRequest.parameters()``); never raises."""
+    try:
+        params = json.loads(parameters or "{}")
+    except ValueError as exc:
+        return RequestSettings(None, math.inf, False, f"invalid request parameters: {exc}")
+    value = params.get(PROBE_PARAMETER, False)
+    probe = value is True or (isinstance(value, str) and value.lower() == "true")  # "true": perf_analyzer's strings
+    try:
+        own = check_threshold(params["threshold"]) if "threshold" in params else None
+    except ValueError as exc:
+        return RequestSettings(None, math.inf, probe, f"invalid 'threshold' parameter: {exc}")
+    try:
+        deadline = check_deadline(params["deadline_ms"]) if "deadline_ms" in params else math.inf
+    except ValueError as exc:
+        return RequestSettings(own, math.inf, probe, f"invalid 'deadline_ms' parameter: {exc}")
+    return RequestSettings(own, deadline, probe)
 
 
 class Breaker:

@@ -139,3 +139,70 @@ def route(
     below_calibrated = escalate(conf, calibrated)
     late = escalated & (np.asarray(time_left_s) < latency_s)
     return Route(escalated & ~late, late, ~escalated & governed & below_calibrated, below_calibrated)
+
+
+#: ``REASONS``' codes: the served REASON output holds ``REASONS[code]`` per row.
+CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
+
+
+class CascadeRows:
+    """One execute's rows through the served cascade, stage by stage (numpy only: tested without a server).
+
+    The BLS model calls the models; this holds what their answers make of each row: the probabilities of the last
+    stage that answered it (``probs``, ``stage``), why it was answered there (``reason``: codes of ``REASONS``),
+    whether it was sent to the last stage (``escalated``) and whether the stage before answered because that one
+    failed (``degraded``). Per stage k: ``route`` picks the rows that go on (the function ``route``, at T_k), the caller
+    runs stage k on them, and ``merge`` takes its answers; stage 0 (little) is merged first, on every row.
+    """
+
+    def __init__(self, rows: int, classes: int, stages: int) -> None:
+        self.last = stages - 1
+        self.probs = np.zeros((rows, classes), dtype=np.float32)
+        self.stage = np.zeros(rows, dtype=np.int64)
+        self.reason = np.full(rows, CONFIDENT, dtype=np.uint8)
+        self.escalated = np.zeros(rows, dtype=bool)
+        self.degraded = np.zeros(rows, dtype=bool)
+        #: Escalated at the calibrated T in front of the last stage, whatever T was in force: the drift signal.
+        self.below_calibrated = np.zeros(rows, dtype=bool)
+        self.active = np.arange(rows)  # the rows the last merged stage answered: the ones still deciding
+
+    def route(
+        self, k: int, own: np.ndarray, in_force: float, calibrated: float, time_left_s: np.ndarray, latency_s: float
+    ) -> np.ndarray:
+        """The active rows that go on to stage k (``own``, ``time_left_s``: per row of the execute); the ones kept
+        for load (in front of the last stage only) or for their deadline get that reason."""
+        active = self.active
+        step = route(confidence(self.probs[active]), own[active], in_force, calibrated, time_left_s[active], latency_s)
+        if k == self.last:  # the drift signal and the governor's rows are about the transition in front of big
+            self.below_calibrated[active] = step.below_calibrated
+            self.reason[active[step.load]] = LOAD
+        self.reason[active[step.late]] = DEADLINE
+        return active[step.goes_on]
+
+    def merge(
+        self, k: int, going: np.ndarray, chunks: list[tuple[int, int, np.ndarray | None, str | None]], fall_back: bool
+    ) -> list[tuple[np.ndarray, str]]:
+        """Stage k's answers for the rows ``going``, as chunks (start, stop, logits or None, error or None) over
+        them. A failed chunk's rows keep the stage before's answer where ``fall_back`` (never for stage 0: nothing
+        answered them yet); otherwise they are returned with the error, for their requests to fail."""
+        answered = np.zeros(len(going), dtype=bool)
+        failures = []
+        for a, b, logits, err in chunks:
+            if err is None:
+                self.probs[going[a:b]] = softmax(logits)
+                answered[a:b] = True
+            elif fall_back and k > 0:
+                self.degraded[going[a:b]] = True
+            else:
+                failures.append((going[a:b], err))
+        if k == self.last:
+            self.escalated[going] = True
+        self.active = going[answered]
+        self.stage[self.active] = k
+        return failures
+
+    def finish(self) -> np.ndarray:
+        """After the last stage: the final reasons, and each row's label."""
+        self.reason[self.escalated] = ESCALATED
+        self.reason[self.degraded] = BIG_FAILED
+        return self.probs.argmax(axis=-1).astype(np.int64)

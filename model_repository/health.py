@@ -39,8 +39,8 @@ from pathlib import Path
 
 MODELS = ("little", "big", "littlebig")
 CASCADE = "littlebig"
-#: The request parameter marking a probe; the littlebig BLS model (model_repository/littlebig/model.py,
-#: ``PROBE_PARAMETER``) leaves such requests out of every ``littlebig_*`` traffic counter.
+#: The request parameter marking a probe; the littlebig BLS model (``littlebig.control.PROBE_PARAMETER``, read by
+#: ``request_settings``) leaves such requests out of every ``littlebig_*`` traffic counter.
 PROBE_PARAMETER = "littlebig_probe"
 
 

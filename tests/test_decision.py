@@ -6,7 +6,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from littlebig.decision import answering_stage, cascade, check_threshold, confidence, escalate, route, softmax
+from littlebig.decision import (
+    REASONS,
+    CascadeRows,
+    answering_stage,
+    cascade,
+    cascade_stages,
+    check_threshold,
+    confidence,
+    escalate,
+    route,
+    softmax,
+)
 
 
 def test_softmax_is_stable_and_normalised():
@@ -88,3 +99,68 @@ def test_served_route_examples():
     assert step.goes_on.tolist() == [True, False, False, True, False]  # 0.6 < own 0.9 goes on despite the load T
     assert step.load.tolist() == [False, True, False, False, False]  # 0.7: escalated at 0.8, kept at 0.65
     assert step.late.tolist() == [False, False, False, False, True]  # escalated, 10 ms left, 50 ms to answer
+
+
+def serve_rows(logits, thresholds, chunk, own=None, in_force=None, time_left=None, latency=0.0, fail=None, fall=False):
+    """The served cascade's bookkeeping (``CascadeRows``) driven as the BLS model drives it, with every stage's
+    logits known beforehand: stage k answers the rows sent to it in chunks of ``chunk`` (``fail``: the stage whose
+    every chunk fails). Returns the rows' state, their labels and the rows whose requests would fail."""
+    rows, stages = len(logits[0]), len(logits)
+    own = np.full(rows, np.nan) if own is None else own
+    time_left = np.full(rows, np.inf) if time_left is None else time_left
+    state = CascadeRows(rows, logits[0].shape[1], stages)
+
+    def answers(k, going):
+        spans = [(a, min(a + chunk, len(going))) for a in range(0, len(going), chunk)]
+        if k == fail:
+            return [(a, b, None, f"stage {k} failed") for a, b in spans]
+        return [(a, b, logits[k][going[a:b]], None) for a, b in spans]
+
+    failed = [r for r, _ in state.merge(0, state.active, answers(0, state.active), fall_back=False)]
+    for k in range(1, stages):
+        t = in_force if (in_force is not None and k == stages - 1) else thresholds[k - 1]
+        going = state.route(k, own, t, thresholds[k - 1], time_left, latency)
+        failed += [r for r, _ in state.merge(k, going, answers(k, going), fall)]
+    return state, state.finish(), (np.concatenate(failed) if failed else np.zeros(0, dtype=np.int64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**31), rows=st.integers(1, 40), stages=st.integers(2, 4), chunk=st.integers(1, 9),
+    data=st.data(),
+)  # fmt: skip
+def test_served_rows_without_load_or_deadlines_are_the_offline_cascade(seed, rows, stages, chunk, data):
+    """Stage by stage on only the escalated rows, in chunks, the served bookkeeping gives each row the offline
+    cascade's label, probabilities and answering stage (``cascade_stages``)."""
+    rng = np.random.default_rng(seed)
+    logits = [rng.normal(0, 3, (rows, 5)).astype(np.float32) for _ in range(stages)]
+    thresholds = data.draw(st.lists(unit, min_size=stages - 1, max_size=stages - 1))
+    state, labels, failed = serve_rows(logits, thresholds, chunk)
+    offline = cascade_stages(logits, thresholds)
+    assert not len(failed)
+    np.testing.assert_array_equal(labels, offline["label"])
+    np.testing.assert_array_equal(state.probs, offline["probs"])
+    np.testing.assert_array_equal(state.stage, offline["stage"])
+    np.testing.assert_array_equal(state.escalated, offline["escalated"])
+    expected = np.where(offline["escalated"], REASONS.index("escalated"), REASONS.index("confident"))
+    np.testing.assert_array_equal(state.reason, expected)
+
+
+def test_served_rows_load_deadline_and_failure_reasons():
+    """Two stages, little's confidence known per row: the governor's lower T keeps rows under the calibrated one
+    (load), a near deadline keeps an escalated row (deadline), and a failing big either leaves little's answer
+    (degraded, big_failed) or fails the rows' requests."""
+    little = np.log(np.array([[0.95, 0.05], [0.7, 0.3], [0.55, 0.45], [0.52, 0.48]], dtype=np.float32))
+    big = np.array([[0.0, 5.0]] * 4, dtype=np.float32)
+    left = np.array([np.inf, np.inf, np.inf, 0.01])
+    state, labels, failed = serve_rows([little, big], [0.9], 2, in_force=0.6, time_left=left, latency=0.05)
+    names = [REASONS[c] for c in state.reason]
+    assert names == ["confident", "load", "escalated", "deadline"] and labels.tolist() == [0, 0, 1, 0]
+    assert state.below_calibrated.tolist() == [False, True, True, True] and state.escalated.tolist() == [0, 0, 1, 0]
+    state, labels, failed = serve_rows([little, big], [0.9], 1, fail=1, fall=True)
+    assert [REASONS[c] for c in state.reason] == ["confident", "big_failed", "big_failed", "big_failed"]
+    assert labels.tolist() == [0, 0, 0, 0] and state.degraded.tolist() == [0, 1, 1, 1] and not len(failed)
+    state, labels, failed = serve_rows([little, big], [0.9], 2, fail=1, fall=False)
+    assert sorted(failed.tolist()) == [1, 2, 3] and not state.degraded.any()
+    state, labels, failed = serve_rows([little, big], [0.9], 3, fail=0, fall=True)  # little has nothing to fall to
+    assert sorted(failed.tolist()) == [0, 1, 2, 3]

@@ -10,6 +10,7 @@ answered and why, the counters and the T gauge move exactly, and T climbs back o
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -104,6 +105,22 @@ def test_bad_deadlines_are_refused_with_the_parameter_named(value):
     with pytest.raises(ValueError, match="deadline_ms"):
         control.check_deadline(value)
     assert control.check_deadline("250") == control.check_deadline(250.0) == 0.25
+
+
+def test_request_settings_name_each_bad_parameter_and_keep_the_probe_mark():
+    """What a request asks of the cascade, read once per request; a bad parameter is that request's error alone."""
+    from littlebig.model_repository import health
+
+    assert health.PROBE_PARAMETER == control.PROBE_PARAMETER  # health.py stays stdlib-only: it spells the name
+    read = control.request_settings
+    assert read(None) == read("{}") == (None, math.inf, False, None)
+    assert read('{"threshold": "0.25", "deadline_ms": 250}') == (0.25, 0.25, False, None)
+    assert read('{"littlebig_probe": true}').probe and read('{"littlebig_probe": "True"}').probe
+    assert not read('{"littlebig_probe": "no"}').probe and not read('{"littlebig_probe": 1}').probe
+    bad = read('{"threshold": 2, "littlebig_probe": true}')
+    assert bad.probe and bad.error.startswith("invalid 'threshold' parameter: threshold must be a number in [0, 1]")
+    assert read('{"deadline_ms": -5}').error.startswith("invalid 'deadline_ms' parameter: deadline_ms must be")
+    assert read("{not json").error.startswith("invalid request parameters:")
 
 
 @pytest.fixture(scope="module")

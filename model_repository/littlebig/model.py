@@ -52,9 +52,19 @@ from typing import NamedTuple
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from control import Breaker, Governor, Guard, check_deadline, read_parameters
+from control import Breaker, Governor, Guard, read_parameters, request_settings
+from decision import (
+    BIG_FAILED,
+    CONFIDENT,
+    DEADLINE,
+    LOAD,
+    CascadeRows,
+    check_threshold,
+    confidence,
+    confidence_bin_counts,
+    stage_names,
+)
 from decision import REASONS as REASON_NAMES
-from decision import check_threshold, confidence, confidence_bin_counts, route, softmax, stage_names
 from metrics import Metrics
 from shadow import RecordWriter, Sampler, Seen, ShadowTraffic
 
@@ -63,17 +73,12 @@ from shadow import RecordWriter, Sampler, Seen, ShadowTraffic
 NUMPY_MAJOR_SUPPORTED = 1
 #: REASON per row, indexed by its code: who answered, and why little answered a row it was unsure of.
 REASONS = np.array([r.encode() for r in REASON_NAMES], dtype=np.object_)
-CONFIDENT, ESCALATED, LOAD, DEADLINE, BIG_FAILED = range(len(REASONS))
 #: The guard saves its state on every change of T and after this many observed rows in between.
 GUARD_SAVE_ROWS = 200
 #: Shadow calls one BLS instance keeps in flight at most; a draw beyond them is dropped (``busy``), so shadow work
 #: never piles up in front of big.
 SHADOW_MAX_CALLS = 4
 
-
-#: Request parameter that marks a health probe (model_repository/health.py sends it): its rows are answered
-#: as any others but kept out of every traffic metric, so probes never look like drift.
-PROBE_PARAMETER = "littlebig_probe"
 
 
 def as_numpy(tensor, on_gpu=None) -> np.ndarray:
@@ -200,15 +205,6 @@ class TritonPythonModel:
         if self.records is not None:
             self.records.close()
 
-    @staticmethod
-    def _is_probe(request) -> bool:
-        """A health probe's request (``PROBE_PARAMETER`` true; a string "true" too, for perf_analyzer)."""
-        try:
-            value = json.loads(request.parameters() or "{}").get(PROBE_PARAMETER, False)
-        except (ValueError, AttributeError):
-            return False
-        return value is True or (isinstance(value, str) and value.lower() == "true")
-
     def _on_gpu(self, role):
         """Count an output of ``role`` that arrived in GPU memory, and say so in the log once."""
         self.metrics["gpu_outputs"][list(self.models).index(role)].increment(1)
@@ -218,19 +214,6 @@ class TritonPythonModel:
                 f"littlebig: {role}'s LOGITS arrived in GPU memory although CPU memory was asked for "
                 "(preferred_memory); counted in littlebig_gpu_memory_outputs_total"
             )
-
-    def _parameters(self, request):
-        """(own threshold or None, deadline in seconds or inf); ValueError names the bad parameter."""
-        params = json.loads(request.parameters() or "{}")
-        try:
-            own = check_threshold(params["threshold"]) if "threshold" in params else None
-        except ValueError as exc:
-            raise ValueError(f"invalid 'threshold' parameter: {exc}") from None
-        try:
-            deadline = check_deadline(params["deadline_ms"]) if "deadline_ms" in params else float("inf")
-        except ValueError as exc:
-            raise ValueError(f"invalid 'deadline_ms' parameter: {exc}") from None
-        return own, deadline
 
     def _call(self, role, images):
         """One BLS call of ``role`` on ``images`` (a future)."""
@@ -303,39 +286,35 @@ class TritonPythonModel:
             asyncio.get_running_loop().set_default_executor(self.executor)
             self.executor_installed = True
         responses = [None] * len(requests)
-        probes = [self._is_probe(r) for r in requests]
+        settings = [request_settings(r.parameters()) for r in requests]
         try:
-            await self._execute(requests, responses, probes)
+            await self._execute(requests, responses, settings)
         except Exception as exc:  # a bug must cost its requests an answer, never the whole batch INTERNAL
             pb_utils.Logger.log_error(f"littlebig: unexpected error in execute:\n{traceback.format_exc()}")
             message = f"littlebig internal error ({type(exc).__name__}: {exc}); see the server log"
             responses = [self._error(message, pb_utils.TritonError.INTERNAL) if r is None else r for r in responses]
-        failed = sum(1 for r, probe in zip(responses, probes) if r.has_error() and not probe)
+        failed = sum(1 for r, s in zip(responses, settings) if r.has_error() and not s.probe)
         self.metrics.count({"failed": failed})
         return responses
 
-    async def _execute(self, requests, responses, probes):
-        """Parse every request (bad ones answered at once), then run the cascade on the good rows.
-
-        ``probes``: per request, whether it is a health probe (its rows stay out of the traffic metrics).
-        """
+    async def _execute(self, requests, responses, settings):
+        """Answer the requests whose parameters are bad at once (``settings``: each request's), then run the cascade
+        on the rows of the others."""
         received = time.monotonic()  # deadlines count from here: Triton's queue time is not visible to the model
         signal = self.governor.predicted_p99_s(received, self.breakers["big"].in_flight_s(received))
         if self.governor.update(signal, received):
             self._show_threshold()
         images, own, deadlines, probe_rows, spans = [], [], [], [], {}
         start = 0
-        for i, request in enumerate(requests):
-            try:
-                threshold, deadline = self._parameters(request)
-            except ValueError as exc:
-                responses[i] = self._error(str(exc), pb_utils.TritonError.INVALID_ARG)
+        for i, (request, setting) in enumerate(zip(requests, settings)):
+            if setting.error is not None:
+                responses[i] = self._error(setting.error, pb_utils.TritonError.INVALID_ARG)
                 continue
             rows = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy()
             images.append(rows)
-            own.append(np.full(len(rows), np.nan if threshold is None else threshold))
-            deadlines.append(np.full(len(rows), received + deadline))
-            probe_rows.append(np.full(len(rows), probes[i]))
+            own.append(np.full(len(rows), np.nan if setting.own is None else setting.own))
+            deadlines.append(np.full(len(rows), received + setting.deadline_s))
+            probe_rows.append(np.full(len(rows), setting.probe))
             spans[i] = slice(start, start + len(rows))
             start += len(rows)
         if spans:
@@ -347,7 +326,7 @@ class TritonPythonModel:
     async def _cascade(self, images, rows, spans, responses, requests):
         """Fill ``responses`` for the requests in ``spans`` (request -> its contiguous rows).
 
-        One loop over the stages: stage k runs only on the rows every earlier stage escalated (``route``: the
+        One loop over the stages (``CascadeRows``): stage k runs only on the rows every earlier stage escalated (the
         shared rule at T_k, less the rows whose deadline is too near), chunked to its own max_batch_size; each row
         keeps the probabilities of the last stage that answered it. The governor moves only the last T; a request's
         own threshold is used for every T. Before each later stage, the requests whose rows would go on are asked
@@ -356,60 +335,31 @@ class TritonPythonModel:
         """
         cancelled: set[int] = set()
         owner = np.repeat(list(spans), [s.stop - s.start for s in spans.values()])  # row -> request
-        failed = np.zeros(len(images), dtype=bool)  # rows little could not answer
         messages = {}  # request index -> error message
-        probs = np.zeros((len(images), self.classes), dtype=np.float32)
-        for a, b, logits, err in await self._run("little", images):
-            if err:
-                failed[a:b] = True
-                messages.update(dict.fromkeys(np.unique(owner[a:b]).tolist(), err))
-            else:
-                probs[a:b] = softmax(logits)
         roles = list(self.models)
-        last = len(roles) - 1
-        stage = np.zeros(len(images), dtype=np.int64)  # the stage whose answer each row holds
-        reason = np.full(len(images), CONFIDENT, dtype=np.uint8)
-        sent_to_big = np.zeros(len(images), dtype=bool)
-        degraded = np.zeros(len(images), dtype=bool)
-        conf = confidence(probs)  # little's, every row: the drift histogram
-        below_calibrated = np.zeros(len(images), dtype=bool)  # also the drift signal (_observe)
-        active = np.flatnonzero(~failed)  # rows still deciding whether to go on
-        held = probs  # each row's probabilities before big ran (the shadow records' "answer"; copied at k == last)
+        state = CascadeRows(len(images), self.classes, len(roles))
+        for failed, err in state.merge(0, state.active, await self._run("little", images), fall_back=False):
+            messages.update(dict.fromkeys(np.unique(owner[failed]).tolist(), err))
+        conf = confidence(state.probs)  # little's, every row: the drift histogram
+        held = state.probs  # each row's probabilities before big ran (the shadow records' "answer")
         for k, role in enumerate(roles[1:], start=1):
-            calibrated = self.thresholds[k - 1]
             now = time.monotonic()
-            step = route(
-                confidence(probs[active]), rows.own[active], self._in_force() if k == last else calibrated,
-                calibrated, rows.deadline[active] - now, self.breakers[role].predicted_latency_s(now),
+            calibrated = self.thresholds[k - 1]
+            going = state.route(
+                k, rows.own, self._in_force() if k == state.last else calibrated, calibrated, rows.deadline - now,
+                self.breakers[role].predicted_latency_s(now),
             )  # fmt: skip
-            if k == last:  # the drift signal and the governor's rows are about the transition in front of big
-                below_calibrated[active] = step.below_calibrated
-                reason[active[step.load]] = LOAD
-            reason[active[step.late]] = DEADLINE
-            going = active[step.goes_on]
             gone = [i for i in np.unique(owner[going]).tolist() if requests[i].is_cancelled()]
             if gone:
                 cancelled.update(gone)
                 going = going[~np.isin(owner[going], gone)]
-            if k == last:
-                sent_to_big[going] = True
-                if self.shadow is not None:  # shadow sampling on: keep the answers before big for the records
-                    held = probs.copy()
-            answered = np.zeros(len(going), dtype=bool)
-            if len(going):
-                for a, b, logits, err in await self._run(role, images[going]):
-                    if err is None:
-                        probs[going[a:b]] = softmax(logits)
-                        answered[a:b] = True
-                    elif self.fall_back_to_little:  # the stage before answers
-                        degraded[going[a:b]] = True
-                    else:
-                        messages.update(dict.fromkeys(np.unique(owner[going[a:b]]).tolist(), err))
-            active = going[answered]
-            stage[active] = k
-        reason[sent_to_big] = ESCALATED
-        reason[degraded] = BIG_FAILED
-        labels = probs.argmax(axis=-1).astype(np.int64).reshape(-1, 1)
+            if k == state.last and self.shadow is not None:  # shadow sampling on: keep the answers before big
+                held = state.probs.copy()
+            chunks = await self._run(role, images[going]) if len(going) else []
+            for failed, err in state.merge(k, going, chunks, self.fall_back_to_little):
+                messages.update(dict.fromkeys(np.unique(owner[failed]).tolist(), err))
+        labels = state.finish().reshape(-1, 1)
+        probs, stage, reason, sent_to_big = state.probs, state.stage, state.reason, state.escalated
         stage_names_out = np.array([r.encode() for r in roles], dtype=np.object_)[stage]
         served = np.ones(len(images), dtype=bool)
         for i, s in spans.items():
@@ -426,22 +376,22 @@ class TritonPythonModel:
                     pb_utils.Tensor("LABEL", labels[s]),
                     pb_utils.Tensor("PROBS", probs[s]),
                     pb_utils.Tensor("ESCALATED", sent_to_big[s].reshape(-1, 1)),
-                    pb_utils.Tensor("DEGRADED", degraded[s].reshape(-1, 1)),
+                    pb_utils.Tensor("DEGRADED", state.degraded[s].reshape(-1, 1)),
                     pb_utils.Tensor("REASON", REASONS[reason[s]].reshape(-1, 1)),
                     pb_utils.Tensor("STAGE", stage_names_out[s].reshape(-1, 1)),
                 ]
             )
         self.metrics.count({"cancelled": len(cancelled)})
         traffic = served & ~rows.probe  # a probe's rows never count as traffic (the drift alerts read these)
-        confident = (reason == CONFIDENT) & (stage < last)  # answered before big, confidently: shadow candidates
+        confident = (reason == CONFIDENT) & (stage < state.last)  # answered before big, confidently: shadow candidates
         self._observe(
-            conf[traffic], sent_to_big[traffic], reason[traffic], below_calibrated[traffic], stage[traffic],
+            conf[traffic], sent_to_big[traffic], reason[traffic], state.below_calibrated[traffic], stage[traffic],
             int((confident & traffic).sum()),
         )
         # Drawn after the responses are built, and never awaited: shadow work cannot delay an answer.
         drawn = self.sampler.select(len(images)) & traffic
         if drawn.any():
-            by_big = drawn & sent_to_big & (stage == last)  # big answered these anyway: recorded, no call
+            by_big = drawn & sent_to_big & (stage == state.last)  # big answered these anyway: recorded, no call
             self.shadow.record("escalated", held[by_big], labels[by_big, 0])
             unknown = drawn & ~by_big & ~confident  # load, deadline, failure: big's answer is not known
             # The guard's observation of this execute: every drawn row, or none (an unknown one would bias it)
