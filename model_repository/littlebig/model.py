@@ -4,9 +4,10 @@ Per ``execute``: little runs once on the rows of every request (concatenated), t
 rule (``decision.py``, installed beside this file) picks the rows whose confidence is below T, and
 only those go to big, in chunks no larger than big's max_batch_size, all in flight at once
 (``async_exec``). A cascade of K > 2 models runs the same step once per stage, in one loop: stage k sees
-only the rows every earlier stage escalated. Answers merge back in each request's order. A request whose
-threshold parameter is bad, or whose rows hit a failing model, gets its own error; the other requests are
-answered.
+only the rows every earlier stage escalated. What the stages' answers make of each row is ``CascadeRows``
+(decision.py, numpy only); this file makes the calls. Answers merge back in each request's order. A request whose
+parameters are bad (``request_settings``), or whose rows hit a failing model, gets its own error; the other
+requests are answered.
 
 Timeouts never abandon work silently (RELIABILITY.md, "Stalls"):
 - each call carries ``bls_timeout_ms`` as its request timeout, and little and big have a queue
@@ -22,9 +23,8 @@ Timeouts never abandon work silently (RELIABILITY.md, "Stalls"):
 Under load (``slo_p99_ms``), the ``Governor`` lowers T in steps when this instance's predicted p99 (twice
 its slowest recent execute, or twice the age of a big call in flight) passes the SLO, never below T_min (the
 accuracy budget set at calibration), and raises it back after 3 s under 0.6 x the SLO (quiet time counts);
-a request's own ``threshold`` wins. A
-request's ``deadline_ms`` answers with little those escalated rows that big cannot answer in the time
-left. ``REASON`` says, per row, who answered and why.
+a request's own ``threshold`` wins. A request's ``deadline_ms`` answers with little those escalated rows that big
+cannot answer in the time left. ``REASON`` says, per row, who answered and why.
 
 Shadow sampling (``shadow_rate`` R > 0; littlebig/shadow.py): each traffic row is drawn with probability
 R; drawn rows answered confidently before big also go to big once the responses are built, in calls that are never
