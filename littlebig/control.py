@@ -125,6 +125,8 @@ def request_settings(parameters: str | None) -> RequestSettings:
         params = json.loads(parameters or "{}")
     except ValueError as exc:
         return RequestSettings(None, math.inf, False, f"invalid request parameters: {exc}")
+    if not isinstance(params, dict):
+        return RequestSettings(None, math.inf, False, f"invalid request parameters: not a JSON object: {parameters}")
     value = params.get(PROBE_PARAMETER, False)
     probe = value is True or (isinstance(value, str) and value.lower() == "true")  # "true": perf_analyzer's strings
     try:

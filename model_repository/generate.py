@@ -119,7 +119,7 @@ class ServeOptions:
     # throughput (BENCHMARKS.md, "Design alternatives")
     queue_delay_us: int = field(default=100, metadata=flag("dynamic batching max queue delay"))
     little_instances: int = field(default=1, metadata=flag("little's instance count"))
-    # 2: make bench's best littlebig deployment; 1 loses a quarter of the throughput (BENCHMARKS.md, the search table)
+    # 2: make bench's best littlebig deployment; 1 loses 26-39% of the throughput (BENCHMARKS.md, the search table)
     big_instances: int = field(default=2, metadata=flag("big's instance count"))
     bls_instances: int = field(default=2, metadata=flag("littlebig's (BLS) instance count"))
     intra_op_threads: int = field(default=1, metadata=flag("onnxruntime threads per cpu-profile instance"))
@@ -134,7 +134,7 @@ class ServeOptions:
     )
     #: cpu profile: the BLS model runs little's ONNX itself (onnxruntime, intra/inter_op_threads) instead of a
     #: BLS call, saving one Python-backend hop per execute; little stays a Triton model for its own clients.
-    #: None: yes on the cpu profile (make bench's best; calling the little model instead screens 0.75-0.85x,
+    #: None: yes on the cpu profile (make bench's best; calling the little model instead screens 0.75-0.86x,
     #: BENCHMARKS.md), no on the GPU profiles, where little runs on the GPU.
     little_in_process: bool | None = field(
         default=None,
@@ -550,9 +550,9 @@ def _warm_sizes(opt: int, max_batch: int) -> list[int]:
 
 def gpu_classifier(role: str, served: Served, build: Path, out: Path, opts: ServeOptions) -> None:
     """Triton's TensorRT backend where a plan exists, else its onnxruntime backend, on KIND_GPU."""
-    exported = served.exported
     from littlebig.export import tensorrt as lbtrt
 
+    exported = served.exported
     config = classifier_config(role, exported, opts, mc.ModelInstanceGroup.KIND_GPU, preferred=False)
     model_dir = out / role
     max_batch = opts.role_max_batch(role)

@@ -121,6 +121,7 @@ def test_request_settings_name_each_bad_parameter_and_keep_the_probe_mark():
     assert bad.probe and bad.error.startswith("invalid 'threshold' parameter: threshold must be a number in [0, 1]")
     assert read('{"deadline_ms": -5}').error.startswith("invalid 'deadline_ms' parameter: deadline_ms must be")
     assert read("{not json").error.startswith("invalid request parameters:")
+    assert read("[1]").error == "invalid request parameters: not a JSON object: [1]"
 
 
 @pytest.fixture(scope="module")
