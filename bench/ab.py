@@ -141,5 +141,6 @@ def bls_code(rev: str) -> dict[str, str]:
         todo += [(f"{m}.py", f"littlebig/{m}.py") for m in imported(files[name]) & modules if f"{m}.py" not in files]
     return files
 
+
 if __name__ == "__main__":
     sys.exit(main())

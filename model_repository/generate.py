@@ -570,7 +570,7 @@ def gpu_classifier(role: str, served: Served, build: Path, out: Path, opts: Serv
     config.parameters["cudnn_conv_algo_search"].CopyFrom(
         mc.ModelParameter(string_value=str(opts.cudnn_conv_algo_search))
     )
-    p = served_escalation_rate(build, served.calibration, opts)
+    p = served.escalation_rate
     opt = lbtrt.typical_batches(opts.max_batch_size, opts.big_max_batch_size, p)[role]
     if opts.trt_accelerator:
         # TensorRT needs a Cast right after the uint8 input: serve the Cast-first graph, proven identical.
@@ -836,9 +836,9 @@ def generate(build: Path, out: Path, profile: str = "cpu", opts: ServeOptions | 
     eps = -1.0 if calibration.eps is None else calibration.eps  # -1: unknown (the shadow loss alert stays blind)
     if opts.guard and opts.guard_eps is None and not 0.0 < eps < 1.0:
         raise ValueError(f"{_flag('guard')}: this calibration records no eps; give {_flag('guard_eps')}")
-    if profile == "gpu" and not plans:
-        served_escalation_rate(build, calibration, opts)  # onnxruntime's batch profile needs it: refuse before writing
-    served = Served(exported, calibration, thresholds, rule, governor, eps, plans, extra_summary)
+    # onnxruntime's batch profile on the gpu profile needs p: read (or refused) here, before anything is written
+    rate = served_escalation_rate(build, calibration, opts) if profile == "gpu" and not plans else None
+    served = Served(exported, thresholds, rule, governor, eps, plans, rate, extra_summary)
     check_not_served(out)
     with replacing_dir(out) as tmp:
         return _write_repository(build, tmp, profile, opts, served)
@@ -849,12 +849,13 @@ class Served:
     """What ``generate`` read and checked before writing: the export, the served Ts and the governor's inputs."""
 
     exported: dict[str, Any]
-    calibration: Calibration
     thresholds: list[float]
     rule: str
     governor: dict[str, Any]
     eps: float
     plans: bool
+    #: p of the served rule on val, where the profile sizes big's batches by it (gpu with onnxruntime); else None.
+    escalation_rate: float | None
     extra_summary: dict[str, Any]
 
 
